@@ -30,10 +30,13 @@ class RunnerHello(_message.Message):
     LAUNCHER_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
     RUNNING_BUILD_IDS_FIELD_NUMBER: _builtins.int
+    RUNNER_ID_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     capacity: _builtins.int
     launcher: _builtins.str
     version: _builtins.str
+    runner_id: _builtins.str
+    """runner_id is chosen by the runner at start and kept across reconnects."""
     @_builtins.property
     def labels(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -49,10 +52,11 @@ class RunnerHello(_message.Message):
         launcher: _builtins.str = ...,
         version: _builtins.str = ...,
         running_build_ids: _abc.Iterable[_builtins.str] | None = ...,
+        runner_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capacity", b"capacity", "labels", b"labels", "launcher", b"launcher", "name", b"name", "running_build_ids", b"running_build_ids", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capacity", b"capacity", "labels", b"labels", "launcher", b"launcher", "name", b"name", "runner_id", b"runner_id", "running_build_ids", b"running_build_ids", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -226,17 +230,21 @@ class CancelAssignment(_message.Message):
 
     BUILD_ID_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    GRACE_SECONDS_FIELD_NUMBER: _builtins.int
     build_id: _builtins.str
     reason: _builtins.str
+    grace_seconds: _builtins.int
+    """grace_seconds is how long the job gets between SIGTERM and SIGKILL."""
     def __init__(
         self,
         *,
         build_id: _builtins.str = ...,
         reason: _builtins.str = ...,
+        grace_seconds: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["build_id", b"build_id", "reason", b"reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["build_id", b"build_id", "grace_seconds", b"grace_seconds", "reason", b"reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -388,29 +396,60 @@ class ReportStatusResponse(_message.Message):
 Global___ReportStatusResponse: _TypeAlias = ReportStatusResponse  # noqa: Y015
 
 @_typing.final
+class BatchLine(_message.Message):
+    """BatchLine is a log line as the runner sends it: the control plane numbers it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TIME_UNIX_MS_FIELD_NUMBER: _builtins.int
+    STREAM_FIELD_NUMBER: _builtins.int
+    TEXT_FIELD_NUMBER: _builtins.int
+    time_unix_ms: _builtins.int
+    stream: _types_pb2.LogStream.ValueType
+    text: _builtins.str
+    def __init__(
+        self,
+        *,
+        time_unix_ms: _builtins.int = ...,
+        stream: _types_pb2.LogStream.ValueType = ...,
+        text: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["stream", b"stream", "text", b"text", "time_unix_ms", b"time_unix_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BatchLine: _TypeAlias = BatchLine  # noqa: Y015
+
+@_typing.final
 class AppendLogsRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     BUILD_ID_FIELD_NUMBER: _builtins.int
     SEQ_FIELD_NUMBER: _builtins.int
     LINES_FIELD_NUMBER: _builtins.int
+    FINAL_FIELD_NUMBER: _builtins.int
     build_id: _builtins.str
     seq: _builtins.int
-    """seq numbers the runner's batches of this build from 1; a batch sent twice
-    is acknowledged and stored once.
+    """seq numbers the runner's batches of this build from 1, without gaps; a
+    batch sent twice is acknowledged and stored once.
     """
+    final: _builtins.bool
+    """final marks the build's last batch: the log is complete after it."""
     @_builtins.property
-    def lines(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.LogLine]: ...
+    def lines(self) -> _containers.RepeatedCompositeFieldContainer[Global___BatchLine]: ...
     def __init__(
         self,
         *,
         build_id: _builtins.str = ...,
         seq: _builtins.int = ...,
-        lines: _abc.Iterable[_types_pb2.LogLine] | None = ...,
+        lines: _abc.Iterable[Global___BatchLine] | None = ...,
+        final: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["build_id", b"build_id", "lines", b"lines", "seq", b"seq"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["build_id", b"build_id", "final", b"final", "lines", b"lines", "seq", b"seq"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,156 @@
+# Conveyor runner agent: one per build node, launching builds as Nomad batch
+# jobs (deploy/nomad/build-job.nomad.hcl) through the local Nomad agent.
+#
+# Build nodes opt in with client meta:
+#
+#   client { meta { conveyor_build_node = "true" } }
+#
+# raw_exec is used because the runner is a host process: it runs the
+# `conveyor` binary installed on the node and talks to the Nomad agent on the
+# node's own HTTP API; it needs no container.
+#
+# The runner needs a Nomad ACL token that may submit, read and stop the build
+# jobs and write their Variables, for example (conveyor-runner.policy.hcl):
+#
+#   namespace "default" {
+#     capabilities = ["submit-job", "read-job", "list-jobs", "read-logs", "read-fs"]
+#     variables {
+#       path "nomad/jobs/conveyor-build-*" { capabilities = ["write", "read", "destroy"] }
+#     }
+#   }
+#   node { policy = "read" }
+#
+#   nomad acl policy apply conveyor-runner conveyor-runner.policy.hcl
+#   nomad acl token create -name conveyor-runner -policy conveyor-runner
+#   nomad var put nomad/jobs/conveyor-runner \
+#     runner_token=<CONVEYOR_RUNNER_TOKEN of the control plane> nomad_token=<secret id>
+#
+#   nomad job run -var control_addr=conveyor-grpc.internal:7070 deploy/nomad/conveyor-runner.nomad.hcl
+
+variable "control_addr" {
+  type        = string
+  description = "HOST:PORT of the control plane's gRPC endpoint (a load balancer or DNS name in front of the replicas)."
+}
+
+variable "datacenters" {
+  type    = list(string)
+  default = ["*"]
+}
+
+variable "conveyor_bin" {
+  type        = string
+  description = "Path of the conveyor executable on every build node."
+  default     = "/opt/conveyor/venv/bin/conveyor"
+}
+
+variable "capacity" {
+  type        = number
+  description = "Builds one runner may have running at once."
+  default     = 4
+}
+
+variable "metrics_port" {
+  type    = number
+  default = 9470
+}
+
+variable "nomad_addr" {
+  type        = string
+  description = "The local Nomad agent's HTTP API (https://... when the cluster uses TLS)."
+  default     = "http://127.0.0.1:4646"
+}
+
+job "conveyor-runner" {
+  type        = "system"
+  datacenters = var.datacenters
+
+  constraint {
+    attribute = "${meta.conveyor_build_node}"
+    value     = "true"
+  }
+
+  update {
+    # One node at a time: each runner drains for up to kill_timeout.
+    max_parallel     = 1
+    min_healthy_time = "10s"
+    healthy_deadline = "5m"
+  }
+
+  group "runner" {
+    network {
+      port "metrics" {
+        static = var.metrics_port
+      }
+    }
+
+    service {
+      provider = "nomad"
+      name     = "conveyor-runner"
+      port     = "metrics"
+      tags     = ["conveyor", "runner", "metrics"]
+
+      check {
+        name     = "healthz"
+        type     = "http"
+        path     = "/healthz"
+        interval = "10s"
+        timeout  = "3s"
+      }
+    }
+
+    restart {
+      attempts = 10
+      interval = "30m"
+      delay    = "15s"
+      mode     = "delay"
+    }
+
+    task "runner" {
+      driver = "raw_exec"
+
+      config {
+        command = var.conveyor_bin
+        args    = ["runner", "start"]
+      }
+
+      env {
+        CONVEYOR_CONTROL_ADDR        = var.control_addr
+        CONVEYOR_LAUNCHER            = "nomad"
+        CONVEYOR_RUNNER_CAPACITY     = "${var.capacity}"
+        CONVEYOR_WORK_DIR            = "${NOMAD_TASK_DIR}/work"
+        CONVEYOR_RUNNER_METRICS_ADDR = "0.0.0.0:${NOMAD_PORT_metrics}"
+        CONVEYOR_RUNNER_LABELS       = "node=${node.unique.name},dc=${node.datacenter},class=${node.class}"
+        NOMAD_ADDR                   = var.nomad_addr
+        # On a TLS-enabled cluster also set NOMAD_CACERT, NOMAD_CLIENT_CERT and
+        # NOMAD_CLIENT_KEY (host paths), and CONVEYOR_TLS_CA when the control
+        # plane serves TLS. NOMAD_NAMESPACE / NOMAD_REGION pick where the build
+        # jobs go.
+      }
+
+      template {
+        destination = "secrets/runner.env"
+        env         = true
+        # A changed token must not cut running builds short: the runner
+        # picks the new value up on its next (drained) restart.
+        change_mode = "noop"
+        data        = <<-EOT
+        {{- with nomadVar "nomad/jobs/conveyor-runner" }}
+        CONVEYOR_RUNNER_TOKEN={{ .runner_token.Value | toJSON }}
+        NOMAD_TOKEN={{ .nomad_token.Value | toJSON }}
+        {{- end }}
+        EOT
+      }
+
+      # SIGTERM starts a drain: running builds finish or are handed back.
+      # 25 minutes covers the default 20-minute build deadline plus the hand
+      # back. It must not exceed the client's max_kill_timeout (30m default).
+      kill_signal  = "SIGTERM"
+      kill_timeout = "25m"
+
+      resources {
+        cpu    = 200
+        memory = 256
+      }
+    }
+  }
+}

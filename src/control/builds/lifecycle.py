@@ -1,0 +1,517 @@
+"""The build lifecycle: the only writer of build state.
+
+Every change runs in one transaction: lock the build row, check the move with
+the pure ``check_transition``, write it, then NOTIFY. Events (metrics, local
+wake-ups) fire after the commit.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from control.config import LifecycleSettings
+from control.domain.build import Build, BuildStatus, StepStatus, check_transition, is_allowed
+from control.domain.project import Project
+from control.errors import FailedPrecondition, PermissionDenied
+from control.metrics import ControlMetrics
+from control.storage.accounts import hash_token
+from control.storage.builds import BuildStore
+from control.storage.db import Conn, Database
+from control.storage.notify import Notifier
+from control.storage.projects import ProjectStore
+from control.storage.runners import RunnerStore
+
+log = logging.getLogger(__name__)
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True)
+class StepReport:
+    index: int
+    status: StepStatus
+    exit_code: int | None
+    at: datetime
+
+
+@dataclass(frozen=True)
+class AssignmentData:
+    build: Build
+    token: str
+    project: Project
+    step_names: tuple[str, ...]
+    step_commands: tuple[str, ...]
+    run_timeout: int
+
+
+def step_plan(project: Project, production: bool) -> list[tuple[str, str]]:
+    """The (name, command) steps of a build after the clone."""
+    steps = []
+    if project.build_command.strip():
+        steps.append(("build", project.build_command))
+    last = project.deploy_command if production else project.preview_command
+    if last.strip():
+        steps.append(("deploy" if production else "preview", last))
+    return steps
+
+
+class Lifecycle:
+    def __init__(
+        self,
+        db: Database,
+        builds: BuildStore,
+        projects: ProjectStore,
+        runners: RunnerStore,
+        notifier: Notifier,
+        metrics: ControlMetrics,
+        settings: LifecycleSettings,
+    ) -> None:
+        self.db = db
+        self.builds = builds
+        self.projects = projects
+        self.runners = runners
+        self.notifier = notifier
+        self.metrics = metrics
+        self.settings = settings
+
+    # --- queueing ---------------------------------------------------------
+
+    async def queue(
+        self,
+        project: Project,
+        *,
+        branch: str,
+        commit_sha: str,
+        trigger: str,
+        production: bool | None = None,
+        retry_of: str | None = None,
+        received_at: datetime | None = None,
+        conn: Conn | None = None,
+    ) -> str:
+        """Queue a build; supersede the branch's older queued builds (and, with
+        ``cancel_in_progress``, stop its running ones). Returns the build id."""
+        if production is None:
+            production = branch == project.production_branch
+        names = ["clone"] + [name for name, _ in step_plan(project, production)]
+        if conn is None:
+            async with self.db.transaction() as own:
+                build_id = await self._queue_in(
+                    own,
+                    project,
+                    branch,
+                    commit_sha,
+                    trigger,
+                    production,
+                    retry_of,
+                    received_at,
+                    names,
+                )
+        else:
+            build_id = await self._queue_in(
+                conn,
+                project,
+                branch,
+                commit_sha,
+                trigger,
+                production,
+                retry_of,
+                received_at,
+                names,
+            )
+        self.metrics.builds_queued.labels(trigger).inc()
+        self.notifier.publish_local("conveyor_queue", build_id)
+        log.info("build queued", extra={"build_id": build_id, "project_id": project.id})
+        return build_id
+
+    async def _queue_in(
+        self,
+        conn: Conn,
+        project: Project,
+        branch: str,
+        commit_sha: str,
+        trigger: str,
+        production: bool,
+        retry_of: str | None,
+        received_at: datetime | None,
+        names: list[str],
+    ) -> str:
+        build_id = await self.builds.insert(
+            conn,
+            project_id=project.id,
+            account_id=project.account_id,
+            branch=branch,
+            commit_sha=commit_sha,
+            trigger=trigger,
+            production=production,
+            step_names=names,
+            retry_of=retry_of,
+            received_at=received_at,
+        )
+        if trigger != "retry":
+            superseded = await self.builds.supersede_queued(
+                conn, project.id, branch, build_id, now()
+            )
+            for old in superseded:
+                self.metrics.builds_finished.labels("superseded").inc()
+                log.info("build superseded", extra={"build_id": old, "project_id": project.id})
+            if project.cancel_in_progress:
+                for old in await self.builds.active_on_branch(conn, project.id, branch):
+                    if old != build_id:
+                        await self._request_stop(
+                            conn,
+                            old,
+                            BuildStatus.CANCELED,
+                            f"canceled: superseded by build {build_id}",
+                        )
+        await conn.execute("SELECT pg_notify('conveyor_queue', %s)", (build_id,))
+        return build_id
+
+    # --- assignment -------------------------------------------------------
+
+    async def start(self, build_id: str) -> str | None:
+        """Hand a queued build to the least busy live runner with a free slot.
+
+        Returns the runner id, or None when no runner has a slot. Idempotent:
+        a build already handed out returns its runner. Raises
+        ``FailedPrecondition`` for a build that is no longer queued.
+        """
+        async with self.db.transaction() as conn:
+            build = await self.builds.get_in(conn, None, build_id, lock=True)
+            if build.status != BuildStatus.QUEUED:
+                raise FailedPrecondition(
+                    f"build is {build.status.value}; only a queued build starts"
+                )
+            if build.runner_id:
+                return build.runner_id
+            runner_id = await self.runners.pick_free(conn, self.settings.runner_lost_after)
+            if runner_id is None:
+                return None
+            await conn.execute(
+                "UPDATE builds SET runner_id = %s, assigned_at = now() WHERE id = %s",
+                (runner_id, build_id),
+            )
+            await self.builds.arm(
+                conn,
+                build_id,
+                "startup",
+                now() + timedelta(seconds=self.settings.startup_deadline),
+            )
+            await conn.execute("SELECT pg_notify('conveyor_runner', %s)", (runner_id,))
+        self.notifier.publish_local("conveyor_runner", runner_id)
+        return runner_id
+
+    async def dispatch(
+        self, runner_id: str
+    ) -> tuple[list[AssignmentData], list[tuple[str, str, int]]]:
+        """Take this runner's undelivered assignments and cancels.
+
+        Returns (assignments, cancels as (build id, reason, grace seconds)).
+        Each build gets a fresh token here, sent only in its assignment.
+        """
+        assignments: list[AssignmentData] = []
+        cancels: list[tuple[str, str, int]] = []
+        async with self.db.transaction() as conn:
+            cur = await conn.execute(
+                "SELECT id FROM builds WHERE runner_id = %s AND status = 'queued'"
+                " AND dispatched_at IS NULL ORDER BY created_at FOR UPDATE SKIP LOCKED",
+                (runner_id,),
+            )
+            for (bid,) in await cur.fetchall():
+                build = await self.builds.get_in(conn, None, str(bid))
+                project = await self.projects.get_in(conn, None, build.project_id)
+                token = f"cvb_{secrets.token_urlsafe(32)}"
+                await conn.execute(
+                    "UPDATE builds SET dispatched_at = now(), token_hash = %s WHERE id = %s",
+                    (hash_token(token), build.id),
+                )
+                plan = step_plan(project, build.production)
+                assignments.append(
+                    AssignmentData(
+                        build=build,
+                        token=token,
+                        project=project,
+                        step_names=tuple(n for n, _ in plan),
+                        step_commands=tuple(c for _, c in plan),
+                        run_timeout=project.run_timeout_seconds,
+                    )
+                )
+            cur = await conn.execute(
+                "UPDATE builds SET cancel_sent_at = now() WHERE runner_id = %s"
+                " AND cancel_requested_at IS NOT NULL AND cancel_sent_at IS NULL"
+                " AND dispatched_at IS NOT NULL RETURNING id, cancel_reason",
+                (runner_id,),
+            )
+            cancels = [
+                (str(r[0]), r[1] or "", self.settings.kill_grace) for r in await cur.fetchall()
+            ]
+        return assignments, cancels
+
+    async def refused(self, build_id: str, runner_id: str, reason: str) -> None:
+        """The runner could not take the build: put it back in the queue."""
+        async with self.db.transaction() as conn:
+            await conn.execute(
+                "UPDATE builds SET runner_id = NULL, assigned_at = NULL, dispatched_at = NULL,"
+                " token_hash = NULL WHERE id = %s AND runner_id = %s AND status = 'queued'",
+                (build_id, runner_id),
+            )
+            await self.builds.disarm(conn, build_id, ["startup"])
+            await conn.execute("SELECT pg_notify('conveyor_queue', %s)", (build_id,))
+        log.info("runner handed build back: %s", reason, extra={"build_id": build_id})
+        self.notifier.publish_local("conveyor_queue", build_id)
+
+    # --- reports from the runner -----------------------------------------
+
+    async def check_build_token(self, build_id: str, token: str) -> None:
+        """Raise ``PermissionDenied`` unless ``token`` is this build's live token."""
+        async with self.db.connection() as conn:
+            cur = await conn.execute("SELECT token_hash FROM builds WHERE id = %s", (build_id,))
+            row = await cur.fetchone()
+        if (
+            row is None
+            or row[0] is None
+            or not secrets.compare_digest(bytes(row[0]), hash_token(token))
+        ):
+            raise PermissionDenied("the build token is not valid for this build (or it ended)")
+
+    async def report(
+        self,
+        build_id: str,
+        status: BuildStatus | None,
+        *,
+        reason: str = "",
+        steps: list[StepReport] | None = None,
+        at: datetime | None = None,
+        warnings: list[str] | None = None,
+    ) -> BuildStatus:
+        """Apply a runner's report; returns the build's status afterwards.
+
+        A report of the current status is a no-op; an illegal move raises
+        ``FailedPrecondition`` naming the current state.
+        """
+        at = at or now()
+        async with self.db.transaction() as conn:
+            build = await self.builds.get_in(conn, None, build_id, lock=True)
+            if build.status.final:
+                raise FailedPrecondition(f"build is {build.status.value}; it takes no more reports")
+            for step in steps or []:
+                await self.builds.update_step(
+                    conn, build_id, step.index, step.status, step.exit_code, step.at
+                )
+            if warnings:
+                await self.builds.add_warnings(conn, build_id, warnings)
+            if status is None or status == build.status:
+                return build.status
+            if status.final:
+                status, reason = await self._final_for(conn, build_id, status, reason)
+            check_transition(build.status, status)
+            await self._write(conn, build, status, reason, at)
+        self._after(build, status, at)
+        return status
+
+    async def _final_for(
+        self, conn: Conn, build_id: str, status: BuildStatus, reason: str
+    ) -> tuple[BuildStatus, str]:
+        """A job stopped because we asked ends in the state we asked for."""
+        cur = await conn.execute(
+            "SELECT cancel_status, cancel_reason FROM builds WHERE id = %s"
+            " AND cancel_requested_at IS NOT NULL",
+            (build_id,),
+        )
+        row = await cur.fetchone()
+        if row and row[0] and status in (BuildStatus.CANCELED, BuildStatus.FAILED):
+            return BuildStatus(row[0]), row[1] or reason
+        return status, reason
+
+    async def _write(
+        self, conn: Conn, build: Build, status: BuildStatus, reason: str, at: datetime
+    ) -> None:
+        await self.builds.set_status(conn, build.id, status, at=at, reason=reason)
+        if status == BuildStatus.INITIALIZING or (
+            status == BuildStatus.RUNNING and build.status == BuildStatus.QUEUED
+        ):
+            await self.builds.disarm(conn, build.id, ["startup"])
+            cur = await conn.execute(
+                "SELECT run_timeout_seconds FROM projects WHERE id = %s", (build.project_id,)
+            )
+            row = await cur.fetchone()
+            timeout = min(int(row[0]) if row else 1200, self.settings.max_run_timeout)
+            await self.builds.arm(conn, build.id, "run", at + timedelta(seconds=timeout))
+        if status.final:
+            await self.builds.close_open_steps(conn, build.id, at)
+            await self.builds.disarm(conn, build.id, ["startup", "run", "kill"])
+        await conn.execute(
+            "SELECT pg_notify('conveyor_build', %s)", (f"{build.id}:{status.value}",)
+        )
+
+    def _after(self, build: Build, status: BuildStatus, at: datetime) -> None:
+        extra = {"build_id": build.id, "project_id": build.project_id}
+        log.info("build %s", status.value, extra=extra)
+        if status == BuildStatus.INITIALIZING or (
+            status == BuildStatus.RUNNING and build.status == BuildStatus.QUEUED
+        ):
+            self.metrics.queue_seconds.observe((at - build.created_at).total_seconds())
+            self.metrics.active_builds.inc()
+        if status == BuildStatus.RUNNING and build.received_at is not None:
+            self.metrics.push_to_running_seconds.observe((at - build.received_at).total_seconds())
+        if status.final:
+            self.metrics.builds_finished.labels(status.value).inc()
+            if build.status in (BuildStatus.INITIALIZING, BuildStatus.RUNNING):
+                self.metrics.active_builds.dec()
+            if build.started_at is not None:
+                self.metrics.build_duration_seconds.labels(status.value).observe(
+                    (at - build.started_at).total_seconds()
+                )
+        self.notifier.publish_local("conveyor_build", f"{build.id}:{status.value}")
+        if status.final:
+            # A slot is free: the scheduler may start the next build.
+            self.notifier.publish_local("conveyor_queue", None)
+
+    # --- cancel, deadlines, lost runners ---------------------------------
+
+    async def cancel(self, account_id: str | None, build_id: str, by: str) -> Build:
+        """Cancel a build: at once when no runner has it yet, otherwise ask its
+        runner to stop the job. Raises ``FailedPrecondition`` for a final build."""
+        reason = f"canceled by {by}"
+        async with self.db.transaction() as conn:
+            build = await self.builds.get_in(conn, account_id, build_id, lock=True)
+            check_transition(build.status, BuildStatus.CANCELED)
+            immediate = await self._request_stop(conn, build.id, BuildStatus.CANCELED, reason)
+        if immediate:
+            self._after(build, BuildStatus.CANCELED, now())
+        return await self.builds.get(account_id, build_id)
+
+    async def _request_stop(
+        self, conn: Conn, build_id: str, status: BuildStatus, reason: str
+    ) -> bool:
+        """Stop a build, ending in ``status``. Returns True when it ended at
+        once (no runner had it yet)."""
+        build = await self.builds.get_in(conn, None, build_id, lock=True)
+        if build.status.final:
+            return False
+        cur = await conn.execute("SELECT dispatched_at FROM builds WHERE id = %s", (build_id,))
+        row = await cur.fetchone()
+        dispatched = bool(row and row[0])
+        if not dispatched:
+            await self._write(conn, build, status, reason, now())
+            return True
+        await conn.execute(
+            "UPDATE builds SET cancel_requested_at = coalesce(cancel_requested_at, now()),"
+            " cancel_status = coalesce(cancel_status, %s),"
+            " cancel_reason = coalesce(cancel_reason, %s), cancel_sent_at = NULL"
+            " WHERE id = %s",
+            (status.value, reason, build_id),
+        )
+        confirm = self.settings.kill_grace + self.settings.stop_confirm
+        await self.builds.arm(conn, build_id, "kill", now() + timedelta(seconds=confirm))
+        if build.runner_id:
+            await conn.execute("SELECT pg_notify('conveyor_runner', %s)", (build.runner_id,))
+            self.notifier.publish_local("conveyor_runner", build.runner_id)
+        return False
+
+    async def fire_alarms(self, limit: int = 100) -> int:
+        """Fire due alarms (startup, run, kill deadlines); return how many.
+        Firing twice is harmless: each checks the build's current state."""
+        fired: list[tuple[Build, BuildStatus]] = []
+        async with self.db.transaction() as conn:
+            for build_id, kind in await self.builds.due_alarms(conn, limit):
+                await self.builds.disarm(conn, build_id, [kind])
+                build = await self.builds.get_in(conn, None, build_id, lock=True)
+                self.metrics.alarms_fired.labels(kind).inc()
+                if build.status.final:
+                    continue
+                log.info("%s deadline fired", kind, extra={"build_id": build_id})
+                if kind == "startup" and build.status == BuildStatus.QUEUED:
+                    await self._write(conn, build, BuildStatus.ERRORED, "startup deadline", now())
+                    fired.append((build, BuildStatus.ERRORED))
+                    await self._tell_runner_stop(conn, build, "startup deadline")
+                elif kind == "run":
+                    timeout = (now() - (build.started_at or build.created_at)).total_seconds()
+                    await self._request_stop(
+                        conn,
+                        build_id,
+                        BuildStatus.TIMED_OUT,
+                        f"run deadline of {round(timeout)} s",
+                    )
+                elif kind == "kill":
+                    cur = await conn.execute(
+                        "SELECT cancel_status, cancel_reason FROM builds WHERE id = %s",
+                        (build_id,),
+                    )
+                    row = await cur.fetchone()
+                    status = BuildStatus(row[0]) if row and row[0] else BuildStatus.ERRORED
+                    reason = row[1] if row and row[1] else "stopped"
+                    reason += " (the runner did not confirm the stop)"
+                    if is_allowed(build.status, status):
+                        await self._write(conn, build, status, reason, now())
+                        fired.append((build, status))
+        for build, status in fired:
+            self._after(build, status, now())
+        return len(fired)
+
+    async def _tell_runner_stop(self, conn: Conn, build: Build, reason: str) -> None:
+        if build.runner_id:
+            await conn.execute(
+                "UPDATE builds SET cancel_requested_at = now(), cancel_reason = %s,"
+                " cancel_sent_at = NULL WHERE id = %s",
+                (reason, build.id),
+            )
+            await conn.execute("SELECT pg_notify('conveyor_runner', %s)", (build.runner_id,))
+
+    async def reap_lost_runners(self) -> int:
+        """Error the running builds of runners silent past the bound; put their
+        accepted-but-not-started builds back in the queue. Returns builds touched."""
+        touched: list[tuple[Build, BuildStatus]] = []
+        requeued = 0
+        async with self.db.transaction() as conn:
+            for runner_id in await self.runners.lost(conn, self.settings.runner_lost_after):
+                self.metrics.runners_lost.inc()
+                log.warning("runner %s lost", runner_id)
+                await conn.execute(
+                    "UPDATE runners SET connected = false WHERE id = %s", (runner_id,)
+                )
+                cur = await conn.execute(
+                    "SELECT id FROM builds WHERE runner_id = %s"
+                    " AND status IN ('queued', 'initializing', 'running') FOR UPDATE",
+                    (runner_id,),
+                )
+                for (bid,) in await cur.fetchall():
+                    build = await self.builds.get_in(conn, None, str(bid))
+                    if build.status == BuildStatus.QUEUED:
+                        await conn.execute(
+                            "UPDATE builds SET runner_id = NULL, assigned_at = NULL,"
+                            " dispatched_at = NULL, token_hash = NULL WHERE id = %s",
+                            (build.id,),
+                        )
+                        await self.builds.disarm(conn, build.id, ["startup"])
+                        requeued += 1
+                    else:
+                        await self._write(conn, build, BuildStatus.ERRORED, "runner lost", now())
+                        touched.append((build, BuildStatus.ERRORED))
+            if requeued:
+                await conn.execute("SELECT pg_notify('conveyor_queue', '')")
+        for build, status in touched:
+            self._after(build, status, now())
+        if requeued:
+            self.notifier.publish_local("conveyor_queue", None)
+        return len(touched) + requeued
+
+    async def forget_missing(self, runner_id: str, running: set[str]) -> None:
+        """A runner reconnected without some builds we thought it ran (it
+        restarted): those builds errored with it."""
+        async with self.db.connection() as conn:
+            cur = await conn.execute(
+                "SELECT id FROM builds WHERE runner_id = %s AND dispatched_at IS NOT NULL"
+                " AND status IN ('queued', 'initializing', 'running')",
+                (runner_id,),
+            )
+            missing = [str(r[0]) for r in await cur.fetchall() if str(r[0]) not in running]
+        for build_id in missing:
+            try:
+                await self.report(build_id, BuildStatus.ERRORED, reason="runner lost (restarted)")
+            except FailedPrecondition:
+                pass

@@ -1,0 +1,91 @@
+"""Control-plane settings: a frozen tree built from an environment mapping."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+
+from control.errors import InvalidArgument
+
+
+def _int(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise InvalidArgument(name, f"must be an integer, not {raw!r}") from None
+
+
+def _float(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise InvalidArgument(name, f"must be a number, not {raw!r}") from None
+
+
+@dataclass(frozen=True)
+class LifecycleSettings:
+    """Deadlines of the build lifecycle, in seconds."""
+
+    startup_deadline: float = 60.0
+    max_run_timeout: int = 6 * 3600
+    kill_grace: int = 10
+    # Extra time a runner gets to confirm a stop before the build is closed
+    # without it.
+    stop_confirm: float = 5.0
+    heartbeat_interval: float = 5.0
+    runner_lost_after: float = 30.0
+    alarm_poll: float = 1.0
+
+
+@dataclass(frozen=True)
+class Settings:
+    database_url: str = ""
+    grpc_addr: str = "127.0.0.1:7070"
+    http_addr: str = "127.0.0.1:8080"
+    public_url: str = ""
+    admin_token: str = ""
+    runner_token: str = ""
+    default_account: str = "default"
+    default_concurrency: int = 6
+    global_capacity: int = 0  # 0: the runners' slots are the only bound
+    scheduler_tick: float = 1.0
+    tls_cert: str = ""
+    tls_key: str = ""
+    log_format: str = "json"
+    webhook_max_bytes: int = 5 * 1024 * 1024
+    lifecycle: LifecycleSettings = field(default_factory=LifecycleSettings)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> Settings:
+        """Build settings from ``CONVEYOR_*`` variables; raises
+        ``InvalidArgument`` naming a malformed variable."""
+        lifecycle = LifecycleSettings(
+            startup_deadline=_float(env, "CONVEYOR_STARTUP_DEADLINE_SECONDS", 60.0),
+            max_run_timeout=_int(env, "CONVEYOR_MAX_RUN_TIMEOUT_SECONDS", 6 * 3600),
+            kill_grace=_int(env, "CONVEYOR_KILL_GRACE_SECONDS", 10),
+            runner_lost_after=_float(env, "CONVEYOR_RUNNER_LOST_SECONDS", 30.0),
+            heartbeat_interval=_float(env, "CONVEYOR_HEARTBEAT_SECONDS", 5.0),
+        )
+        return cls(
+            database_url=env.get("CONVEYOR_DATABASE_URL", ""),
+            grpc_addr=env.get("CONVEYOR_GRPC_ADDR", cls.grpc_addr),
+            http_addr=env.get("CONVEYOR_HTTP_ADDR", cls.http_addr),
+            public_url=env.get("CONVEYOR_PUBLIC_URL", ""),
+            admin_token=env.get("CONVEYOR_ADMIN_TOKEN", ""),
+            runner_token=env.get("CONVEYOR_RUNNER_TOKEN", ""),
+            default_concurrency=_int(env, "CONVEYOR_DEFAULT_CONCURRENCY", 6),
+            global_capacity=_int(env, "CONVEYOR_GLOBAL_CAPACITY", 0),
+            tls_cert=env.get("CONVEYOR_TLS_CERT", ""),
+            tls_key=env.get("CONVEYOR_TLS_KEY", ""),
+            log_format=env.get("CONVEYOR_LOG_FORMAT", "json"),
+            lifecycle=lifecycle,
+        )
+
+    def with_(self, **changes: object) -> Settings:
+        return replace(self, **changes)  # type: ignore[arg-type]

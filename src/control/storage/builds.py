@@ -1,0 +1,259 @@
+"""Builds, their steps and alarms: every SQL statement about them.
+
+Only ``control.builds.lifecycle`` calls the writing methods here; it checks
+each transition with the pure ``check_transition`` first.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable
+from datetime import datetime
+
+from control.domain.build import Build, BuildStatus, Step, StepStatus
+from control.errors import NotFound
+from control.storage.db import Conn, Database, Row
+
+_COLUMNS = (
+    "b.id, b.project_id, b.account_id, b.branch, b.commit_sha, b.status, b.created_at,"
+    " b.status_reason, b.trigger, b.retry_of, b.production, b.started_at, b.running_at,"
+    " b.finished_at, b.runner_id, p.name, b.warnings, b.received_at"
+)
+_FROM = "builds b JOIN projects p ON p.id = b.project_id"
+
+
+def _build(row: Row, steps: tuple[Step, ...] = ()) -> Build:
+    return Build(
+        id=str(row[0]),
+        project_id=str(row[1]),
+        account_id=str(row[2]),
+        branch=row[3],
+        commit_sha=row[4],
+        status=BuildStatus(row[5]),
+        created_at=row[6],
+        status_reason=row[7],
+        trigger=row[8],
+        retry_of=str(row[9]) if row[9] else None,
+        production=row[10],
+        started_at=row[11],
+        running_at=row[12],
+        finished_at=row[13],
+        runner_id=str(row[14]) if row[14] else None,
+        project_name=row[15],
+        warnings=tuple(row[16] or ()),
+        received_at=row[17],
+        steps=steps,
+    )
+
+
+def is_uuid(value: str) -> bool:
+    try:
+        uuid.UUID(value)
+    except ValueError:
+        return False
+    return True
+
+
+class BuildStore:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    async def insert(
+        self,
+        conn: Conn,
+        *,
+        project_id: str,
+        account_id: str,
+        branch: str,
+        commit_sha: str,
+        trigger: str,
+        production: bool,
+        step_names: Iterable[str],
+        retry_of: str | None = None,
+        received_at: datetime | None = None,
+    ) -> str:
+        build_id = str(uuid.uuid4())
+        await conn.execute(
+            "INSERT INTO builds (id, project_id, account_id, branch, commit_sha, status,"
+            " trigger, production, retry_of, received_at)"
+            " VALUES (%s, %s, %s, %s, %s, 'queued', %s, %s, %s, %s)",
+            (
+                build_id,
+                project_id,
+                account_id,
+                branch,
+                commit_sha,
+                trigger,
+                production,
+                retry_of,
+                received_at,
+            ),
+        )
+        names = list(step_names)
+        async with conn.cursor() as cur:
+            await cur.executemany(
+                "INSERT INTO build_steps (build_id, idx, name) VALUES (%s, %s, %s)",
+                [(build_id, i, name) for i, name in enumerate(names)],
+            )
+        return build_id
+
+    async def get(self, account_id: str | None, build_id: str) -> Build:
+        """Raises ``NotFound`` for a malformed id, a missing build, or one of
+        another account."""
+        async with self.db.connection() as conn:
+            return await self.get_in(conn, account_id, build_id)
+
+    async def get_in(
+        self, conn: Conn, account_id: str | None, build_id: str, *, lock: bool = False
+    ) -> Build:
+        if not is_uuid(build_id):
+            raise NotFound(f"build {build_id!r} not found")
+        sql = f"SELECT {_COLUMNS} FROM {_FROM} WHERE b.id = %s"
+        params: list[object] = [build_id]
+        if account_id is not None:
+            sql += " AND b.account_id = %s"
+            params.append(account_id)
+        if lock:
+            sql += " FOR UPDATE OF b"
+        cur = await conn.execute(sql, params)
+        row = await cur.fetchone()
+        if row is None:
+            raise NotFound(f"build {build_id!r} not found")
+        cur = await conn.execute(
+            "SELECT name, status, exit_code, started_at, finished_at FROM build_steps"
+            " WHERE build_id = %s ORDER BY idx",
+            (build_id,),
+        )
+        steps = tuple(
+            Step(
+                name=r[0],
+                status=StepStatus(r[1]),
+                exit_code=r[2],
+                started_at=r[3],
+                finished_at=r[4],
+            )
+            for r in await cur.fetchall()
+        )
+        return _build(row, steps)
+
+    async def list_for(self, account_id: str, project_id: str | None, limit: int) -> list[Build]:
+        sql = f"SELECT {_COLUMNS} FROM {_FROM} WHERE b.account_id = %s"
+        params: list[object] = [account_id]
+        if project_id:
+            sql += " AND b.project_id = %s"
+            params.append(project_id)
+        sql += " ORDER BY b.created_at DESC LIMIT %s"
+        params.append(limit)
+        async with self.db.connection() as conn:
+            cur = await conn.execute(sql, params)
+            return [_build(r) for r in await cur.fetchall()]
+
+    async def set_status(
+        self,
+        conn: Conn,
+        build_id: str,
+        status: BuildStatus,
+        *,
+        at: datetime,
+        reason: str = "",
+    ) -> None:
+        """Write a transition the caller has already checked."""
+        column = {
+            BuildStatus.INITIALIZING: "started_at",
+            BuildStatus.RUNNING: "running_at",
+        }.get(status, "finished_at" if status.final else None)
+        extra = f", {column} = coalesce({column}, %s)" if column else ""
+        params: list[object] = [status.value, reason]
+        if column:
+            params.append(at)
+        if status == BuildStatus.RUNNING:
+            # A runner may skip the initializing report; keep started_at set.
+            extra += ", started_at = coalesce(started_at, %s)"
+            params.append(at)
+        if status.final:
+            extra += ", token_hash = NULL"
+        params.append(build_id)
+        await conn.execute(
+            f"UPDATE builds SET status = %s, status_reason = %s{extra} WHERE id = %s", params
+        )
+
+    async def update_step(
+        self,
+        conn: Conn,
+        build_id: str,
+        idx: int,
+        status: StepStatus,
+        exit_code: int | None,
+        at: datetime,
+    ) -> None:
+        started = status == StepStatus.RUNNING
+        await conn.execute(
+            "UPDATE build_steps SET status = %s,"
+            " exit_code = coalesce(%s, exit_code),"
+            " started_at = CASE WHEN %s THEN coalesce(started_at, %s) ELSE started_at END,"
+            " finished_at = CASE WHEN %s THEN finished_at ELSE coalesce(finished_at, %s) END"
+            " WHERE build_id = %s AND idx = %s",
+            (status.value, exit_code, started, at, started, at, build_id, idx),
+        )
+
+    async def close_open_steps(self, conn: Conn, build_id: str, at: datetime) -> None:
+        """Mark steps that never finished: running ones canceled, pending skipped."""
+        await conn.execute(
+            "UPDATE build_steps SET"
+            " status = CASE status WHEN 'running' THEN 'canceled' ELSE 'skipped' END,"
+            " finished_at = CASE status WHEN 'running' THEN %s ELSE finished_at END"
+            " WHERE build_id = %s AND status IN ('pending', 'running')",
+            (at, build_id),
+        )
+
+    async def add_warnings(self, conn: Conn, build_id: str, warnings: list[str]) -> None:
+        await conn.execute(
+            "UPDATE builds SET warnings = warnings || %s::text[] WHERE id = %s"
+            " AND NOT warnings @> %s::text[]",
+            (warnings, build_id, warnings),
+        )
+
+    async def supersede_queued(
+        self, conn: Conn, project_id: str, branch: str, newer_than: str, at: datetime
+    ) -> list[str]:
+        """Supersede this branch's queued builds that no runner took yet."""
+        cur = await conn.execute(
+            "UPDATE builds SET status = 'superseded', finished_at = %s,"
+            " status_reason = 'superseded by build ' || %s::text"
+            " WHERE project_id = %s AND branch = %s AND status = 'queued'"
+            " AND dispatched_at IS NULL AND id <> %s RETURNING id",
+            (at, newer_than, project_id, branch, newer_than),
+        )
+        return [str(r[0]) for r in await cur.fetchall()]
+
+    async def active_on_branch(self, conn: Conn, project_id: str, branch: str) -> list[str]:
+        cur = await conn.execute(
+            "SELECT id FROM builds WHERE project_id = %s AND branch = %s"
+            " AND (status IN ('initializing', 'running')"
+            "      OR (status = 'queued' AND dispatched_at IS NOT NULL))",
+            (project_id, branch),
+        )
+        return [str(r[0]) for r in await cur.fetchall()]
+
+    # --- alarms -----------------------------------------------------------
+
+    async def arm(self, conn: Conn, build_id: str, kind: str, fire_at: datetime) -> None:
+        await conn.execute(
+            "INSERT INTO alarms (build_id, kind, fire_at) VALUES (%s, %s, %s)"
+            " ON CONFLICT (build_id, kind) DO UPDATE SET fire_at = excluded.fire_at",
+            (build_id, kind, fire_at),
+        )
+
+    async def disarm(self, conn: Conn, build_id: str, kinds: Iterable[str]) -> None:
+        await conn.execute(
+            "DELETE FROM alarms WHERE build_id = %s AND kind = ANY(%s)", (build_id, list(kinds))
+        )
+
+    async def due_alarms(self, conn: Conn, limit: int) -> list[tuple[str, str]]:
+        """Lock and return due alarms (build id, kind); other replicas skip them."""
+        cur = await conn.execute(
+            "SELECT build_id, kind FROM alarms WHERE fire_at <= clock_timestamp()"
+            " ORDER BY fire_at LIMIT %s FOR UPDATE SKIP LOCKED",
+            (limit,),
+        )
+        return [(str(r[0]), r[1]) for r in await cur.fetchall()]

