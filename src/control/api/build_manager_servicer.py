@@ -1,0 +1,86 @@
+"""BuildManager: start, cancel, and stream the logs of builds."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from control.api import convert
+from control.api.edge import Ctx, account_of_caller, principal
+from control.builds.lifecycle import Lifecycle
+from control.domain import cursor
+from control.domain.build import BuildStatus
+from control.errors import InvalidArgument
+from control.logs.fanout import MESSAGE_LINES, LogHub
+from control.metrics import ControlMetrics
+from control.storage.builds import BuildStore
+from control.storage.logs import LogStore
+from conveyor.v1 import build_manager_pb2 as bm
+from conveyor.v1 import build_manager_pb2_grpc as bm_grpc
+
+
+class BuildManagerServicer(bm_grpc.BuildManagerServicer):
+    def __init__(
+        self,
+        lifecycle: Lifecycle,
+        builds: BuildStore,
+        logs: LogStore,
+        hub: LogHub,
+        metrics: ControlMetrics,
+    ) -> None:
+        self.lifecycle = lifecycle
+        self.builds = builds
+        self.logs = logs
+        self.hub = hub
+        self.metrics = metrics
+
+    async def StartBuild(
+        self, request: bm.StartBuildRequest, context: Ctx
+    ) -> bm.StartBuildResponse:
+        if not request.build_id:
+            raise InvalidArgument("build_id", "is required")
+        runner_id = await self.lifecycle.start(request.build_id)
+        return bm.StartBuildResponse(started=runner_id is not None, runner_id=runner_id or "")
+
+    async def CancelBuild(
+        self, request: bm.CancelBuildRequest, context: Ctx
+    ) -> bm.CancelBuildResponse:
+        if not request.build_id:
+            raise InvalidArgument("build_id", "is required")
+        build = await self.lifecycle.cancel(
+            account_of_caller(), request.build_id, by=principal().name
+        )
+        return bm.CancelBuildResponse(build=convert.build_to_pb(build))
+
+    async def StreamLogs(
+        self, request: bm.StreamLogsRequest, context: Ctx
+    ) -> AsyncIterator[bm.StreamLogsResponse]:
+        if not request.build_id:
+            raise InvalidArgument("build_id", "is required")
+        build = await self.builds.get(account_of_caller(), request.build_id)
+        after = cursor.decode(request.cursor)
+        self.metrics.log_streams.inc()
+        try:
+            if not request.follow:
+                while True:
+                    lines = await self.logs.read(build.id, after, MESSAGE_LINES)
+                    if not lines:
+                        return
+                    after = lines[-1].number
+                    yield bm.StreamLogsResponse(
+                        lines=[convert.line_to_pb(x) for x in lines], cursor=cursor.encode(after)
+                    )
+            async for lines, final in self.hub.follow(build.id, after, self._status):
+                if lines:
+                    after = lines[-1].number
+                    yield bm.StreamLogsResponse(
+                        lines=[convert.line_to_pb(x) for x in lines], cursor=cursor.encode(after)
+                    )
+                if final is not None:
+                    yield bm.StreamLogsResponse(
+                        cursor=cursor.encode(after), status=convert.BUILD_STATUS_TO_PB[final]
+                    )
+        finally:
+            self.metrics.log_streams.dec()
+
+    async def _status(self, build_id: str) -> BuildStatus:
+        return (await self.builds.get(None, build_id)).status

@@ -1,0 +1,116 @@
+"""Maps domain types to protobuf messages and back. The only module of the
+control plane besides the servicers that touches generated stubs."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from control.domain.build import Build, BuildStatus, Step, StepStatus
+from control.domain.project import Project
+from control.storage.logs import StoredLine
+from conveyor.v1 import types_pb2 as pb
+
+BUILD_STATUS_TO_PB = {
+    BuildStatus.QUEUED: pb.BUILD_STATUS_QUEUED,
+    BuildStatus.INITIALIZING: pb.BUILD_STATUS_INITIALIZING,
+    BuildStatus.RUNNING: pb.BUILD_STATUS_RUNNING,
+    BuildStatus.SUCCEEDED: pb.BUILD_STATUS_SUCCEEDED,
+    BuildStatus.FAILED: pb.BUILD_STATUS_FAILED,
+    BuildStatus.CANCELED: pb.BUILD_STATUS_CANCELED,
+    BuildStatus.TIMED_OUT: pb.BUILD_STATUS_TIMED_OUT,
+    BuildStatus.ERRORED: pb.BUILD_STATUS_ERRORED,
+    BuildStatus.SUPERSEDED: pb.BUILD_STATUS_SUPERSEDED,
+}
+BUILD_STATUS_FROM_PB = {v: k for k, v in BUILD_STATUS_TO_PB.items()}
+
+STEP_STATUS_TO_PB = {
+    StepStatus.PENDING: pb.STEP_STATUS_PENDING,
+    StepStatus.RUNNING: pb.STEP_STATUS_RUNNING,
+    StepStatus.SUCCEEDED: pb.STEP_STATUS_SUCCEEDED,
+    StepStatus.FAILED: pb.STEP_STATUS_FAILED,
+    StepStatus.SKIPPED: pb.STEP_STATUS_SKIPPED,
+    StepStatus.CANCELED: pb.STEP_STATUS_CANCELED,
+}
+STEP_STATUS_FROM_PB = {v: k for k, v in STEP_STATUS_TO_PB.items()}
+
+STREAM_TO_PB = {
+    "stdout": pb.LOG_STREAM_STDOUT,
+    "stderr": pb.LOG_STREAM_STDERR,
+    "system": pb.LOG_STREAM_SYSTEM,
+}
+STREAM_FROM_PB = {v: k for k, v in STREAM_TO_PB.items()}
+
+
+def timestamp(value: datetime | None, into: Timestamp) -> None:
+    if value is not None:
+        into.FromDatetime(value)
+
+
+def from_timestamp(value: Timestamp) -> datetime | None:
+    if value.seconds == 0 and value.nanos == 0:
+        return None
+    return value.ToDatetime(tzinfo=UTC)
+
+
+def project_to_pb(project: Project, *, with_secret: bool) -> pb.Project:
+    msg = pb.Project(
+        id=project.id,
+        account_id=project.account_id,
+        name=project.name,
+        repo_url=project.repo_url,
+        production_branch=project.production_branch,
+        build_command=project.build_command,
+        deploy_command=project.deploy_command,
+        preview_command=project.preview_command,
+        webhook_secret=project.webhook_secret if with_secret else "",
+        run_timeout_seconds=project.run_timeout_seconds,
+        cancel_in_progress=project.cancel_in_progress,
+        build_other_branches=project.build_other_branches,
+        root_directory=project.root_directory,
+    )
+    timestamp(project.created_at, msg.created_at)
+    timestamp(project.updated_at, msg.updated_at)
+    return msg
+
+
+def step_to_pb(step: Step) -> pb.Step:
+    msg = pb.Step(
+        name=step.name,
+        status=STEP_STATUS_TO_PB[step.status],
+        exit_code=step.exit_code or 0,
+        has_exit_code=step.exit_code is not None,
+    )
+    timestamp(step.started_at, msg.started_at)
+    timestamp(step.finished_at, msg.finished_at)
+    return msg
+
+
+def build_to_pb(build: Build) -> pb.Build:
+    msg = pb.Build(
+        id=build.id,
+        project_id=build.project_id,
+        branch=build.branch,
+        commit_sha=build.commit_sha,
+        status=BUILD_STATUS_TO_PB[build.status],
+        status_reason=build.status_reason,
+        trigger=build.trigger,
+        retry_of=build.retry_of or "",
+        production=build.production,
+        steps=[step_to_pb(s) for s in build.steps],
+        runner_id=build.runner_id or "",
+        project_name=build.project_name,
+        warnings=list(build.warnings),
+    )
+    timestamp(build.created_at, msg.created_at)
+    timestamp(build.started_at, msg.started_at)
+    timestamp(build.running_at, msg.running_at)
+    timestamp(build.finished_at, msg.finished_at)
+    return msg
+
+
+def line_to_pb(line: StoredLine) -> pb.LogLine:
+    msg = pb.LogLine(number=line.number, stream=STREAM_TO_PB[line.stream], text=line.text)
+    msg.time.FromMilliseconds(line.time_ms)
+    return msg

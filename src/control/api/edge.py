@@ -1,0 +1,215 @@
+"""The one interceptor every RPC passes through.
+
+It authenticates the ``authorization: Bearer ...`` metadata, checks the
+method's required access, puts the caller in a contextvar for the handler,
+turns the error tree into status codes with a sentence, logs an unexpected
+failure once with its context, and records the request metrics.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+from grpc import aio
+
+from control.api.errors import status_of
+from control.errors import ConveyorError, PermissionDenied, Unauthenticated
+from control.metrics import ControlMetrics
+from control.storage.accounts import AccountStore, Principal
+
+log = logging.getLogger(__name__)
+
+Ctx = aio.ServicerContext[Any, Any]
+PRINCIPAL: contextvars.ContextVar[Principal] = contextvars.ContextVar("principal")
+BEARER: contextvars.ContextVar[str] = contextvars.ContextVar("bearer", default="")
+
+_CONFIG = "/conveyor.v1.ConfigService/"
+_SCHED = "/conveyor.v1.SchedulerService/"
+_BM = "/conveyor.v1.BuildManager/"
+_RUNNER = "/conveyor.v1.RunnerService/"
+
+# What each method needs: a user scope, "internal" (this process or an admin),
+# "runner" (a runner token) or "build" (the build's own token, checked by the
+# handler against the build it names).
+ACCESS: dict[str, str] = {
+    _CONFIG + "CreateProject": "write",
+    _CONFIG + "GetProject": "read",
+    _CONFIG + "ListProjects": "read",
+    _CONFIG + "UpdateProject": "write",
+    _CONFIG + "DeleteProject": "write",
+    _CONFIG + "TriggerBuild": "write",
+    _CONFIG + "ListBuilds": "read",
+    _CONFIG + "GetBuild": "read",
+    _CONFIG + "RetryBuild": "write",
+    _SCHED + "Wake": "internal",
+    _SCHED + "GetQueue": "read",
+    _BM + "StartBuild": "internal",
+    _BM + "CancelBuild": "write",
+    _BM + "StreamLogs": "read",
+    _RUNNER + "Connect": "runner",
+    _RUNNER + "ReportStatus": "build",
+    _RUNNER + "AppendLogs": "build",
+}
+PUBLIC_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
+_IMPLIED = {"admin": {"admin", "write", "read"}, "write": {"write", "read"}, "read": {"read"}}
+_CACHE_SECONDS = 2.0
+
+
+def principal() -> Principal:
+    """The authenticated caller of the current RPC."""
+    return PRINCIPAL.get()
+
+
+def account_of_caller() -> str:
+    """The caller's account id; raises ``PermissionDenied`` for non-users."""
+    who = PRINCIPAL.get()
+    if who.account_id is None:
+        raise PermissionDenied("this token does not belong to an account")
+    return who.account_id
+
+
+class Authenticator:
+    """Resolves bearer tokens, with a short cache so a log-heavy build does
+    not cost a database round trip per request."""
+
+    def __init__(self, accounts: AccountStore, internal_token: str) -> None:
+        self.accounts = accounts
+        self.internal_token = internal_token
+        self._cache: dict[str, tuple[float, Principal | None]] = {}
+
+    async def resolve(self, token: str) -> Principal | None:
+        if token and secrets.compare_digest(token, self.internal_token):
+            return Principal("internal", None, None, "conveyor", frozenset({"admin"}))
+        hit = self._cache.get(token)
+        if hit and hit[0] > time.monotonic():
+            return hit[1]
+        found = await self.accounts.authenticate(token)
+        if len(self._cache) > 10_000:
+            self._cache.clear()
+        self._cache[token] = (time.monotonic() + _CACHE_SECONDS, found)
+        return found
+
+
+def _check(method: str, who: Principal | None, token: str) -> Principal:
+    need = ACCESS.get(method)
+    if need is None:
+        raise PermissionDenied(f"method {method} is not exposed")
+    if need == "build":
+        if not token.startswith("cvb_"):
+            raise Unauthenticated("this call needs the build's own token")
+        return Principal("build", None, None, "build", frozenset())
+    if who is None:
+        raise Unauthenticated("missing or unknown token (authorization: Bearer <token>)")
+    if need == "runner":
+        if who.kind != "runner" and who.kind != "internal":
+            raise PermissionDenied("this call needs a runner token")
+        return who
+    if need == "internal":
+        if who.kind == "internal" or "admin" in who.scopes:
+            return who
+        raise PermissionDenied("this call is for the control plane itself or an admin token")
+    if who.kind == "internal":
+        return who
+    if who.kind != "user":
+        raise PermissionDenied("this call needs a user token")
+    granted = set().union(*(_IMPLIED.get(s, set()) for s in who.scopes))
+    if need not in granted:
+        raise PermissionDenied(f"this call needs the {need!r} scope")
+    return who
+
+
+class EdgeInterceptor(aio.ServerInterceptor):  # type: ignore[type-arg]  # grpc-stubs leaves it generic
+    def __init__(self, auth: Authenticator, metrics: ControlMetrics) -> None:
+        self.auth = auth
+        self.metrics = metrics
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
+        details: grpc.HandlerCallDetails,
+    ) -> Any:
+        # Typed as Any: grpc-stubs describes the sync handler signatures only.
+        handler: Any = await continuation(details)
+        method: str = details.method
+        if handler is None or method.startswith(PUBLIC_PREFIXES):
+            return handler
+        token = ""
+        for key, value in details.invocation_metadata or ():
+            if key == "authorization" and isinstance(value, str):
+                token = value.removeprefix("Bearer ").strip()
+        short = method.rsplit("/", 1)[-1]
+
+        async def enter(context: Ctx) -> contextvars.Token[Principal]:
+            who = await self.auth.resolve(token) if not token.startswith("cvb_") else None
+            BEARER.set(token)
+            return PRINCIPAL.set(_check(method, who, token))
+
+        async def fail(context: Ctx, exc: BaseException) -> None:
+            if isinstance(exc, ConveyorError):
+                code = status_of(exc)
+                self.metrics.grpc_requests.labels(short, code.name).inc()
+                await context.abort(code, str(exc))
+            log.exception("unexpected failure in %s", method)
+            self.metrics.grpc_requests.labels(short, "INTERNAL").inc()
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error; it was logged")
+
+        if handler.unary_unary:
+            inner_uu = handler.unary_unary
+
+            async def unary(request: Any, context: Ctx) -> Any:
+                began = time.perf_counter()
+                try:
+                    await enter(context)
+                    response = await inner_uu(request, context)
+                except (ConveyorError, Exception) as exc:
+                    if isinstance(exc, aio.AbortError):
+                        raise
+                    await fail(context, exc)
+                    raise
+                finally:
+                    self.metrics.grpc_seconds.labels(short).observe(time.perf_counter() - began)
+                self.metrics.grpc_requests.labels(short, "OK").inc()
+                return response
+
+            return grpc.unary_unary_rpc_method_handler(
+                unary,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+
+        stream_fn: Callable[[Any, Ctx], AsyncIterator[Any]] = (
+            handler.unary_stream or handler.stream_stream
+        )
+
+        async def streaming(request: Any, context: Ctx) -> AsyncIterator[Any]:
+            began = time.perf_counter()
+            try:
+                await enter(context)
+                async for item in stream_fn(request, context):
+                    yield item
+            except (ConveyorError, Exception) as exc:
+                if isinstance(exc, aio.AbortError):
+                    raise
+                await fail(context, exc)
+                raise
+            finally:
+                self.metrics.grpc_seconds.labels(short).observe(time.perf_counter() - began)
+            self.metrics.grpc_requests.labels(short, "OK").inc()
+
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                streaming,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return grpc.stream_stream_rpc_method_handler(
+            streaming,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )

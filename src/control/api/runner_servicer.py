@@ -1,0 +1,212 @@
+"""RunnerService: the runner agents' stream, status reports and log batches."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import AsyncIterator
+
+from control.api import convert
+from control.api.edge import BEARER, Ctx
+from control.builds.lifecycle import AssignmentData, Lifecycle, StepReport, now
+from control.errors import InvalidArgument
+from control.logs.fanout import LogHub
+from control.metrics import ControlMetrics
+from control.storage.builds import is_uuid
+from control.storage.logs import STREAM_CODES, LogStore
+from control.storage.notify import Notifier
+from control.storage.runners import RunnerStore
+from conveyor.v1 import runner_service_pb2 as rs
+from conveyor.v1 import runner_service_pb2_grpc as rs_grpc
+
+log = logging.getLogger(__name__)
+
+MAX_BATCH_LINES = 20_000
+HELLO_TIMEOUT = 10.0
+# The dispatch loop re-reads the database at least this often, so a lost
+# NOTIFY delays an assignment by at most this much.
+DISPATCH_RECHECK = 1.0
+
+
+def assignment_to_pb(data: AssignmentData, kill_grace: int) -> rs.ConnectResponse:
+    build, project = data.build, data.project
+    return rs.ConnectResponse(
+        assignment=rs.Assignment(
+            build_id=build.id,
+            build_token=data.token,
+            project_id=project.id,
+            project_name=project.name,
+            repo_url=project.repo_url,
+            branch=build.branch,
+            commit_sha=build.commit_sha,
+            root_directory=project.root_directory,
+            step_names=list(data.step_names),
+            step_commands=list(data.step_commands),
+            run_timeout_seconds=data.run_timeout,
+            kill_grace_seconds=kill_grace,
+        )
+    )
+
+
+class RunnerServicer(rs_grpc.RunnerServiceServicer):
+    def __init__(
+        self,
+        lifecycle: Lifecycle,
+        runners: RunnerStore,
+        logs: LogStore,
+        hub: LogHub,
+        notifier: Notifier,
+        metrics: ControlMetrics,
+        heartbeat_seconds: float,
+    ) -> None:
+        self.lifecycle = lifecycle
+        self.runners = runners
+        self.logs = logs
+        self.hub = hub
+        self.notifier = notifier
+        self.metrics = metrics
+        self.heartbeat_seconds = heartbeat_seconds
+        self._busy: dict[str, int] = {}
+
+    async def Connect(
+        self, request_iterator: AsyncIterator[rs.ConnectRequest], context: Ctx
+    ) -> AsyncIterator[rs.ConnectResponse]:
+        try:
+            first = await asyncio.wait_for(anext(request_iterator), HELLO_TIMEOUT)
+        except (StopAsyncIteration, TimeoutError):
+            raise InvalidArgument("hello", "a runner must say hello first") from None
+        if first.WhichOneof("kind") != "hello":
+            raise InvalidArgument("hello", "a runner must say hello first")
+        hello = first.hello
+        if hello.capacity < 0 or hello.capacity > 1000:
+            raise InvalidArgument("capacity", "must be between 0 and 1000")
+        runner_id = hello.runner_id if is_uuid(hello.runner_id) else str(uuid.uuid4())
+        await self.runners.register(
+            runner_id, hello.name[:128], hello.capacity, list(hello.labels)[:64], hello.launcher
+        )
+        await self.lifecycle.forget_missing(runner_id, set(hello.running_build_ids))
+        log.info("runner %s (%s) connected, capacity %d", runner_id, hello.name, hello.capacity)
+        wake = asyncio.Event()
+        wake.set()
+
+        def on_runner(payload: str | None) -> None:
+            if payload in (None, runner_id):
+                wake.set()
+
+        unsubscribe = self.notifier.subscribe("conveyor_runner", on_runner)
+        reader = asyncio.create_task(self._read(runner_id, request_iterator))
+        self.metrics.runners_connected.inc()
+        self.metrics.runner_capacity.inc(hello.capacity)
+        try:
+            yield rs.ConnectResponse(
+                registered=rs.Registered(
+                    runner_id=runner_id, heartbeat_seconds=max(1, int(self.heartbeat_seconds))
+                )
+            )
+            self.notifier.publish_local("conveyor_queue", None)
+            while not reader.done():
+                try:
+                    await asyncio.wait_for(wake.wait(), DISPATCH_RECHECK)
+                except TimeoutError:
+                    pass
+                wake.clear()
+                assignments, cancels = await self.lifecycle.dispatch(runner_id)
+                for data in assignments:
+                    log.info(
+                        "assigning build to runner %s", runner_id, extra={"build_id": data.build.id}
+                    )
+                    yield assignment_to_pb(data, self.lifecycle.settings.kill_grace)
+                for build_id, reason, grace in cancels:
+                    log.info(
+                        "asking runner %s to stop: %s",
+                        runner_id,
+                        reason,
+                        extra={"build_id": build_id},
+                    )
+                    yield rs.ConnectResponse(
+                        cancel=rs.CancelAssignment(
+                            build_id=build_id, reason=reason, grace_seconds=grace
+                        )
+                    )
+        finally:
+            unsubscribe()
+            reader.cancel()
+            self.metrics.runners_connected.dec()
+            self.metrics.runner_capacity.dec(hello.capacity)
+            self.metrics.runner_busy.dec(self._busy.pop(runner_id, 0))
+            await asyncio.shield(self.runners.disconnected(runner_id))
+            log.info("runner %s disconnected", runner_id)
+
+    async def _read(self, runner_id: str, requests: AsyncIterator[rs.ConnectRequest]) -> None:
+        async for message in requests:
+            kind = message.WhichOneof("kind")
+            if kind == "heartbeat":
+                busy = max(0, message.heartbeat.busy)
+                self.metrics.runner_busy.inc(busy - self._busy.get(runner_id, 0))
+                self._busy[runner_id] = busy
+                await self.runners.heartbeat(runner_id)
+            elif kind == "ack" and not message.ack.accepted:
+                await self.lifecycle.refused(message.ack.build_id, runner_id, message.ack.reason)
+
+    async def ReportStatus(
+        self, request: rs.ReportStatusRequest, context: Ctx
+    ) -> rs.ReportStatusResponse:
+        await self.lifecycle.check_build_token(_build_id(request.build_id), BEARER.get())
+        status = None
+        if request.status:
+            if request.status not in convert.BUILD_STATUS_FROM_PB:
+                raise InvalidArgument("status", "is not a build status")
+            status = convert.BUILD_STATUS_FROM_PB[request.status]
+        steps = []
+        for step in request.steps:
+            if step.status not in convert.STEP_STATUS_FROM_PB:
+                raise InvalidArgument("steps.status", "is not a step status")
+            steps.append(
+                StepReport(
+                    index=step.index,
+                    status=convert.STEP_STATUS_FROM_PB[step.status],
+                    exit_code=step.exit_code if step.has_exit_code else None,
+                    at=convert.from_timestamp(step.at) or now(),
+                )
+            )
+        result = await self.lifecycle.report(
+            request.build_id,
+            status,
+            reason=request.reason[:1024],
+            steps=steps,
+            at=convert.from_timestamp(request.at),
+            warnings=[w[:512] for w in request.warnings[:16]],
+        )
+        return rs.ReportStatusResponse(status=convert.BUILD_STATUS_TO_PB[result])
+
+    async def AppendLogs(
+        self, request: rs.AppendLogsRequest, context: Ctx
+    ) -> rs.AppendLogsResponse:
+        build_id = _build_id(request.build_id)
+        await self.lifecycle.check_build_token(build_id, BEARER.get())
+        if request.seq < 1:
+            raise InvalidArgument("seq", "must be >= 1")
+        if len(request.lines) > MAX_BATCH_LINES:
+            raise InvalidArgument("lines", f"at most {MAX_BATCH_LINES} lines per batch")
+        streams = convert.STREAM_FROM_PB
+        lines = []
+        for line in request.lines:
+            stream = streams.get(line.stream)
+            if stream is None or stream not in STREAM_CODES:
+                raise InvalidArgument("lines.stream", "is not a log stream")
+            lines.append((line.time_unix_ms, stream, line.text))
+        result = await self.logs.append(build_id, request.seq, lines)
+        if result.duplicate:
+            self.metrics.log_batches_duplicate.inc()
+        else:
+            self.metrics.log_lines.inc(len(result.lines))
+            self.metrics.log_bytes.inc(result.bytes)
+            self.hub.ingested(build_id, result.lines)
+        return rs.AppendLogsResponse(last_line=result.last_line, duplicate=result.duplicate)
+
+
+def _build_id(value: str) -> str:
+    if not is_uuid(value):
+        raise InvalidArgument("build_id", "must be a build id")
+    return value

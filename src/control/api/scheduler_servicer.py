@@ -1,0 +1,45 @@
+"""SchedulerService: nudge the scheduler, and show the queue."""
+
+from __future__ import annotations
+
+from control.api.edge import Ctx, account_of_caller, principal
+from control.scheduler.loop import Scheduler
+from control.storage.db import Database
+from conveyor.v1 import scheduler_service_pb2 as ss
+from conveyor.v1 import scheduler_service_pb2_grpc as ss_grpc
+
+
+class SchedulerServicer(ss_grpc.SchedulerServiceServicer):
+    def __init__(self, scheduler: Scheduler, db: Database, runner_alive: float) -> None:
+        self.scheduler = scheduler
+        self.db = db
+        self.runner_alive = runner_alive
+
+    async def Wake(self, request: ss.WakeRequest, context: Ctx) -> ss.WakeResponse:
+        self.scheduler.wake()
+        return ss.WakeResponse()
+
+    async def GetQueue(self, request: ss.GetQueueRequest, context: Ctx) -> ss.GetQueueResponse:
+        """Queue depth of the caller's account (an admin sees every account)."""
+        who = principal()
+        only = None if who.kind == "internal" or "admin" in who.scopes else account_of_caller()
+        async with self.db.connection() as conn:
+            cur = await conn.execute(
+                "SELECT a.id, a.concurrency_limit,"
+                " count(*) FILTER (WHERE b.status = 'queued' AND b.runner_id IS NULL),"
+                " count(*) FILTER (WHERE b.status IN ('initializing', 'running')"
+                "   OR (b.status = 'queued' AND b.runner_id IS NOT NULL))"
+                " FROM accounts a LEFT JOIN builds b ON b.account_id = a.id"
+                " AND b.status IN ('queued', 'initializing', 'running')"
+                " WHERE %s::uuid IS NULL OR a.id = %s::uuid GROUP BY a.id ORDER BY a.id",
+                (only, only),
+            )
+            rows = await cur.fetchall()
+            capacity, busy = await self.scheduler.runners.free_slots(conn, self.runner_alive)
+        return ss.GetQueueResponse(
+            accounts=[
+                ss.AccountQueue(account_id=str(r[0]), limit=r[1], queued=r[2], active=r[3])
+                for r in rows
+            ],
+            free_slots=max(capacity - busy, 0),
+        )
