@@ -2,7 +2,7 @@
 # RunnerService on one gRPC port, webhooks/metrics/health on one HTTP port.
 #
 # Every replica is stateless beyond PostgreSQL (schedulers coordinate through
-# the database), so the job runs several identical allocations on distinct
+# the database), so the job runs several identical allocations spread over
 # hosts. Before the first run, store the configuration in a Nomad Variable at
 # the job's own path; the template below reads it through the job's workload
 # identity, so no ACL policy is needed for it:
@@ -20,8 +20,7 @@
 
 variable "image" {
   type        = string
-  description = "Container image with the conveyor package installed (entrypoint-free; the command is set below)."
-  default     = "ghcr.io/conveyor-ci/conveyor:0.1.0"
+  description = "Container image with the conveyor package installed and `conveyor` on PATH."
 }
 
 variable "datacenters" {
@@ -65,10 +64,11 @@ job "conveyor-control" {
   group "control" {
     count = var.replicas
 
-    # A host failure must not take more than one replica with it.
-    constraint {
-      operator = "distinct_hosts"
-      value    = "true"
+    # One replica per host where possible, so a host failure takes at most
+    # one with it. A spread rather than distinct_hosts: the canary of an
+    # update would otherwise need a fourth eligible host.
+    spread {
+      attribute = "${node.unique.id}"
     }
 
     network {
@@ -167,7 +167,8 @@ job "conveyor-control" {
       }
 
       # Connection string and tokens from the Nomad Variable, as environment.
-      # toJSON quotes each value so any character survives the env parser.
+      # toUnescapedJSON quotes each value for Nomad's env-file parser (toJSON
+      # would write & < > as \u0026..., which that parser does not decode).
       template {
         destination = "secrets/conveyor.env"
         env         = true
@@ -175,9 +176,9 @@ job "conveyor-control" {
         splay       = "30s"
         data        = <<-EOT
         {{- with nomadVar "nomad/jobs/conveyor-control" }}
-        CONVEYOR_DATABASE_URL={{ .database_url.Value | toJSON }}
-        CONVEYOR_ADMIN_TOKEN={{ .admin_token.Value | toJSON }}
-        CONVEYOR_RUNNER_TOKEN={{ .runner_token.Value | toJSON }}
+        CONVEYOR_DATABASE_URL={{ .database_url.Value | toUnescapedJSON }}
+        CONVEYOR_ADMIN_TOKEN={{ .admin_token.Value | toUnescapedJSON }}
+        CONVEYOR_RUNNER_TOKEN={{ .runner_token.Value | toUnescapedJSON }}
         {{- end }}
         EOT
       }

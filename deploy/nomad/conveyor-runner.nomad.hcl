@@ -54,6 +54,30 @@ variable "metrics_port" {
   default = 9470
 }
 
+variable "build_driver" {
+  type        = string
+  description = "Driver of the build jobs: docker, exec or raw_exec."
+  default     = "docker"
+}
+
+variable "build_image" {
+  type        = string
+  description = "Image of the build jobs (docker driver); it must provide bash and git."
+  default     = "buildpack-deps:bookworm-scm"
+}
+
+variable "build_datacenters" {
+  type        = string
+  description = "Comma-separated datacenters the build jobs may run in."
+  default     = "*"
+}
+
+variable "build_kill_timeout_seconds" {
+  type        = number
+  description = "Grace between SIGTERM and SIGKILL when a build is stopped."
+  default     = 10
+}
+
 variable "nomad_addr" {
   type        = string
   description = "The local Nomad agent's HTTP API (https://... when the cluster uses TLS)."
@@ -119,8 +143,16 @@ job "conveyor-runner" {
         CONVEYOR_RUNNER_CAPACITY     = "${var.capacity}"
         CONVEYOR_WORK_DIR            = "${NOMAD_TASK_DIR}/work"
         CONVEYOR_RUNNER_METRICS_ADDR = "0.0.0.0:${NOMAD_PORT_metrics}"
-        CONVEYOR_RUNNER_LABELS       = "node=${node.unique.name},dc=${node.datacenter},class=${node.class}"
-        NOMAD_ADDR                   = var.nomad_addr
+        # Every runner label k=v becomes the build-job constraint
+        # ${meta.k} = v, so labels must be node meta: this one keeps builds on
+        # build nodes.
+        CONVEYOR_RUNNER_LABELS = "conveyor_build_node=true"
+        NOMAD_ADDR             = var.nomad_addr
+        # What every build job looks like (see build-job.nomad.hcl):
+        CONVEYOR_NOMAD_DRIVER       = var.build_driver
+        CONVEYOR_NOMAD_IMAGE        = var.build_image
+        CONVEYOR_NOMAD_DATACENTERS  = var.build_datacenters
+        CONVEYOR_NOMAD_KILL_TIMEOUT = "${var.build_kill_timeout_seconds}"
         # On a TLS-enabled cluster also set NOMAD_CACERT, NOMAD_CLIENT_CERT and
         # NOMAD_CLIENT_KEY (host paths), and CONVEYOR_TLS_CA when the control
         # plane serves TLS. NOMAD_NAMESPACE / NOMAD_REGION pick where the build
@@ -135,8 +167,8 @@ job "conveyor-runner" {
         change_mode = "noop"
         data        = <<-EOT
         {{- with nomadVar "nomad/jobs/conveyor-runner" }}
-        CONVEYOR_RUNNER_TOKEN={{ .runner_token.Value | toJSON }}
-        NOMAD_TOKEN={{ .nomad_token.Value | toJSON }}
+        CONVEYOR_RUNNER_TOKEN={{ .runner_token.Value | toUnescapedJSON }}
+        NOMAD_TOKEN={{ .nomad_token.Value | toUnescapedJSON }}
         {{- end }}
         EOT
       }

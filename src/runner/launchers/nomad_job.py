@@ -1,9 +1,10 @@
 """The Nomad batch job that runs one build, and what Nomad says about it.
 
 Pure: ``build_job`` turns a ``JobSpec`` into the JSON job the jobs API takes
-(developer.hashicorp.com/nomad/api-docs/json-jobs), and ``placement_failure`` /
-``task_result`` read evaluations and task states back. ``runner.launchers.nomad``
-does the talking.
+(developer.hashicorp.com/nomad/api-docs/json-jobs); ``placement_failure``,
+``task_result`` and the log-frame readers at the end turn evaluations, task
+states and fs/logs streams back into Conveyor's terms.
+``runner.launchers.nomad`` does the talking.
 
 The secret part of the environment never enters the job: it lives in a Nomad
 Variable at ``nomad/jobs/<job id>`` (which only that job's tasks may read) and a
@@ -13,11 +14,13 @@ as a template too, so it never passes through Nomad's ``${...}`` interpolation.
 
 from __future__ import annotations
 
+import codecs
 import hashlib
+import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, cast
+from typing import Any, Literal
 
 from runner.launchers.base import JobResult, JobSpec, LaunchError
 
@@ -114,12 +117,14 @@ class NomadSettings:
             client_cert=env.get("NOMAD_CLIENT_CERT") or None,
             client_key=env.get("NOMAD_CLIENT_KEY") or None,
             skip_verify=env.get("NOMAD_SKIP_VERIFY", "").lower() in ("1", "true", "yes"),
-            driver=cast(Driver, driver),
+            driver=driver,
             image=env.get("CONVEYOR_NOMAD_IMAGE") or default.image,
             shell=env.get("CONVEYOR_NOMAD_SHELL") or default.shell,
             datacenters=datacenters or default.datacenters,
             kill_timeout_seconds=(
-                default.kill_timeout_seconds if kill_timeout_seconds is None else kill_timeout_seconds
+                default.kill_timeout_seconds
+                if kill_timeout_seconds is None
+                else kill_timeout_seconds
             ),
         )
 
@@ -363,7 +368,9 @@ def task_result(alloc: Mapping[str, Any], *, stop_requested: bool) -> JobResult 
             error = describe_event(event)
     if not events and terminal_alloc and not stop_requested:
         error = f"allocation {client_status} before its task ran"
-    return JobResult(exit_code=exit_code, error=error, killed=killed or stop_requested)
+    # A stop that came after the task had ended on its own killed nothing.
+    killed = killed or (stop_requested and exit_code is None)
+    return JobResult(exit_code=exit_code, error=error, killed=killed)
 
 
 def _exit_code(event: Mapping[str, Any]) -> int | None:
@@ -386,3 +393,114 @@ def _as_int(value: object) -> int | None:
         except ValueError:
             return None
     return None
+
+
+# Reading fs/logs: https://developer.hashicorp.com/nomad/api-docs/client#stream-logs
+
+MAX_LINE_BYTES = 1 << 20
+MAX_UNPARSED_CHARS = 4 << 20
+
+
+class LogStreamError(ValueError):
+    """A log stream did not hold the frames the API documents."""
+
+
+class LogCursor:
+    """Where a log stream was read to, as the fs/logs ``offset`` counts it.
+
+    Frames carry the file they came from and the offset in it just past their
+    data; with ``origin=start`` Nomad counts ``offset`` across the rotated files
+    from the first one, so the position is the sizes of the files already read
+    plus the offset in the current one.
+    """
+
+    def __init__(self) -> None:
+        self._file: str | None = None
+        self._base = 0
+        self._offset = 0
+
+    @property
+    def position(self) -> int:
+        return self._base + self._offset
+
+    def advance(self, file: str, end_offset: int) -> None:
+        if self._file is not None and file != self._file:
+            self._base += self._offset
+            self._offset = 0
+        self._file = file
+        self._offset = max(self._offset, end_offset)
+
+
+class FrameDecoder:
+    """Splits the fs/logs response, a run of JSON objects, into frames."""
+
+    def __init__(self) -> None:
+        self._text = ""
+        self._utf8 = codecs.getincrementaldecoder("utf-8")()
+        self._json = json.JSONDecoder()
+
+    @property
+    def pending(self) -> bool:
+        return bool(self._text.strip())
+
+    def feed(self, chunk: bytes) -> list[dict[str, Any]]:
+        text = self._text + self._utf8.decode(chunk)
+        frames: list[dict[str, Any]] = []
+        position = 0
+        while True:
+            while position < len(text) and text[position].isspace():
+                position += 1
+            if position == len(text):
+                break
+            try:
+                frame, position = self._json.raw_decode(text, position)
+            except json.JSONDecodeError:
+                break  # the rest of this frame is still on its way
+            if isinstance(frame, dict):
+                frames.append(frame)
+        self._text = text[position:]
+        if len(self._text) > MAX_UNPARSED_CHARS:
+            raise LogStreamError("the log stream is not a sequence of JSON frames")
+        return frames
+
+
+class LineSplitter:
+    """Cuts bytes into lines without their newline; a line longer than
+    ``MAX_LINE_BYTES`` is cut into pieces of that size."""
+
+    def __init__(self) -> None:
+        self._partial = bytearray()
+
+    def feed(self, data: bytes) -> list[bytes]:
+        self._partial += data
+        *lines, rest = self._partial.split(b"\n")
+        self._partial = bytearray(rest)
+        out = [bytes(line) for line in lines]
+        while len(self._partial) > MAX_LINE_BYTES:
+            out.append(bytes(self._partial[:MAX_LINE_BYTES]))
+            del self._partial[:MAX_LINE_BYTES]
+        return out
+
+    def flush(self) -> bytes | None:
+        """The last line when it had no newline."""
+        if not self._partial:
+            return None
+        tail = bytes(self._partial)
+        self._partial.clear()
+        return tail
+
+
+def pick_allocation(allocs: Any, eval_id: str) -> str | None:
+    """From a job's allocation list, the ID of the one our evaluation made
+    (else the newest), or None while there is none."""
+    if not isinstance(allocs, list) or not allocs:
+        return None
+    ours = [a for a in allocs if isinstance(a, dict) and a.get("EvalID") == eval_id]
+    newest = max(ours or allocs, key=lambda a: int(a.get("CreateIndex") or 0))
+    return str(newest["ID"])
+
+
+def next_index(old: int, new: int) -> int:
+    """The index for the next blocking query after one answered ``new``."""
+    # Nomad's advice: reset when the index goes backwards, never block on 0.
+    return new if new >= old and new > 0 else 1

@@ -1,0 +1,278 @@
+"""Composition root of the control plane: start order, reverse stop order."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from aiohttp import web
+from grpc import aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_health.v1.health import SERVICE_NAME as HEALTH_SERVICE
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry
+
+from control.api.build_manager_servicer import BuildManagerServicer
+from control.api.config_servicer import ConfigServicer
+from control.api.edge import Authenticator, EdgeInterceptor
+from control.api.runner_servicer import RunnerServicer
+from control.api.scheduler_servicer import SchedulerServicer
+from control.builds.lifecycle import Lifecycle
+from control.config import Settings
+from control.http import HttpApp
+from control.logs.fanout import LogHub
+from control.metrics import ControlMetrics
+from control.scheduler.loop import Scheduler
+from control.storage.accounts import AccountStore
+from control.storage.builds import BuildStore
+from control.storage.db import Database
+from control.storage.logs import LogStore
+from control.storage.migrate import migrate
+from control.storage.notify import Notifier
+from control.storage.projects import ProjectStore
+from control.storage.runners import RunnerStore
+from conveyor.v1 import (
+    build_manager_pb2,
+    build_manager_pb2_grpc,
+    config_service_pb2,
+    config_service_pb2_grpc,
+    runner_service_pb2,
+    runner_service_pb2_grpc,
+    scheduler_service_pb2,
+    scheduler_service_pb2_grpc,
+)
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAMES = (
+    config_service_pb2.DESCRIPTOR.services_by_name["ConfigService"].full_name,
+    scheduler_service_pb2.DESCRIPTOR.services_by_name["SchedulerService"].full_name,
+    build_manager_pb2.DESCRIPTOR.services_by_name["BuildManager"].full_name,
+    runner_service_pb2.DESCRIPTOR.services_by_name["RunnerService"].full_name,
+)
+# Enough for a 64 x 5 KB environment and 20,000-line log batches.
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+SHUTDOWN_GRACE = 5.0
+
+
+@dataclass
+class ControlPlane:
+    """All control-plane services in one process. ``start`` brings them up in
+    dependency order and records the bound addresses; ``stop`` undoes it in
+    reverse order. Raises psycopg or OS errors from ``start`` unchanged."""
+
+    settings: Settings
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+    grpc_port: int = 0
+    http_port: int = 0
+    admin_account_id: str = ""
+
+    async def start(self) -> None:
+        s = self.settings
+        self.metrics = ControlMetrics(self.registry)
+        self.db = Database(s.database_url)
+        await self.db.open()
+        async with self.db.connection() as conn:
+            applied = await migrate(conn)
+        if applied:
+            log.info("applied migrations %s", ", ".join(applied))
+        self.notifier = Notifier(s.database_url)
+        await self.notifier.start()
+
+        self.accounts = AccountStore(self.db)
+        self.projects = ProjectStore(self.db)
+        self.builds = BuildStore(self.db)
+        self.runners = RunnerStore(self.db)
+        self.logs = LogStore(self.db)
+        await self._bootstrap_tokens()
+
+        self.lifecycle = Lifecycle(
+            self.db,
+            self.builds,
+            self.projects,
+            self.runners,
+            self.notifier,
+            self.metrics,
+            s.lifecycle,
+        )
+        self.hub = LogHub(self.logs, self.notifier)
+        self.internal_token = f"cvi_{secrets.token_urlsafe(32)}"
+
+        self.server = aio.server(
+            interceptors=[
+                EdgeInterceptor(Authenticator(self.accounts, self.internal_token), self.metrics)
+            ],
+            options=[
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.keepalive_time_ms", 20_000),
+                ("grpc.keepalive_permit_without_calls", 1),
+                ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+            ],
+        )
+        host, _, port = s.grpc_addr.rpartition(":")
+        if s.tls_cert and s.tls_key:
+            self.grpc_port = self.server.add_secure_port(
+                f"{host}:{port}", _server_credentials(s.tls_cert, s.tls_key)
+            )
+        else:
+            self.grpc_port = self.server.add_insecure_port(f"{host}:{port}")
+        self.grpc_address = f"{host}:{self.grpc_port}"
+
+        # The scheduler reaches the BuildManager through its gRPC stub, the
+        # same path as a scheduler in another process would take.
+        self._self_channel = self._channel(self.grpc_address)
+        bm_stub = build_manager_pb2_grpc.BuildManagerStub(self._self_channel)
+        metadata = (("authorization", f"Bearer {self.internal_token}"),)
+
+        async def start_build(build_id: str) -> bool:
+            reply = await bm_stub.StartBuild(
+                build_manager_pb2.StartBuildRequest(build_id=build_id),
+                metadata=metadata,
+                timeout=10,
+            )
+            return bool(reply.started)
+
+        self.scheduler = Scheduler(
+            self.db,
+            self.runners,
+            self.notifier,
+            self.metrics,
+            start_build,
+            tick=s.scheduler_tick,
+            runner_alive=s.lifecycle.runner_lost_after,
+            global_capacity=s.global_capacity,
+        )
+        config_service_pb2_grpc.add_ConfigServiceServicer_to_server(
+            ConfigServicer(self.projects, self.builds, self.lifecycle, s.lifecycle.max_run_timeout),
+            self.server,
+        )
+        scheduler_service_pb2_grpc.add_SchedulerServiceServicer_to_server(
+            SchedulerServicer(self.scheduler, self.db, s.lifecycle.runner_lost_after), self.server
+        )
+        build_manager_pb2_grpc.add_BuildManagerServicer_to_server(
+            BuildManagerServicer(self.lifecycle, self.builds, self.logs, self.hub, self.metrics),
+            self.server,
+        )
+        runner_service_pb2_grpc.add_RunnerServiceServicer_to_server(
+            RunnerServicer(
+                self.lifecycle,
+                self.runners,
+                self.logs,
+                self.hub,
+                self.notifier,
+                self.metrics,
+                s.lifecycle.heartbeat_interval,
+            ),
+            self.server,
+        )
+        self.health = HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (*SERVICE_NAMES, HEALTH_SERVICE, reflection.SERVICE_NAME), self.server
+        )
+        await self.server.start()
+        for name in (*SERVICE_NAMES, ""):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+        http = HttpApp(self.db, self.projects, self.lifecycle, self.metrics, s.webhook_max_bytes)
+        self.http_runner = web.AppRunner(http.app(), access_log=None, shutdown_timeout=2.0)
+        await self.http_runner.setup()
+        hhost, _, hport = s.http_addr.rpartition(":")
+        ssl_context = None
+        if s.tls_cert and s.tls_key:
+            import ssl
+
+            ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            ssl_context.load_cert_chain(s.tls_cert, s.tls_key)
+        site = web.TCPSite(self.http_runner, hhost, int(hport), ssl_context=ssl_context)
+        await site.start()
+        self.http_port = _bound_port(self.http_runner, int(hport))
+        scheme = "https" if ssl_context else "http"
+        self.http_url = f"{scheme}://{hhost}:{self.http_port}"
+
+        self.scheduler.start()
+        self._alarms = asyncio.create_task(self._alarm_loop(), name="alarms")
+        log.info(
+            "control plane serving gRPC on %s and HTTP on %s", self.grpc_address, self.http_url
+        )
+
+    def _channel(self, address: str) -> aio.Channel:
+        if self.settings.tls_cert:
+            root = Path(self.settings.tls_cert).read_bytes()
+            return aio.secure_channel(
+                address,
+                grpc.ssl_channel_credentials(root_certificates=root),
+                options=[("grpc.ssl_target_name_override", "localhost")],
+            )
+        return aio.insecure_channel(address)
+
+    async def _bootstrap_tokens(self) -> None:
+        s = self.settings
+        self.admin_account_id = await self.accounts.ensure_account(s.default_account)
+        if s.admin_token:
+            await self.accounts.add_token(
+                str(uuid.uuid5(uuid.NAMESPACE_URL, "admin:" + s.admin_token)),
+                self.admin_account_id,
+                "admin",
+                "user",
+                ("admin",),
+                s.admin_token,
+            )
+        if s.runner_token:
+            await self.accounts.add_token(
+                str(uuid.uuid5(uuid.NAMESPACE_URL, "runner:" + s.runner_token)),
+                None,
+                "runner",
+                "runner",
+                (),
+                s.runner_token,
+            )
+
+    async def _alarm_loop(self) -> None:
+        """Fire due build alarms and reap lost runners, once a second."""
+        while True:
+            await asyncio.sleep(self.settings.lifecycle.alarm_poll)
+            try:
+                await self.lifecycle.fire_alarms()
+                await self.lifecycle.reap_lost_runners()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("alarm pass failed")
+
+    async def stop(self) -> None:
+        """Stop accepting, let in-flight RPCs finish within the grace, then
+        stop the loops and close the pool: the reverse of ``start``."""
+        for name in (*SERVICE_NAMES, ""):
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self._alarms.cancel()
+        await self.scheduler.stop()
+        await self.http_runner.cleanup()
+        await self.server.stop(SHUTDOWN_GRACE)
+        await self._self_channel.close(None)
+        try:
+            await self._alarms
+        except asyncio.CancelledError:
+            pass
+        await self.notifier.stop()
+        await self.db.close()
+        log.info("control plane stopped")
+
+
+def _bound_port(runner: web.AppRunner, requested: int) -> int:
+    """The port a site bound (port 0 picks a free one)."""
+    for address in runner.addresses:
+        if isinstance(address, tuple):
+            return int(address[1])
+    return requested
+
+
+def _server_credentials(cert: str, key: str) -> grpc.ServerCredentials:
+    return grpc.ssl_server_credentials([(Path(key).read_bytes(), Path(cert).read_bytes())])

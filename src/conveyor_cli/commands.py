@@ -1,0 +1,212 @@
+"""The client commands: projects, builds and logs, over the gRPC API."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+import grpc
+
+from conveyor.v1 import build_manager_pb2 as bm
+from conveyor.v1 import build_manager_pb2_grpc as bm_grpc
+from conveyor.v1 import config_service_pb2 as cs
+from conveyor.v1 import config_service_pb2_grpc as cs_grpc
+from conveyor.v1 import types_pb2 as pb
+from conveyor_cli import render
+from conveyor_cli.target import Target
+
+TIMEOUT = 30.0
+
+
+def _print_json(data: Any) -> None:
+    print(json.dumps(data, indent=2))
+
+
+class Client:
+    def __init__(self, target: Target) -> None:
+        self.target = target
+        self.channel = target.channel()
+        self.config = cs_grpc.ConfigServiceStub(self.channel)
+        self.builds = bm_grpc.BuildManagerStub(self.channel)
+
+    def call(self, method: Any, request: Any) -> Any:
+        return method(request, metadata=self.target.metadata, timeout=TIMEOUT)
+
+
+def projects_create(client: Client, args: argparse.Namespace) -> int:
+    reply = client.call(
+        client.config.CreateProject,
+        cs.CreateProjectRequest(
+            name=args.name,
+            repo_url=args.repo,
+            production_branch=args.production_branch,
+            build_command=args.build_command,
+            deploy_command=args.deploy_command,
+            preview_command=args.preview_command,
+            run_timeout_seconds=args.run_timeout,
+            cancel_in_progress=args.cancel_in_progress,
+            build_other_branches=not args.production_only,
+            root_directory=args.root_directory,
+        ),
+    )
+    data = render.project_json(reply.project)
+    if args.json:
+        _print_json(data)
+    else:
+        print(f"project {data['name']} created: {data['id']}")
+        print(f"webhook secret: {data['webhook_secret']}")
+    return 0
+
+
+def projects_list(client: Client, args: argparse.Namespace) -> int:
+    reply = client.call(client.config.ListProjects, cs.ListProjectsRequest())
+    if args.json:
+        _print_json([render.project_json(p) for p in reply.projects])
+    else:
+        for p in reply.projects:
+            print(f"{p.id}  {p.name:<20} {p.repo_url}  ({p.production_branch})")
+    return 0
+
+
+def projects_show(client: Client, args: argparse.Namespace) -> int:
+    reply = client.call(client.config.GetProject, cs.GetProjectRequest(project=args.project))
+    data = render.project_json(reply.project)
+    if args.json:
+        _print_json(data)
+    else:
+        for key, value in data.items():
+            print(f"{key:<22} {value}")
+    return 0
+
+
+UPDATE_FLAGS = {
+    "repo": "repo_url",
+    "production_branch": "production_branch",
+    "build_command": "build_command",
+    "deploy_command": "deploy_command",
+    "preview_command": "preview_command",
+    "run_timeout": "run_timeout_seconds",
+    "root_directory": "root_directory",
+    "name": "name",
+}
+
+
+def projects_update(client: Client, args: argparse.Namespace) -> int:
+    values = pb.Project()
+    mask = []
+    for flag, field in UPDATE_FLAGS.items():
+        value = getattr(args, flag, None)
+        if value is not None:
+            setattr(values, field, value)
+            mask.append(field)
+    if args.cancel_in_progress is not None:
+        values.cancel_in_progress = args.cancel_in_progress == "on"
+        mask.append("cancel_in_progress")
+    reply = client.call(
+        client.config.UpdateProject,
+        cs.UpdateProjectRequest(project=args.project, values=values, update_mask=mask),
+    )
+    data = render.project_json(reply.project)
+    if args.json:
+        _print_json(data)
+    else:
+        print(f"project {data['name']} updated")
+    return 0
+
+
+def projects_delete(client: Client, args: argparse.Namespace) -> int:
+    client.call(client.config.DeleteProject, cs.DeleteProjectRequest(project=args.project))
+    if args.json:
+        _print_json({"deleted": args.project})
+    else:
+        print(f"project {args.project} deleted")
+    return 0
+
+
+def builds_trigger(client: Client, args: argparse.Namespace) -> int:
+    reply = client.call(
+        client.config.TriggerBuild,
+        cs.TriggerBuildRequest(project=args.project, branch=args.branch, commit_sha=args.commit),
+    )
+    return _show_build(reply.build, args.json)
+
+
+def builds_list(client: Client, args: argparse.Namespace) -> int:
+    reply = client.call(
+        client.config.ListBuilds, cs.ListBuildsRequest(project=args.project, limit=args.limit)
+    )
+    if args.json:
+        _print_json([render.build_json(b) for b in reply.builds])
+    else:
+        for build in reply.builds:
+            print(render.build_row(build))
+    return 0
+
+
+def builds_show(client: Client, args: argparse.Namespace) -> int:
+    reply = client.call(client.config.GetBuild, cs.GetBuildRequest(build_id=args.build_id))
+    return _show_build(reply.build, args.json)
+
+
+def builds_cancel(client: Client, args: argparse.Namespace) -> int:
+    reply = client.call(client.builds.CancelBuild, bm.CancelBuildRequest(build_id=args.build_id))
+    return _show_build(reply.build, args.json)
+
+
+def builds_retry(client: Client, args: argparse.Namespace) -> int:
+    reply = client.call(client.config.RetryBuild, cs.RetryBuildRequest(build_id=args.build_id))
+    return _show_build(reply.build, args.json)
+
+
+def _show_build(build: pb.Build, as_json: bool) -> int:
+    if as_json:
+        _print_json(render.build_json(build))
+    else:
+        print(render.build_text(build))
+    return 0
+
+
+def logs(client: Client, args: argparse.Namespace) -> int:
+    """Print the log; with --follow, until the build ends. Exit 0 only when
+    a followed build succeeded."""
+    stream = client.builds.StreamLogs(
+        bm.StreamLogsRequest(build_id=args.build_id, follow=args.follow, cursor=args.cursor),
+        metadata=client.target.metadata,
+    )
+    final = pb.BUILD_STATUS_UNSPECIFIED
+    out = sys.stdout
+    for message in stream:
+        for line in message.lines:
+            if args.json:
+                out.write(
+                    json.dumps(
+                        {
+                            "number": line.number,
+                            "time": render.rfc3339(line.time),
+                            "stream": pb.LogStream.Name(line.stream)
+                            .removeprefix("LOG_STREAM_")
+                            .lower(),
+                            "text": line.text,
+                        }
+                    )
+                    + "\n"
+                )
+            else:
+                out.write(line.text + "\n")
+        out.flush()
+        if message.status:
+            final = message.status
+    if args.follow:
+        if final != pb.BUILD_STATUS_UNSPECIFIED:
+            print(f"build {render.build_status(final)}", file=sys.stderr)
+        return 0 if final == pb.BUILD_STATUS_SUCCEEDED else 1
+    return 0
+
+
+def rpc_error_message(exc: grpc.RpcError) -> str:
+    code = exc.code() if hasattr(exc, "code") else None
+    details = exc.details() if hasattr(exc, "details") else str(exc)
+    name = code.name if code is not None else "ERROR"
+    return f"error: {name}: {details}"

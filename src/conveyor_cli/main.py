@@ -1,0 +1,277 @@
+"""The `conveyor` command."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+# gRPC core prints a notice at every fork (the runner forks builds); the
+# fork handlers are not needed because children exec at once.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
+import grpc
+
+from conveyor_cli import commands
+from conveyor_cli.target import TargetError, resolve
+from runner.config import RunnerSettings
+from runner.launchers.base import Launcher
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="conveyor", description="Conveyor CI/CD")
+    p.add_argument("--data-dir", help="data directory of `conveyor up` (or CONVEYOR_DATA_DIR)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="run everything on this machine")
+    up.add_argument("--data-dir", dest="up_data_dir", default=None)
+    up.add_argument("--grpc-port", type=int, default=7070)
+    up.add_argument("--http-port", type=int, default=8080)
+    up.add_argument("--no-demo", action="store_true")
+    up.add_argument("--capacity", type=int, default=6)
+    up.add_argument("--log-format", choices=["json", "text"], default="text")
+
+    control = sub.add_parser("control").add_subparsers(dest="control_command", required=True)
+    serve = control.add_parser("serve", help="run the control plane")
+    serve.add_argument("--grpc-addr", default=None)
+    serve.add_argument("--http-addr", default=None)
+    serve.add_argument("--log-format", choices=["json", "text"], default=None)
+
+    runner = sub.add_parser("runner").add_subparsers(dest="runner_command", required=True)
+    start = runner.add_parser("start", help="run a runner agent")
+    start.add_argument("--control", default=None, help="control plane gRPC address HOST:PORT")
+    start.add_argument("--token", default=None, help="runner token (or CONVEYOR_RUNNER_TOKEN)")
+    start.add_argument("--capacity", type=int, default=None)
+    start.add_argument("--launcher", choices=["local", "nomad"], default=None)
+    start.add_argument("--work-dir", default=None)
+    start.add_argument("--metrics-addr", default=None)
+    start.add_argument("--label", action="append", default=[])
+    start.add_argument("--log-format", choices=["json", "text"], default="json")
+
+    projects = sub.add_parser("projects").add_subparsers(dest="projects_command", required=True)
+    create = projects.add_parser("create")
+    create.add_argument("name")
+    create.add_argument("--repo", required=True)
+    create.add_argument("--production-branch", default="main")
+    create.add_argument("--build-command", default="")
+    create.add_argument("--deploy-command", default="")
+    create.add_argument("--preview-command", default="")
+    create.add_argument("--run-timeout", type=int, default=0)
+    create.add_argument("--root-directory", default="")
+    create.add_argument("--cancel-in-progress", action="store_true")
+    create.add_argument("--production-only", action="store_true")
+    create.add_argument("--json", action="store_true")
+    lst = projects.add_parser("list")
+    lst.add_argument("--json", action="store_true")
+    show = projects.add_parser("show")
+    show.add_argument("project")
+    show.add_argument("--json", action="store_true")
+    update = projects.add_parser("update")
+    update.add_argument("project")
+    update.add_argument("--name")
+    update.add_argument("--repo")
+    update.add_argument("--production-branch")
+    update.add_argument("--build-command")
+    update.add_argument("--deploy-command")
+    update.add_argument("--preview-command")
+    update.add_argument("--run-timeout", type=int)
+    update.add_argument("--root-directory")
+    update.add_argument("--cancel-in-progress", choices=["on", "off"])
+    update.add_argument("--json", action="store_true")
+    delete = projects.add_parser("delete")
+    delete.add_argument("project")
+    delete.add_argument("--json", action="store_true")
+
+    builds = sub.add_parser("builds").add_subparsers(dest="builds_command", required=True)
+    trigger = builds.add_parser("trigger")
+    trigger.add_argument("project")
+    trigger.add_argument("--branch", default="")
+    trigger.add_argument("--commit", default="")
+    trigger.add_argument("--json", action="store_true")
+    blist = builds.add_parser("list")
+    blist.add_argument("--project", default="")
+    blist.add_argument("--limit", type=int, default=50)
+    blist.add_argument("--json", action="store_true")
+    for name in ("show", "cancel", "retry"):
+        cmd = builds.add_parser(name)
+        cmd.add_argument("build_id")
+        cmd.add_argument("--json", action="store_true")
+
+    logs = sub.add_parser("logs")
+    logs.add_argument("build_id")
+    logs.add_argument("--follow", "-f", action="store_true")
+    logs.add_argument("--cursor", default="")
+    logs.add_argument("--json", action="store_true")
+    return p
+
+
+CLIENT_COMMANDS: dict[tuple[str, str | None], Callable[..., int]] = {
+    ("projects", "create"): commands.projects_create,
+    ("projects", "list"): commands.projects_list,
+    ("projects", "show"): commands.projects_show,
+    ("projects", "update"): commands.projects_update,
+    ("projects", "delete"): commands.projects_delete,
+    ("builds", "trigger"): commands.builds_trigger,
+    ("builds", "list"): commands.builds_list,
+    ("builds", "show"): commands.builds_show,
+    ("builds", "cancel"): commands.builds_cancel,
+    ("builds", "retry"): commands.builds_retry,
+    ("logs", None): commands.logs,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "up":
+        return _up(args)
+    if args.command == "control":
+        return _control_serve(args)
+    if args.command == "runner":
+        return _runner_start(args)
+    sub = getattr(args, f"{args.command}_command", None)
+    handler = CLIENT_COMMANDS[(args.command, sub)]
+    try:
+        target = resolve(args.data_dir)
+    except TargetError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    client = commands.Client(target)
+    try:
+        return handler(client, args)
+    except grpc.RpcError as exc:
+        print(commands.rpc_error_message(exc), file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        client.channel.close()
+
+
+def _up(args: argparse.Namespace) -> int:
+    from control.logging_setup import configure
+    from conveyor_cli.up import run_up
+
+    data_dir = args.up_data_dir or args.data_dir or os.environ.get("CONVEYOR_DATA_DIR")
+    if not data_dir:
+        print("error: conveyor up needs --data-dir DIR (or CONVEYOR_DATA_DIR)", file=sys.stderr)
+        return 2
+    configure("conveyor-up", args.log_format, logging.INFO)
+    return asyncio.run(
+        run_up(
+            Path(data_dir), args.grpc_port, args.http_port, demo=not args.no_demo,
+            log_format=args.log_format, capacity=args.capacity,
+        )
+    )  # fmt: skip
+
+
+def _control_serve(args: argparse.Namespace) -> int:
+    from control.config import Settings
+    from control.errors import InvalidArgument
+    from control.logging_setup import configure
+    from control.main import ControlPlane
+
+    try:
+        settings = Settings.from_env(os.environ)
+    except InvalidArgument as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    changes: dict[str, object] = {}
+    if args.grpc_addr:
+        changes["grpc_addr"] = args.grpc_addr
+    if args.http_addr:
+        changes["http_addr"] = args.http_addr
+    if args.log_format:
+        changes["log_format"] = args.log_format
+    settings = settings.with_(**changes)
+    if not settings.database_url:
+        print("error: set CONVEYOR_DATABASE_URL to a PostgreSQL URL", file=sys.stderr)
+        return 2
+    configure("conveyor-control", settings.log_format)
+
+    async def serve() -> None:
+        plane = ControlPlane(settings)
+        await plane.start()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await stop.wait()
+        finally:
+            await plane.stop()
+
+    asyncio.run(serve())
+    return 0
+
+
+def _runner_start(args: argparse.Namespace) -> int:
+    from prometheus_client import CollectorRegistry
+
+    from control.logging_setup import configure
+    from runner.agent import Agent, serve_metrics
+    from runner.metrics import RunnerMetrics
+
+    try:
+        settings = RunnerSettings.from_env(
+            os.environ,
+            control_addr=args.control,
+            token=args.token,
+            capacity=args.capacity,
+            launcher=args.launcher,
+            work_dir=Path(args.work_dir) if args.work_dir else None,
+            metrics_addr=args.metrics_addr,
+            labels=tuple(args.label),
+        )
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    configure("conveyor-runner", args.log_format)
+
+    async def run() -> None:
+        metrics = RunnerMetrics(CollectorRegistry())
+        launcher, sandboxed = _launcher(settings)
+        agent = Agent(settings, launcher, metrics, sandboxed=sandboxed)
+        http = (
+            await serve_metrics(metrics, settings.metrics_addr) if settings.metrics_addr else None
+        )
+        loop = asyncio.get_running_loop()
+        drains: set[asyncio.Task[None]] = set()
+
+        def on_signal() -> None:
+            task = asyncio.create_task(agent.drain())
+            drains.add(task)
+            task.add_done_callback(drains.discard)
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, on_signal)
+        try:
+            await agent.run()
+        finally:
+            if http is not None:
+                await http.cleanup()
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(run())
+    return 0
+
+
+def _launcher(settings: RunnerSettings) -> tuple[Launcher, bool]:
+    from runner.launchers.local import LocalLauncher
+
+    if settings.launcher == "nomad":
+        from runner.launchers.nomad import NomadLauncher, NomadSettings
+
+        return NomadLauncher(NomadSettings.from_env(os.environ)), True
+    local = LocalLauncher(settings.work_dir / "workspaces")
+    return local, local.sandboxed
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,213 @@
+"""The runner agent: assignment → launch → report; reconnects; drains on SIGTERM.
+
+The agent keeps one stream to the control plane. It says hello with its id
+(kept across reconnects) and the builds it is still running, heartbeats on
+the stream, takes assignments up to its capacity and stops builds it is told
+to cancel. When the stream breaks it reconnects with backoff and jitter;
+running builds go on meanwhile, their logs and reports waiting in their own
+retrying queues.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from conveyor.v1 import runner_service_pb2 as rs
+from runner.build_run import BuildRun
+from runner.config import RunnerSettings
+from runner.control_client import ControlClient, backoff_sleep
+from runner.launchers.base import Launcher
+from runner.metrics import RunnerMetrics
+
+log = logging.getLogger(__name__)
+
+VERSION = "0.1.0"
+
+
+class Agent:
+    """Call ``run()`` to work until ``drain()`` (SIGTERM) has finished."""
+
+    def __init__(
+        self,
+        settings: RunnerSettings,
+        launcher: Launcher,
+        metrics: RunnerMetrics,
+        *,
+        sandboxed: bool = True,
+    ) -> None:
+        self.settings = settings
+        self.launcher = launcher
+        self.metrics = metrics
+        self.sandboxed = sandboxed
+        self.runner_id = str(uuid.uuid4())
+        self.client = ControlClient(settings.control_addr, settings.token, tls_ca=settings.tls_ca)
+        self.runs: dict[str, BuildRun] = {}
+        self.tasks: dict[str, asyncio.Task[object]] = {}
+        self.draining = False
+        self.connected = asyncio.Event()
+        self._stop = asyncio.Event()
+        self._outbox: asyncio.Queue[rs.ConnectRequest] | None = None
+        self.metrics.capacity.set(settings.capacity)
+        self.heartbeat_seconds = 5.0
+
+    async def run(self) -> None:
+        attempt = 0
+        while not self._stop.is_set():
+            session = asyncio.create_task(self._session(), name="runner-session")
+            stopper = asyncio.create_task(self._stop.wait())
+            try:
+                await asyncio.wait({session, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                stopper.cancel()
+                if not session.done():
+                    session.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await session
+            if self._stop.is_set():
+                break
+            exc = session.exception()
+            if exc is None:
+                attempt = 0
+                continue
+            self.connected.clear()
+            log.warning("control plane stream broke: %s; reconnecting", _short(exc))
+            self.metrics.reconnects.inc()
+            await backoff_sleep(attempt, base=0.2, cap=5.0)
+            attempt = min(attempt + 1, 10)
+        await self._finish()
+
+    async def _session(self) -> None:
+        outbox: asyncio.Queue[rs.ConnectRequest] = asyncio.Queue()
+        self._outbox = outbox
+        outbox.put_nowait(
+            rs.ConnectRequest(
+                hello=rs.RunnerHello(
+                    runner_id=self.runner_id,
+                    name=self.settings.name,
+                    capacity=0 if self.draining else self.settings.capacity,
+                    labels=list(self.settings.labels),
+                    launcher=self.launcher.name,
+                    version=VERSION,
+                    running_build_ids=list(self.runs),
+                )
+            )
+        )
+
+        async def requests() -> AsyncIterator[rs.ConnectRequest]:
+            while True:
+                yield await outbox.get()
+
+        heartbeat = asyncio.create_task(self._heartbeat(outbox))
+        try:
+            async for message in self.client.connect(requests()):
+                kind = message.WhichOneof("kind")
+                if kind == "registered":
+                    self.heartbeat_seconds = float(message.registered.heartbeat_seconds or 5)
+                    self.connected.set()
+                    log.info("registered with the control plane as %s", self.runner_id)
+                elif kind == "assignment":
+                    self._take(message.assignment, outbox)
+                elif kind == "cancel":
+                    run = self.runs.get(message.cancel.build_id)
+                    if run is not None:
+                        log.info(
+                            "stopping build: %s", message.cancel.reason,
+                            extra={"build_id": run.build_id},
+                        )  # fmt: skip
+                        await run.cancel(message.cancel.reason, message.cancel.grace_seconds or 10)
+        finally:
+            heartbeat.cancel()
+            self._outbox = None
+            self.connected.clear()
+
+    async def _heartbeat(self, outbox: asyncio.Queue[rs.ConnectRequest]) -> None:
+        while True:
+            await asyncio.sleep(self.heartbeat_seconds)
+            outbox.put_nowait(rs.ConnectRequest(heartbeat=rs.RunnerHeartbeat(busy=len(self.runs))))
+
+    def _take(self, assignment: rs.Assignment, outbox: asyncio.Queue[rs.ConnectRequest]) -> None:
+        build_id = assignment.build_id
+        if build_id in self.runs:
+            return
+        if self.draining or len(self.runs) >= self.settings.capacity:
+            outbox.put_nowait(
+                rs.ConnectRequest(
+                    ack=rs.AssignmentAck(build_id=build_id, accepted=False, reason="runner busy")
+                )
+            )
+            return
+        run = BuildRun(
+            assignment, self.client, self.launcher, self.metrics, self.settings.limits,
+            self.sandboxed,
+        )  # fmt: skip
+        self.runs[build_id] = run
+        self.metrics.busy.set(len(self.runs))
+        task = asyncio.create_task(run.run(), name=f"build-{build_id}")
+        self.tasks[build_id] = task
+        task.add_done_callback(lambda _t: self._done(build_id))
+        outbox.put_nowait(rs.ConnectRequest(ack=rs.AssignmentAck(build_id=build_id, accepted=True)))
+
+    def _done(self, build_id: str) -> None:
+        self.runs.pop(build_id, None)
+        self.tasks.pop(build_id, None)
+        self.metrics.busy.set(len(self.runs))
+        if self.draining and not self.runs:
+            self._stop.set()
+
+    async def drain(self) -> None:
+        """Take no new builds; let running ones finish within the drain time,
+        then stop them (they end canceled with their logs) and exit."""
+        if self.draining:
+            return
+        self.draining = True
+        log.info("draining: %d build(s) running", len(self.runs))
+        if not self.runs:
+            self._stop.set()
+            return
+        try:
+            await asyncio.wait_for(self._stop.wait(), self.settings.drain_seconds)
+        except TimeoutError:
+            for run in list(self.runs.values()):
+                await run.cancel("runner shut down", 10)
+            self._stop.set()
+
+    async def _finish(self) -> None:
+        if self.tasks:
+            await asyncio.gather(*self.tasks.values(), return_exceptions=True)
+        await self.launcher.close()
+        await self.client.close()
+
+
+def _short(exc: BaseException) -> str:
+    details = getattr(exc, "details", None)
+    if callable(details):
+        return str(details())
+    return str(exc)
+
+
+async def serve_metrics(metrics: RunnerMetrics, addr: str) -> web.AppRunner:
+    """Serve ``/metrics`` and ``/healthz`` of the runner on ``addr``."""
+
+    async def metrics_endpoint(request: web.Request) -> web.Response:
+        return web.Response(
+            body=generate_latest(metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
+        )
+
+    async def healthz(request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics_endpoint)
+    app.router.add_get("/healthz", healthz)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    host, _, port = addr.rpartition(":")
+    await web.TCPSite(runner, host or "127.0.0.1", int(port)).start()
+    return runner

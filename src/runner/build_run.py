@@ -1,0 +1,265 @@
+"""One build on this runner: launch, read output, report steps and status.
+
+Order matters for "never lose a log line": the last log batch is
+acknowledged before the final status is reported.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from conveyor.v1 import runner_service_pb2 as rs
+from conveyor.v1 import types_pb2 as pb
+from conveyor.v1.types_pb2 import BuildStatus
+from runner.control_client import ControlClient, backoff_sleep, is_retryable
+from runner.launchers.base import Job, JobResult, JobSpec, Launcher, LaunchError, Limits
+from runner.logbatch import LogBatcher
+from runner.masking import Masker
+from runner.metrics import RunnerMetrics
+from runner.script import BuildScript
+
+log = logging.getLogger(__name__)
+
+_RESULT_LABEL: dict[BuildStatus.ValueType, str] = {
+    pb.BUILD_STATUS_SUCCEEDED: "succeeded",
+    pb.BUILD_STATUS_FAILED: "failed",
+    pb.BUILD_STATUS_CANCELED: "canceled",
+    pb.BUILD_STATUS_TIMED_OUT: "timed_out",
+    pb.BUILD_STATUS_ERRORED: "errored",
+}
+# Reports are retried this long through a control-plane outage.
+REPORT_PATIENCE = 600.0
+
+
+def _ts(at: datetime) -> Timestamp:
+    stamp = Timestamp()
+    stamp.FromDatetime(at)
+    return stamp
+
+
+@dataclass
+class StepState:
+    name: str
+    started: float = 0.0
+
+
+class BuildRun:
+    """Runs one assignment. ``run`` returns when the build is reported final;
+    ``cancel`` may be called at any time."""
+
+    def __init__(
+        self,
+        assignment: rs.Assignment,
+        client: ControlClient,
+        launcher: Launcher,
+        metrics: RunnerMetrics,
+        limits: Limits,
+        sandboxed: bool,
+    ) -> None:
+        self.a = assignment
+        self.client = client
+        self.launcher = launcher
+        self.metrics = metrics
+        self.limits = limits
+        self.sandboxed = sandboxed
+        self.build_id = assignment.build_id
+        self.extra = {"build_id": self.build_id, "project_id": assignment.project_id}
+        self.job: Job | None = None
+        self.cancel_reason: str | None = None
+        self.timed_out = False
+        self.steps = ["clone", *assignment.step_names]
+        self._reports: asyncio.Queue[rs.ReportStatusRequest | None] = asyncio.Queue()
+        self._closed = asyncio.Event()
+        self.received = time.perf_counter()
+
+    async def cancel(self, reason: str, grace: float) -> None:
+        self.cancel_reason = self.cancel_reason or reason
+        if self.job is not None:
+            await self.job.stop(grace)
+
+    def _report(
+        self,
+        status: BuildStatus.ValueType = pb.BUILD_STATUS_UNSPECIFIED,
+        *,
+        reason: str = "",
+        steps: list[rs.StepUpdate] | None = None,
+        warnings: list[str] | None = None,
+    ) -> None:
+        self._reports.put_nowait(
+            rs.ReportStatusRequest(
+                build_id=self.build_id,
+                status=status,
+                reason=reason,
+                steps=steps or [],
+                at=_ts(datetime.now(UTC)),
+                warnings=warnings or [],
+            )
+        )
+
+    async def _report_loop(self) -> None:
+        """Send reports in order; retry through outages; stop the job when
+        the control plane says the build is closed."""
+        while (request := await self._reports.get()) is not None:
+            began = time.monotonic()
+            attempt = 0
+            while True:
+                try:
+                    await self.client.report(self.a.build_token, request)
+                    break
+                except Exception as exc:
+                    if is_retryable(exc) and time.monotonic() - began < REPORT_PATIENCE:
+                        await backoff_sleep(attempt)
+                        attempt += 1
+                        continue
+                    log.warning("status report refused: %s", exc, extra=self.extra)
+                    self._closed.set()
+                    if self.job is not None:
+                        await self.job.stop(self.a.kill_grace_seconds or 10)
+                    break
+
+    async def run(self) -> BuildStatus.ValueType:
+        """Run the build to its end; return the final status reported."""
+        reporter = asyncio.create_task(self._report_loop())
+        batcher = LogBatcher(self.client, self.build_id, self.a.build_token, self.metrics)
+        try:
+            status, reason = await self._run(batcher)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.exception("build failed inside the runner", extra=self.extra)
+            status, reason = pb.BUILD_STATUS_ERRORED, f"runner error: {exc}"
+        try:
+            await asyncio.wait_for(batcher.close(), REPORT_PATIENCE)
+        except TimeoutError:
+            await batcher.abort()
+        self._report(status, reason=reason)
+        self._reports.put_nowait(None)
+        await reporter
+        self.metrics.builds.labels(_RESULT_LABEL.get(status, "errored")).inc()
+        log.info("build finished: %s %s", _RESULT_LABEL.get(status), reason, extra=self.extra)
+        return status
+
+    async def _run(self, batcher: LogBatcher) -> tuple[BuildStatus.ValueType, str]:
+        a = self.a
+        warnings = [] if self.sandboxed else ["build ran WITHOUT a sandbox (bubblewrap missing)"]
+        self._report(pb.BUILD_STATUS_INITIALIZING, warnings=warnings)
+        secrets = {e.name: e.value for e in a.env if e.secret}
+        masker = Masker(secrets.values())
+        script = BuildScript(
+            repo_url=a.repo_url,
+            commit_sha=a.commit_sha,
+            branch=a.branch,
+            steps=tuple(zip(a.step_names, a.step_commands, strict=True)),
+            root_directory=a.root_directory,
+            nonce=BuildScript.new_nonce(),
+        )
+        env = {
+            "CI": "true",
+            "CONVEYOR": "true",
+            "CONVEYOR_BUILD_ID": a.build_id,
+            "CONVEYOR_COMMIT_SHA": a.commit_sha,
+            "CONVEYOR_BRANCH": a.branch,
+            "CONVEYOR_PROJECT": a.project_name,
+            "PATH": "/usr/local/bin:/usr/bin:/bin",
+            "LANG": "C.UTF-8",
+        }
+        env.update({e.name: e.value for e in a.env if not e.secret})
+        local_paths: tuple[str, ...] = ()
+        if a.repo_url.startswith("/"):
+            local_paths = (a.repo_url,)
+        elif a.repo_url.startswith("file://"):
+            local_paths = (a.repo_url.removeprefix("file://"),)
+        spec = JobSpec(
+            build_id=a.build_id,
+            script=script.render(),
+            env=env,
+            secret_env=secrets,
+            limits=self.limits,
+            network=not a.network_isolated,
+            local_paths=local_paths,
+        )
+        try:
+            self.job = await self.launcher.launch(spec)
+        except LaunchError as exc:
+            self.metrics.launcher_errors.labels(self.launcher.name).inc()
+            await batcher.add("system", f"could not start the build: {exc}")
+            return pb.BUILD_STATUS_ERRORED, str(exc)
+        self.metrics.launch_seconds.observe(time.perf_counter() - self.received)
+        if self.cancel_reason is not None:
+            await self.job.stop(a.kill_grace_seconds or 10)
+        self._report(pb.BUILD_STATUS_RUNNING)
+        watchdog = asyncio.create_task(self._wall_clock())
+        try:
+            failed_step = await self._follow(self.job, script, masker, batcher)
+            result = await self.job.wait()
+        finally:
+            watchdog.cancel()
+        return self._final(result, failed_step)
+
+    async def _follow(
+        self, job: Job, script: BuildScript, masker: Masker, batcher: LogBatcher
+    ) -> str | None:
+        failed: str | None = None
+        current: StepState | None = None
+        async for out in job.output():
+            if out.stream == "stdout":
+                marker = script.parse_marker(out.data)
+                if marker is not None:
+                    now = datetime.now(UTC)
+                    if marker.index >= len(self.steps):
+                        continue
+                    name = self.steps[marker.index]
+                    if marker.kind == "begin":
+                        current = StepState(name, time.monotonic())
+                        await batcher.add("system", f"── step {name} ──")
+                        self._report(steps=[rs.StepUpdate(
+                            index=marker.index, name=name,
+                            status=pb.STEP_STATUS_RUNNING, at=_ts(now),
+                        )])  # fmt: skip
+                    else:
+                        code = marker.exit_code if marker.exit_code is not None else -1
+                        took = time.monotonic() - current.started if current else 0.0
+                        await batcher.add(
+                            "system", f"── step {name} exited with {code} after {took:.2f} s ──"
+                        )
+                        if code != 0:
+                            failed = name
+                        self._report(steps=[rs.StepUpdate(
+                            index=marker.index, name=name,
+                            status=pb.STEP_STATUS_SUCCEEDED if code == 0 else pb.STEP_STATUS_FAILED,
+                            exit_code=code, has_exit_code=True, at=_ts(now),
+                        )])  # fmt: skip
+                        current = None
+                    continue
+            text = out.data.decode("utf-8", errors="replace")
+            await batcher.add(out.stream, masker.mask(text))
+        return failed
+
+    def _final(
+        self, result: JobResult, failed_step: str | None
+    ) -> tuple[BuildStatus.ValueType, str]:
+        if self.timed_out:
+            return pb.BUILD_STATUS_TIMED_OUT, f"run deadline of {self.a.run_timeout_seconds} s"
+        if self.cancel_reason is not None:
+            return pb.BUILD_STATUS_CANCELED, self.cancel_reason
+        if result.error:
+            return pb.BUILD_STATUS_ERRORED, result.error
+        if result.exit_code == 0:
+            return pb.BUILD_STATUS_SUCCEEDED, ""
+        where = f" in step {failed_step}" if failed_step else ""
+        return pb.BUILD_STATUS_FAILED, f"exit_code={result.exit_code}{where}"
+
+    async def _wall_clock(self) -> None:
+        """Backstop for the control plane's run deadline, in case it is away."""
+        limit = self.a.run_timeout_seconds or 1200
+        await asyncio.sleep(limit + 30)
+        if self.job is not None:
+            log.warning("run deadline passed without word from the control plane", extra=self.extra)
+            self.timed_out = True
+            await self.job.stop(self.a.kill_grace_seconds or 10)

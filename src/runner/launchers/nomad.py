@@ -1,0 +1,679 @@
+"""NomadLauncher: every build is one Nomad batch job (see docs/nomad.md).
+
+python-nomad, synchronous and so run in threads, registers and deregisters the
+job, reads its evaluation, signals its allocation and keeps the build's secrets
+in a Nomad Variable. Two things python-nomad cannot do go through aiohttp to
+the same API: blocking queries on the allocation (``?index=N&wait=..`` and the
+``X-Nomad-Index`` header) and following task logs through
+``/v1/client/fs/logs``, a stream of JSON frames whose byte offsets let a broken
+stream resume without repeating a line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import logging
+import ssl
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from typing import Any, Literal, TypeVar, cast
+
+import aiohttp
+import nomad
+import requests
+from nomad.api import exceptions as nomad_errors
+
+from runner.launchers.base import JobResult, JobSpec, LaunchError, OutputLine
+from runner.launchers.nomad_job import (
+    TASK,
+    FrameDecoder,
+    LineSplitter,
+    LogCursor,
+    LogStreamError,
+    NomadSettings,
+    build_job,
+    describe_event,
+    next_index,
+    pick_allocation,
+    placement_failure,
+    task_events,
+    task_result,
+    task_started,
+    variable_path,
+)
+from runner.metrics import RunnerMetrics
+
+__all__ = ["NomadJob", "NomadLauncher", "NomadSettings", "NomadUnavailable"]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+LogStream = Literal["stdout", "stderr"]
+
+_QUEUED_LINES = 10_000
+_FINAL_READ_ATTEMPTS = 5
+
+
+class NomadUnavailable(Exception):
+    """Nomad refused a request, or did not answer for longer than the settings'
+    ``unreachable_seconds``."""
+
+
+class _NotFound(Exception):
+    """Nomad answered 404."""
+
+
+class _ApiError(Exception):
+    """Nomad answered with an error status other than 404."""
+
+    def __init__(self, status: int, text: str) -> None:
+        super().__init__(f"HTTP {status}: {text.strip()[:300]}")
+        self.status = status
+
+
+_TRANSIENT = (aiohttp.ClientError, TimeoutError, _ApiError, LogStreamError, OSError)
+
+
+class NomadLauncher:
+    """Starts builds as Nomad batch jobs named ``conveyor-build-<build id>``.
+
+    The caller must ``await close()``: it stops jobs still running, waits for
+    their cleanup and closes the HTTP sessions.
+    """
+
+    name = "nomad"
+
+    def __init__(self, settings: NomadSettings, *, metrics: RunnerMetrics | None = None) -> None:
+        self._settings = settings
+        self._metrics = metrics
+        self._session = requests.Session()
+        client_cert: tuple[str, str] | str | tuple[()] = ()
+        if settings.client_cert and settings.client_key:
+            client_cert = (settings.client_cert, settings.client_key)
+        elif settings.client_cert:
+            client_cert = settings.client_cert
+        self._client: Any = nomad.Nomad(
+            address=settings.address,
+            token=settings.token,
+            namespace=settings.namespace,
+            region=settings.region,
+            timeout=max(1, round(settings.request_timeout_seconds)),
+            verify=settings.ca_cert or not settings.skip_verify,
+            cert=client_cert,
+            session=self._session,
+        )
+        self._api = _Api(settings)
+        self._jobs: set[NomadJob] = set()
+        self._undo: set[asyncio.Task[None]] = set()
+        self._closed = False
+
+    async def launch(self, spec: JobSpec) -> NomadJob:
+        """Store the secrets, register the job and return it without waiting for
+        placement. Raises ``LaunchError`` when Nomad refuses either."""
+        if self._closed:
+            raise LaunchError("the Nomad launcher is closed")
+        job = build_job(spec, self._settings)
+        var_path = variable_path(job["ID"]) if spec.secret_env else None
+        submit = asyncio.ensure_future(self._submit(job, var_path, spec.secret_env))
+        try:
+            eval_id = await asyncio.shield(submit)
+        except asyncio.CancelledError:
+            # The submission may still succeed after the caller gave up on it.
+            undo = asyncio.create_task(self._undo_submit(submit, job["ID"], var_path))
+            self._undo.add(undo)
+            undo.add_done_callback(self._undo.discard)
+            raise
+        launched = NomadJob(self, job["ID"], eval_id, var_path)
+        self._jobs.add(launched)
+        launched.done_callback(lambda: self._jobs.discard(launched))
+        return launched
+
+    async def close(self) -> None:
+        """Stop every job still running (Nomad kills it at once), wait for their
+        cleanup, then close the sessions. Safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        jobs = list(self._jobs)
+        for job in jobs:
+            await job.stop(0)
+        await _settle(
+            [job.task for job in jobs] + list(self._undo),
+            self._settings.kill_timeout_seconds + self._settings.request_timeout_seconds,
+        )
+        await self._api.close()
+        self._session.close()
+
+    async def _submit(
+        self, job: dict[str, Any], var_path: str | None, secret_env: Mapping[str, str]
+    ) -> str:
+        if var_path is not None:
+            payload: dict[str, Any] = {"Path": var_path, "Items": dict(secret_env)}
+            if self._settings.namespace:
+                payload["Namespace"] = self._settings.namespace
+            try:
+                await self.call(
+                    self._client.variable.create_variable,
+                    var_path,
+                    payload,
+                    namespace=self._settings.namespace,
+                )
+            except nomad_errors.BaseNomadException as exc:
+                self.count_error()
+                raise LaunchError(f"Nomad refused the build's secrets: {_describe(exc)}") from None
+        try:
+            answer = await self.call(self._client.jobs.register_job, {"Job": job})
+        except nomad_errors.BaseNomadException as exc:
+            self.count_error()
+            if var_path is not None:
+                await self.delete_variable(var_path)
+            raise LaunchError(f"Nomad refused job {job['ID']}: {_describe(exc)}") from None
+        if answer.get("Warnings"):
+            log.warning("Nomad accepted job %s with warnings: %s", job["ID"], answer["Warnings"])
+        return str(answer.get("EvalID") or "")
+
+    async def _undo_submit(
+        self, submit: asyncio.Future[str], nomad_job_id: str, var_path: str | None
+    ) -> None:
+        with contextlib.suppress(Exception):
+            await submit
+        await self.deregister(nomad_job_id)
+        if var_path is not None:
+            await self.delete_variable(var_path)
+
+    # What NomadJob uses of its launcher.
+
+    @property
+    def settings(self) -> NomadSettings:
+        return self._settings
+
+    @property
+    def client(self) -> Any:
+        """The python-nomad client; call it through ``call``."""
+        return self._client
+
+    @property
+    def api(self) -> _Api:
+        return self._api
+
+    async def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Run a python-nomad call in a thread; it raises python-nomad's errors."""
+        return await asyncio.to_thread(fn, *args, **kwargs)
+
+    async def deregister(self, nomad_job_id: str) -> None:
+        """Stop and purge a job; never raises (Nomad's KillTimeout still applies
+        to a job whose deregistration failed once it is retried or GC'd)."""
+        try:
+            await self.call(self._client.job.deregister_job, nomad_job_id, purge=True)
+        except nomad_errors.URLNotFoundNomadException:
+            pass
+        except nomad_errors.BaseNomadException as exc:
+            self.count_error()
+            log.warning("could not deregister Nomad job %s: %s", nomad_job_id, _describe(exc))
+
+    async def delete_variable(self, var_path: str) -> None:
+        """Delete a secrets Variable; never raises."""
+        try:
+            await self.call(
+                self._client.variable.delete_variable, var_path, namespace=self._settings.namespace
+            )
+        except nomad_errors.URLNotFoundNomadException:
+            pass
+        except nomad_errors.BaseNomadException as exc:
+            self.count_error()
+            log.warning("could not delete Nomad variable %s: %s", var_path, _describe(exc))
+
+    def count_error(self) -> None:
+        if self._metrics is not None:
+            self._metrics.launcher_errors.labels(launcher=self.name).inc()
+
+
+class NomadJob:
+    """One build's Nomad job, made by ``NomadLauncher.launch``; see ``Job``.
+
+    ``output()`` merges the task's stdout and stderr (each in order) with a
+    ``system`` line per Nomad task event.
+    """
+
+    def __init__(
+        self, launcher: NomadLauncher, nomad_job_id: str, eval_id: str, var_path: str | None
+    ) -> None:
+        self.job_id = nomad_job_id
+        self._launcher = launcher
+        self._settings = launcher.settings
+        self._eval_id = eval_id
+        self._var_path = var_path
+        self._alloc_id: str | None = None
+        self._queue: asyncio.Queue[OutputLine | None] = asyncio.Queue(_QUEUED_LINES)
+        self._output_ended = False
+        self._stop_requested = asyncio.Event()
+        self._ended = asyncio.Event()
+        self._deregistered = False
+        self._followers: list[asyncio.Task[None]] = []
+        self.task: asyncio.Task[JobResult] = asyncio.create_task(
+            self._run(), name=f"nomad job {nomad_job_id}"
+        )
+
+    def done_callback(self, callback: Callable[[], None]) -> None:
+        self.task.add_done_callback(lambda _task: callback())
+
+    async def output(self) -> AsyncIterator[OutputLine]:
+        """Yield lines until the job ended and its logs were read to the end.
+        The caller must consume this before awaiting ``wait()``."""
+        while not self._output_ended:
+            line = await self._queue.get()
+            if line is None:
+                self._output_ended = True
+                return
+            yield line
+
+    async def wait(self) -> JobResult:
+        """How the job ended, once its logs were delivered and Nomad cleaned up."""
+        return await asyncio.shield(self.task)
+
+    async def stop(self, grace_seconds: float) -> None:
+        """Deregister the job (Nomad sends SIGTERM, SIGKILL after KillTimeout)
+        and, when ``grace_seconds`` is shorter than KillTimeout, send SIGKILL
+        ourselves once it has passed. Never raises for Nomad's errors."""
+        if self._ended.is_set():
+            return
+        self._stop_requested.set()
+        if not self._deregistered:
+            self._deregistered = True
+            await self._launcher.deregister(self.job_id)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._ended.wait(), timeout=max(grace_seconds, 0.0))
+            return
+        if self._alloc_id is None or grace_seconds >= self._settings.kill_timeout_seconds:
+            return
+        try:
+            await self._launcher.call(
+                self._launcher.client.client.allocation.signal_allocation,
+                self._alloc_id,
+                "SIGKILL",
+                TASK,
+            )
+        except nomad_errors.BaseNomadException as exc:
+            # Usually the task died meanwhile; otherwise KillTimeout still holds.
+            log.info("could not SIGKILL %s: %s", self.job_id, _describe(exc))
+
+    async def _run(self) -> JobResult:
+        try:
+            result = await self._outcome()
+            self._ended.set()
+            if result.error is not None:
+                self._launcher.count_error()
+            await asyncio.shield(self._forget_secrets())
+            for failure in await asyncio.gather(*self._followers, return_exceptions=True):
+                if failure is not None:
+                    log.error("following the logs of %s failed", self.job_id, exc_info=failure)
+            if not self._deregistered and (self._settings.purge_on_exit or result.error):
+                # A failed placement leaves a blocked evaluation that would
+                # run the build later, unobserved: always remove the job then.
+                self._deregistered = True
+                await asyncio.shield(self._launcher.deregister(self.job_id))
+        except asyncio.CancelledError:
+            self._ended.set()
+            for follower in self._followers:
+                follower.cancel()
+            await asyncio.gather(*self._followers, return_exceptions=True)
+            self._abandon_output()
+            await asyncio.shield(self._forget_secrets())
+            raise
+        await self._queue.put(None)
+        return result
+
+    async def _outcome(self) -> JobResult:
+        try:
+            return await self._supervise()
+        except NomadUnavailable as exc:
+            return JobResult(None, error=f"lost contact with Nomad: {exc}")
+        except Exception as exc:
+            # A bug, or an answer Nomad should never give: it ends this build
+            # with an error instead of leaving its output open forever.
+            log.exception("supervising Nomad job %s failed", self.job_id)
+            return JobResult(None, error=f"the Nomad launcher failed: {exc!r}")
+
+    async def _supervise(self) -> JobResult:
+        evaluation = await self._await_evaluation()
+        if evaluation is not None:
+            if evaluation.get("Status") == "failed":
+                why = evaluation.get("StatusDescription") or "evaluation failed"
+                return JobResult(None, error=f"Nomad could not schedule the job: {why}")
+            reason = placement_failure(evaluation)
+            if reason is not None:
+                return JobResult(None, error=f"placement failed: {reason}")
+        alloc_id = await self._await_allocation()
+        if alloc_id is None:
+            return JobResult(None, killed=True)
+        self._alloc_id = alloc_id
+        return await self._watch_allocation(alloc_id)
+
+    async def _await_evaluation(self) -> Mapping[str, Any] | None:
+        if not self._eval_id:
+            return None
+        patience = _Patience(self._settings.unreachable_seconds)
+        delay = 0.02
+        while True:
+            try:
+                response = await self._launcher.call(
+                    self._launcher.client.evaluation.request,
+                    self._eval_id,
+                    method="get",
+                    params=self._launcher.api.scope(),
+                )
+                evaluation = cast(Mapping[str, Any], response.json())
+            except nomad_errors.URLNotFoundNomadException:
+                return None
+            except (
+                nomad_errors.BadRequestNomadException,
+                nomad_errors.URLNotAuthorizedNomadException,
+            ) as exc:
+                raise NomadUnavailable(_describe(exc)) from None
+            except (nomad_errors.BaseNomadException, ValueError) as exc:
+                await patience.failed(exc)
+                continue
+            patience.ok()
+            if evaluation.get("Status") not in ("pending", None):
+                return evaluation
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
+
+    async def _await_allocation(self) -> str | None:
+        """The ID of the job's allocation, or None when the job was stopped
+        before Nomad made one."""
+        path = f"/v1/job/{self.job_id}/allocations"
+        patience = _Patience(self._settings.unreachable_seconds)
+        index = 0
+        while True:
+            stopping = self._stop_requested.is_set()
+            try:
+                if stopping:
+                    allocs, new_index = await self._launcher.api.blocking_get(path, 0)
+                else:
+                    answer = await self._unless_stopped(
+                        self._launcher.api.blocking_get(path, index)
+                    )
+                    if answer is None:
+                        continue
+                    allocs, new_index = answer
+            except _NotFound:
+                allocs, new_index = [], index
+            except _TRANSIENT as exc:
+                await patience.failed(exc)
+                continue
+            patience.ok()
+            chosen = pick_allocation(allocs, self._eval_id)
+            if chosen is not None:
+                return chosen
+            if stopping:
+                return None
+            index = next_index(index, new_index)
+
+    async def _watch_allocation(self, alloc_id: str) -> JobResult:
+        path = f"/v1/allocation/{alloc_id}"
+        patience = _Patience(self._settings.unreachable_seconds)
+        index = 0
+        reported = 0
+        while True:
+            try:
+                alloc, new_index = await self._launcher.api.blocking_get(path, index)
+            except _NotFound:
+                if self._stop_requested.is_set():
+                    return JobResult(None, killed=True)
+                return JobResult(None, error=f"allocation {alloc_id} disappeared from Nomad")
+            except _TRANSIENT as exc:
+                await patience.failed(exc)
+                continue
+            patience.ok()
+            events = task_events(alloc)
+            for event in events[reported:]:
+                await self._queue.put(
+                    OutputLine("system", f"nomad: {describe_event(event)}".encode())
+                )
+            reported = len(events)
+            if task_started(alloc) and not self._followers:
+                self._followers = [
+                    asyncio.create_task(self._follow(alloc_id, "stdout")),
+                    asyncio.create_task(self._follow(alloc_id, "stderr")),
+                ]
+            result = task_result(alloc, stop_requested=self._stop_requested.is_set())
+            if result is not None:
+                return result
+            index = next_index(index, new_index)
+
+    async def _unless_stopped(self, query: Any) -> Any:
+        """Await ``query`` unless ``stop()`` is called first; then None."""
+        answer = asyncio.ensure_future(query)
+        stopped = asyncio.ensure_future(self._stop_requested.wait())
+        try:
+            await asyncio.wait({answer, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopped.cancel()
+            if not answer.done():
+                answer.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await answer
+        return answer.result() if not answer.cancelled() else None
+
+    async def _follow(self, alloc_id: str, stream: LogStream) -> None:
+        """Copy one log stream into the output until the task has ended and a
+        final, non-following read found nothing more."""
+        cursor = LogCursor()
+        lines = LineSplitter()
+        patience = _Patience(self._settings.unreachable_seconds)
+        final_attempts = 0
+        while True:
+            final = self._ended.is_set()
+            try:
+                await self._read_log(alloc_id, stream, cursor, lines, follow=not final)
+                patience.ok()
+            except (*_TRANSIENT, _NotFound) as exc:
+                final_attempts += final
+                try:
+                    if final_attempts >= _FINAL_READ_ATTEMPTS:
+                        raise NomadUnavailable(str(exc)) from exc
+                    await patience.failed(exc)
+                except NomadUnavailable as gone:
+                    note = f"nomad: could not read the task's {stream}: {gone}"
+                    await self._queue.put(OutputLine("system", note.encode()))
+                    break
+                continue
+            if final:
+                break
+            if not self._ended.is_set():
+                # Nomad closed a following stream on its own; reconnect gently.
+                await asyncio.sleep(0.1)
+        tail = lines.flush()
+        if tail is not None:
+            await self._queue.put(OutputLine(stream, tail))
+
+    async def _read_log(
+        self,
+        alloc_id: str,
+        stream: LogStream,
+        cursor: LogCursor,
+        lines: LineSplitter,
+        *,
+        follow: bool,
+    ) -> None:
+        drain = self._settings.log_drain_seconds
+        frames = FrameDecoder()
+        async with self._launcher.api.logs(alloc_id, stream, cursor.position, follow) as content:
+            last_data = time.monotonic()
+            while True:
+                if follow:
+                    try:
+                        chunk = await asyncio.wait_for(content.readany(), min(drain, 0.25))
+                    except TimeoutError:
+                        # A following stream never ends by itself: once the
+                        # task is dead and the stream went quiet, it is done.
+                        if self._ended.is_set() and time.monotonic() - last_data >= drain:
+                            return
+                        continue
+                else:
+                    chunk = await content.readany()
+                if not chunk:
+                    if frames.pending:
+                        raise LogStreamError("the log stream ended inside a frame")
+                    return
+                for frame in frames.feed(chunk):
+                    data = frame.get("Data")
+                    if not data:
+                        continue  # a heartbeat or a file event
+                    try:
+                        raw = base64.b64decode(data, validate=True)
+                    except binascii.Error as exc:
+                        raise LogStreamError(f"a log frame is not base64: {exc}") from None
+                    complete = lines.feed(raw)
+                    # Advance before yielding lines: a stream broken while we
+                    # wait on the consumer must not deliver them twice.
+                    cursor.advance(str(frame.get("File") or ""), int(frame.get("Offset") or 0))
+                    last_data = time.monotonic()
+                    for line in complete:
+                        await self._queue.put(OutputLine(stream, line))
+
+    async def _forget_secrets(self) -> None:
+        if self._var_path is not None:
+            var_path, self._var_path = self._var_path, None
+            await self._launcher.delete_variable(var_path)
+
+    def _abandon_output(self) -> None:
+        while not self._queue.empty():
+            self._queue.get_nowait()
+        self._queue.put_nowait(None)
+
+
+class _Api:
+    """The aiohttp half of the client: blocking queries and log streams."""
+
+    def __init__(self, settings: NomadSettings) -> None:
+        self._settings = settings
+        self._session: aiohttp.ClientSession | None = None
+
+    def scope(self) -> dict[str, str]:
+        """Query parameters every request carries."""
+        params = {}
+        if self._settings.namespace:
+            params["namespace"] = self._settings.namespace
+        if self._settings.region:
+            params["region"] = self._settings.region
+        return params
+
+    async def blocking_get(self, path: str, index: int) -> tuple[Any, int]:
+        """GET ``path``; with ``index`` > 0, Nomad holds the answer until its
+        index passes ``index`` or the wait ends. Returns the body and the new
+        ``X-Nomad-Index``. Raises ``_NotFound``, ``_ApiError``, aiohttp errors."""
+        wait = self._settings.blocking_wait_seconds
+        params = self.scope()
+        if index > 0:
+            params.update(index=str(index), wait=f"{round(wait * 1000)}ms")
+        # Nomad adds up to wait/16 of jitter to a blocking query.
+        timeout = aiohttp.ClientTimeout(
+            total=wait * 17 / 16 + self._settings.request_timeout_seconds
+        )
+        async with self._http().get(self._url(path), params=params, timeout=timeout) as response:
+            await _check(response)
+            body = await response.json(content_type=None)
+            return body, int(response.headers.get("X-Nomad-Index") or 0)
+
+    @contextlib.asynccontextmanager
+    async def logs(
+        self, alloc_id: str, stream: LogStream, offset: int, follow: bool
+    ) -> AsyncIterator[aiohttp.StreamReader]:
+        """Open ``/v1/client/fs/logs`` for the build task at a byte ``offset``
+        counted from the start of the first log file."""
+        params = self.scope()
+        params.update(
+            task=TASK,
+            type=stream,
+            follow=str(follow).lower(),
+            offset=str(offset),
+            origin="start",
+        )
+        timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=self._settings.request_timeout_seconds
+        )
+        url = self._url(f"/v1/client/fs/logs/{alloc_id}")
+        async with self._http().get(url, params=params, timeout=timeout) as response:
+            await _check(response)
+            yield response.content
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def _url(self, path: str) -> str:
+        return self._settings.address.rstrip("/") + path
+
+    def _http(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            headers = {"X-Nomad-Token": self._settings.token} if self._settings.token else {}
+            connector = aiohttp.TCPConnector(ssl=self._ssl_context())
+            self._session = aiohttp.ClientSession(headers=headers, connector=connector)
+        return self._session
+
+    def _ssl_context(self) -> ssl.SSLContext | bool:
+        settings = self._settings
+        if not settings.address.startswith("https:"):
+            return True
+        context = ssl.create_default_context(cafile=settings.ca_cert)
+        if settings.client_cert:
+            context.load_cert_chain(settings.client_cert, settings.client_key)
+        if settings.skip_verify:
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        return context
+
+
+async def _check(response: aiohttp.ClientResponse) -> None:
+    if response.status == 404:
+        raise _NotFound(await response.text())
+    if response.status >= 400:
+        raise _ApiError(response.status, await response.text())
+
+
+class _Patience:
+    """Retries transient errors with backoff until ``limit`` seconds pass
+    without a success, then raises ``NomadUnavailable``."""
+
+    def __init__(self, limit: float) -> None:
+        self._limit = limit
+        self._since: float | None = None
+        self._delay = 0.05
+
+    async def failed(self, exc: BaseException) -> None:
+        now = time.monotonic()
+        if self._since is None:
+            self._since = now
+        if now - self._since >= self._limit:
+            raise NomadUnavailable(_describe(exc)) from exc
+        log.debug("Nomad request failed, retrying: %s", _describe(exc))
+        await asyncio.sleep(self._delay)
+        self._delay = min(self._delay * 2, 2.0)
+
+    def ok(self) -> None:
+        self._since = None
+        self._delay = 0.05
+
+
+def _describe(exc: BaseException) -> str:
+    response = getattr(exc, "nomad_resp", None)
+    if isinstance(response, requests.Response):
+        text = response.text.strip()[:300]
+        return f"HTTP {response.status_code}: {text}" if text else f"HTTP {response.status_code}"
+    return str(response if response is not None else exc) or type(exc).__name__
+
+
+async def _settle(tasks: list[asyncio.Task[Any]], seconds: float) -> None:
+    """Wait up to ``seconds`` for tasks to finish, then cancel the rest."""
+    if not tasks:
+        return
+    _done, pending = await asyncio.wait(tasks, timeout=seconds)
+    for task in pending:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
