@@ -39,9 +39,11 @@ Templates: only what Conveyor emits, which is literal text (any delimiters) and
 env templates are parsed like Nomad's parser (hashicorp/go-envparse). A
 missing Variable fails the template (real Nomad would wait for it).
 
-Switches for tests: ``node_meta``, ``drivers``, ``log_rotate_bytes`` and
+Switches for tests: ``node_meta``, ``drivers``, ``log_rotate_bytes``,
+``frame_bytes`` (most log bytes in a frame; Nomad's 64 KiB by default) and
 ``cut_log_streams_after`` (every log stream connection is cut in the middle of
-a frame once it has sent that many bytes of log data). ``requests`` records
+a frame once it has sent that many bytes of log data; ``log_stream_cuts``
+counts the cuts). ``requests`` records
 every request (method, path and query, body).
 """
 
@@ -56,12 +58,14 @@ import json
 import os
 import re
 import signal
+import subprocess
 import time
 import uuid
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from aiohttp import web
 
@@ -110,7 +114,8 @@ class _Task:
     events: list[dict[str, Any]] = field(default_factory=list)
     started_at: str | None = None
     finished_at: str | None = None
-    process: asyncio.subprocess.Process | None = None
+    process: subprocess.Popen[bytes] | None = None
+    exited: asyncio.Future[int] | None = None
     killing: bool = False
 
     def to_json(self) -> dict[str, Any]:
@@ -196,6 +201,8 @@ class NomadDouble:
         self.cut_log_streams_after: int | None = None
         self.requests: list[RecordedRequest] = []
         self.log_connections = 0
+        self.log_stream_cuts = 0
+        self.frame_bytes = _FRAME_BYTES
         self._jobs: dict[str, dict[str, Any]] = {}
         self._evals: dict[str, dict[str, Any]] = {}
         self._allocs: dict[str, _Alloc] = {}
@@ -205,6 +212,9 @@ class NomadDouble:
         self._changed = asyncio.Condition()
         self._background: set[asyncio.Task[Any]] = set()
         self._streams: set[asyncio.Task[Any]] = set()
+        # Blocking waits and pipe reads; apart from the default executor so
+        # that they never hold up the code under test.
+        self._threads = ThreadPoolExecutor(max_workers=32, thread_name_prefix="nomad-double")
         self._runner: web.AppRunner | None = None
         self.url = ""
 
@@ -239,7 +249,7 @@ class NomadDouble:
     async def aclose(self) -> None:
         for alloc in self._allocs.values():
             process = alloc.task.process
-            if process is not None and process.returncode is None:
+            if process is not None and process.poll() is None:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(process.pid, signal.SIGKILL)
         for task in self._streams:
@@ -250,6 +260,7 @@ class NomadDouble:
         for task in self._background:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
+        self._threads.shutdown(wait=True, cancel_futures=True)
 
     # What tests look at.
 
@@ -269,7 +280,7 @@ class NomadDouble:
         return sum(
             1
             for a in self._allocs.values()
-            if a.task.process is not None and a.task.process.returncode is None
+            if a.task.process is not None and a.task.process.poll() is None
         )
 
     # Plumbing.
@@ -373,7 +384,7 @@ class NomadDouble:
         for alloc in self._allocs.values():
             if alloc.job_id == job["ID"] and not alloc.terminal:
                 self._spawn(self._kill(alloc))
-        if request.query.get("purge") == "true":
+        if _go_bool(request.query.get("purge")):
             del self._jobs[job["ID"]]
         else:
             job.update(Stop=True, Status="dead", ModifyIndex=index)
@@ -631,12 +642,13 @@ class NomadDouble:
         for kind in ("stdout", "stderr"):
             (logs / f"{task.name}.{kind}.0").touch()
         try:
-            process = await asyncio.create_subprocess_exec(
-                command,
-                *args,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
+            # Popen, not asyncio's subprocess: its wait() also waits for the pipes,
+            # which processes the task started may hold long after it exited.
+            process = subprocess.Popen(  # noqa: ASYNC220 - fork and exec do not block for long
+                [command, *args],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
                 cwd=task_dir,
                 env=env,
                 start_new_session=True,
@@ -646,28 +658,26 @@ class NomadDouble:
             self._event(alloc, "Driver Failure", error, DriverError=error, FailsTask=True)
             self._finish(alloc, failed=True)
             return
+        loop = asyncio.get_running_loop()
         task.process = process
+        task.exited = loop.run_in_executor(self._threads, process.wait)
         log_config = spec.get("LogConfig") or {}
         rotate = self.log_rotate_bytes or int(log_config.get("MaxFileSizeMB") or 10) << 20
         max_files = int(log_config.get("MaxFiles") or 10)
-        assert process.stdout is not None
-        assert process.stderr is not None
         collectors = [
-            asyncio.ensure_future(
-                _collect(process.stdout, logs, task.name, "stdout", rotate, max_files)
-            ),
-            asyncio.ensure_future(
-                _collect(process.stderr, logs, task.name, "stderr", rotate, max_files)
-            ),
+            loop.run_in_executor(
+                self._threads, _collect, pipe, logs, task.name, kind, rotate, max_files
+            )
+            for pipe, kind in ((process.stdout, "stdout"), (process.stderr, "stderr"))
         ]
         task.state = "running"
         task.started_at = _now()
         alloc.client_status = "running"
         self._event(alloc, "Started", "Task started by client")
         if task.killing:
-            self._spawn(self._terminate(alloc, process))
+            self._spawn(self._terminate(alloc))
         try:
-            code = await process.wait()
+            code = await asyncio.shield(task.exited)
         finally:
             # Like Nomad's executor: nothing the task started outlives it.
             with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -758,11 +768,14 @@ class NomadDouble:
             return
         task.killing = True
         if task.process is not None:
-            await self._terminate(alloc, task.process)
+            await self._terminate(alloc)
         # Otherwise _run_task sees `killing` before or right after it starts the process.
 
-    async def _terminate(self, alloc: _Alloc, process: asyncio.subprocess.Process) -> None:
+    async def _terminate(self, alloc: _Alloc) -> None:
         spec = alloc.task.spec
+        process, exited = alloc.task.process, alloc.task.exited
+        assert process is not None
+        assert exited is not None
         timeout_ns = int(spec.get("KillTimeout") or 5_000_000_000)
         default_signal = "SIGTERM" if spec["Driver"] == "docker" else "SIGINT"
         kill_signal = signal.Signals[spec.get("KillSignal") or default_signal]
@@ -775,7 +788,7 @@ class NomadDouble:
         with contextlib.suppress(ProcessLookupError):
             process.send_signal(kill_signal)
         try:
-            await asyncio.wait_for(process.wait(), timeout_ns / 1e9)
+            await asyncio.wait_for(asyncio.shield(exited), timeout_ns / 1e9)
         except TimeoutError:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(process.pid, signal.SIGKILL)
@@ -786,7 +799,7 @@ class NomadDouble:
             return web.Response(status=404, text="alloc not found")
         body = await request.json()
         process = alloc.task.process
-        if process is None or process.returncode is not None:
+        if process is None or process.poll() is not None:
             return web.Response(status=400, text="Task not running")
         try:
             number = signal.Signals[str(body.get("Signal") or "")]
@@ -857,7 +870,7 @@ class NomadDouble:
             return web.Response(
                 status=404, text=f"task {task_name!r} not started yet. No logs available"
             )
-        plain = query.get("plain") == "true"
+        plain = _go_bool(query.get("plain"))
         response = web.StreamResponse()
         response.content_type = "text/plain" if plain else "application/json"
         await response.prepare(request)
@@ -869,7 +882,7 @@ class NomadDouble:
             alloc.dir / "alloc" / "logs",
             f"{task_name}.{kind}.",
             plain=plain,
-            follow=query.get("follow") == "true",
+            follow=_go_bool(query.get("follow")),
         )
         current = asyncio.current_task()
         assert current is not None
@@ -965,7 +978,7 @@ class _LogStream:
         with path.open("rb") as file:
             file.seek(position)
             while True:
-                data = file.read(_FRAME_BYTES)
+                data = file.read(self._double.frame_bytes)
                 if data:
                     position += len(data)
                     await self._send(name, position, data)
@@ -997,6 +1010,7 @@ class _LogStream:
             transport = self._request.transport
             if transport is not None:
                 transport.close()
+            self._double.log_stream_cuts += 1
             raise _Cut
         await self._write(encoded)
         self._sent += len(data)
@@ -1005,14 +1019,15 @@ class _LogStream:
         await self._response.write(data)
 
 
-async def _collect(
-    pipe: asyncio.StreamReader, logs: Path, task: str, kind: str, rotate: int, max_files: int
+def _collect(
+    pipe: IO[bytes] | None, logs: Path, task: str, kind: str, rotate: int, max_files: int
 ) -> None:
     """Nomad's log collector: copy a pipe into rotated ``<task>.<kind>.<n>`` files."""
+    assert pipe is not None
     index, size = 0, 0
     out = (logs / f"{task}.{kind}.0").open("ab")
     try:
-        while chunk := await pipe.read(65536):
+        while chunk := os.read(pipe.fileno(), 65536):
             while chunk:
                 if size >= rotate:
                     out.close()
@@ -1026,6 +1041,7 @@ async def _collect(
                 size += len(part)
     finally:
         out.close()
+        pipe.close()
 
 
 def _validate_job(job: Any) -> None:
@@ -1046,6 +1062,15 @@ def _validate_job(job: Any) -> None:
             raise ValueError(f"task {task['Name']}: missing command")
         if task["Driver"] == "docker" and not config.get("image"):
             raise ValueError(f"task {task['Name']}: missing image")
+
+
+def _go_bool(value: str | None) -> bool:
+    """Go's strconv.ParseBool, which Nomad reads boolean parameters with."""
+    if value in (None, "", "0", "f", "F", "false", "FALSE", "False"):
+        return False
+    if value in ("1", "t", "T", "true", "TRUE", "True"):
+        return True
+    raise web.HTTPBadRequest(text=f"invalid boolean {value!r}")
 
 
 def _interpolate(text: str, env: Mapping[str, str]) -> str:

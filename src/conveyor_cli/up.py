@@ -157,6 +157,9 @@ async def run_up(
             "--metrics-addr", f"127.0.0.1:{metrics_port}",
             "--log-format", log_format,
             env={**os.environ, "CONVEYOR_RUNNER_TOKEN": state["runner_token"]},
+            # Its own session: a Ctrl-C reaches `up`, which drains the
+            # runner before it stops the control plane.
+            start_new_session=True,
         )  # fmt: skip
         print(
             f"Conveyor is up.\n"

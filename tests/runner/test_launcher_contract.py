@@ -36,13 +36,11 @@ def nomad_test_settings(double: NomadDouble) -> NomadSettings:
     )
 
 
-@pytest.fixture(
-    params=["local", "nomad", pytest.param("nomad-real", marks=pytest.mark.nomad_real)]
-)
+@pytest.fixture(params=["local", "nomad", pytest.param("nomad-real", marks=pytest.mark.nomad_real)])
 async def launcher(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Launcher]:
     if request.param == "local":
         try:
-            from runner.launchers.local import LocalLauncher  # noqa: PLC0415
+            from runner.launchers.local import LocalLauncher
         except ImportError as exc:
             pytest.skip(f"runner.launchers.local is not importable yet: {exc}")
         local = LocalLauncher(work_root=tmp_path)
@@ -122,7 +120,7 @@ async def test_non_zero_exit_code_is_reported(launcher: Launcher) -> None:
 
 async def test_env_and_secret_env_reach_the_script(launcher: Launcher) -> None:
     # Characters that break naive quoting on the way through Nomad's env file.
-    secret = 'p&ss<w>rd "quoted" \\ $HOME \'single\' ü'
+    secret = "p&ss<w>rd \"quoted\" \\ $HOME 'single' ü"
     job_spec = spec(
         'printf "%s\\n" "$CONVEYOR_TEST_PLAIN" "$CONVEYOR_TEST_SECRET" "$CONVEYOR_TEST_MULTI"',
         env={"CONVEYOR_TEST_PLAIN": "plain value"},

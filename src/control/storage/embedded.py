@@ -45,7 +45,9 @@ class EmbeddedPostgres:
             _commands.initdb(
                 ["--auth=trust", "--encoding=utf8", "-U", "postgres", "--no-sync"],
                 pgdata=self.data_dir,
-                user=run_as,
+                **run_as,
+                # The server user may not be able to enter our cwd.
+                cwd=self.data_dir,
             )
             self._tune()
         running = self._running_port()
@@ -67,8 +69,12 @@ class EmbeddedPostgres:
                     "start",
                 ],
                 pgdata=self.data_dir,
-                user=run_as,
+                **run_as,
                 timeout=90,
+                cwd=self.data_dir,
+                # Its own session: a Ctrl-C at the terminal must reach
+                # `conveyor up` only, which stops the server last.
+                start_new_session=True,
             )
         except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
             tail = logfile.read_text(errors="replace")[-2000:] if logfile.exists() else ""
@@ -84,24 +90,31 @@ class EmbeddedPostgres:
             _commands.pg_ctl(
                 ["-w", "-t", "30", "-m", "fast", "stop"],
                 pgdata=self.data_dir,
-                user=self._server_user(),
+                **self._identity(),
                 timeout=60,
+                cwd=self.data_dir,
             )
         except subprocess.CalledProcessError as exc:
             log.warning("embedded PostgreSQL stop failed: %s", exc)
 
-    def _server_user(self) -> str | None:
-        return _SERVER_USER if os.geteuid() == 0 else None
+    def _identity(self) -> dict[str, object]:
+        """subprocess arguments that run a command as the server user. The
+        group must change too: a process left in group root is refused by
+        root-owned directories whose group bits are closed, however open
+        their "other" bits are."""
+        if os.geteuid() != 0:
+            return {}
+        entry = pwd.getpwnam(_SERVER_USER)
+        return {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": []}
 
-    def _prepare_directory(self) -> str | None:
+    def _prepare_directory(self) -> dict[str, object]:
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        user = self._server_user()
-        if user is None:
+        if os.geteuid() != 0:
             self.data_dir.chmod(0o700)
-            return None
+            return {}
         _commands, utils = _wheel()
-        utils.ensure_user_exists(user)
-        entry = pwd.getpwnam(user)
+        utils.ensure_user_exists(_SERVER_USER)
+        entry = pwd.getpwnam(_SERVER_USER)
         # The server user must traverse the parents (x only: it needs no
         # listing, and the data directory of `conveyor up` holds the token).
         for parent in self.data_dir.parents:
@@ -117,7 +130,7 @@ class EmbeddedPostgres:
                 parent.chmod(mode | stat.S_IXOTH)
         os.chown(self.data_dir, entry.pw_uid, entry.pw_gid)
         self.data_dir.chmod(0o700)
-        return user
+        return self._identity()
 
     def _tune(self) -> None:
         # A CI system's database is written all the time by small transactions;

@@ -170,7 +170,9 @@ class NomadLauncher:
             self.count_error()
             if var_path is not None:
                 await self.delete_variable(var_path)
-            raise LaunchError(f"Nomad refused job {job['ID']}: {_describe(exc)}") from None
+            raise LaunchError(
+                f"could not register Nomad job {job['ID']}: {_describe(exc)}"
+            ) from None
         if answer.get("Warnings"):
             log.warning("Nomad accepted job %s with warnings: %s", job["ID"], answer["Warnings"])
         return str(answer.get("EvalID") or "")
@@ -465,17 +467,24 @@ class NomadJob:
         cursor = LogCursor()
         lines = LineSplitter()
         patience = _Patience(self._settings.unreachable_seconds)
-        final_attempts = 0
+        fruitless = 0  # reads of the finished task that broke without progress
         while True:
             final = self._ended.is_set()
+            position = cursor.position
             try:
                 await self._read_log(alloc_id, stream, cursor, lines, follow=not final)
                 patience.ok()
             except (*_TRANSIENT, _NotFound) as exc:
-                final_attempts += final
+                if cursor.position > position:
+                    # A stream that broke after delivering something is worth
+                    # resuming at once, however often it breaks.
+                    patience.ok()
+                    fruitless = 0
+                    continue
+                fruitless += final
                 try:
-                    if final_attempts >= _FINAL_READ_ATTEMPTS:
-                        raise NomadUnavailable(str(exc)) from exc
+                    if fruitless >= _FINAL_READ_ATTEMPTS:
+                        raise NomadUnavailable(_describe(exc)) from exc
                     await patience.failed(exc)
                 except NomadUnavailable as gone:
                     note = f"nomad: could not read the task's {stream}: {gone}"

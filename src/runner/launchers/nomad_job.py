@@ -74,7 +74,7 @@ class NomadSettings:
     skip_verify: bool = False
     driver: Driver = "docker"
     image: str = "buildpack-deps:bookworm-scm"
-    shell: str = "/bin/bash"
+    shell_path: str = "/bin/bash"
     datacenters: tuple[str, ...] = ("*",)
     priority: int = 50
     kill_timeout_seconds: float = 10.0
@@ -119,7 +119,7 @@ class NomadSettings:
             skip_verify=env.get("NOMAD_SKIP_VERIFY", "").lower() in ("1", "true", "yes"),
             driver=driver,
             image=env.get("CONVEYOR_NOMAD_IMAGE") or default.image,
-            shell=env.get("CONVEYOR_NOMAD_SHELL") or default.shell,
+            shell_path=env.get("CONVEYOR_NOMAD_SHELL") or default.shell_path,
             datacenters=datacenters or default.datacenters,
             kill_timeout_seconds=(
                 default.kill_timeout_seconds
@@ -250,9 +250,9 @@ def _driver_config(spec: JobSpec, settings: NomadSettings) -> dict[str, Any]:
     args = [script]
     if spec.limits.cpu_seconds > 0:
         # No driver limits CPU time; bash's ulimit does, inherited by the script.
-        args = ["-c", f'ulimit -t {spec.limits.cpu_seconds} && exec "$0" "$1"', settings.shell]
+        args = ["-c", f'ulimit -t {spec.limits.cpu_seconds} && exec "$0" "$1"', settings.shell_path]
         args.append(script)
-    config: dict[str, Any] = {"command": settings.shell, "args": args}
+    config: dict[str, Any] = {"command": settings.shell_path, "args": args}
     if settings.driver == "docker":
         # tini as PID 1 forwards SIGTERM to the script; PID 1 bash would ignore it.
         config.update(image=settings.image, init=True)

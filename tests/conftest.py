@@ -1,0 +1,83 @@
+"""Shared fixtures: a real PostgreSQL, real control planes on port 0, real
+runner processes and real git repositories in temp dirs."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+import pytest_asyncio
+
+from tests.helpers import Api, ControlHandle, RunnerProcess, make_repo
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """URL of a PostgreSQL server for the session: CONVEYOR_TEST_DATABASE_URL,
+    or the embedded one started in a temp dir."""
+    url = os.environ.get("CONVEYOR_TEST_DATABASE_URL")
+    if url:
+        yield url
+        return
+    from control.storage.embedded import EmbeddedPostgres
+
+    base = tmp_path_factory.mktemp("pg")
+    server = EmbeddedPostgres(base / "data")
+    yield server.start()
+    server.stop()
+
+
+@pytest.fixture
+def database_url(pg_server: str) -> Iterator[str]:
+    """A fresh, empty database per test, dropped afterwards."""
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(pg_server, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    base, _, _ = pg_server.rpartition("/")
+    yield f"{base}/{name}"
+    with psycopg.connect(pg_server, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest_asyncio.fixture
+async def control(database_url: str) -> AsyncIterator[ControlHandle]:
+    """A control plane in this process on port 0, with fast deadlines."""
+    handle = ControlHandle(database_url)
+    await handle.start()
+    try:
+        yield handle
+    finally:
+        await handle.stop()
+
+
+@pytest_asyncio.fixture
+async def runner(control: ControlHandle, tmp_path: Path) -> AsyncIterator[RunnerProcess]:
+    """A real runner agent process connected to ``control``."""
+    proc = RunnerProcess(control.plane.grpc_address, control.runner_token, tmp_path / "runner")
+    await proc.start()
+    await control.wait_runners(1)
+    try:
+        yield proc
+    finally:
+        await proc.stop()
+
+
+@pytest_asyncio.fixture
+async def api(control: ControlHandle) -> AsyncIterator[Api]:
+    client = Api(control.plane.grpc_address, control.admin_token)
+    try:
+        yield client
+    finally:
+        await client.close()
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Path:
+    """A git repository with one commit on main whose build.sh prints lines."""
+    return make_repo(tmp_path / "repo")

@@ -1,0 +1,275 @@
+"""Test helpers: a control plane handle, a runner process, an async API
+client, signed webhooks and git repositories."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from grpc import aio
+
+from control.config import LifecycleSettings, Settings
+from control.main import ControlPlane
+from control.webhooks.github import signature
+from conveyor.v1 import build_manager_pb2 as bm
+from conveyor.v1 import build_manager_pb2_grpc as bm_grpc
+from conveyor.v1 import config_service_pb2 as cs
+from conveyor.v1 import config_service_pb2_grpc as cs_grpc
+from conveyor.v1 import types_pb2 as pb
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+FINAL = {
+    pb.BUILD_STATUS_SUCCEEDED,
+    pb.BUILD_STATUS_FAILED,
+    pb.BUILD_STATUS_CANCELED,
+    pb.BUILD_STATUS_TIMED_OUT,
+    pb.BUILD_STATUS_ERRORED,
+    pb.BUILD_STATUS_SUPERSEDED,
+}
+FAST_LIFECYCLE: dict[str, Any] = {
+    "heartbeat_interval": 1.0,
+    "runner_lost_after": 5.0,
+    "alarm_poll": 0.2,
+    "kill_grace": 2,
+    "stop_confirm": 2.0,
+}
+GIT_ENV = {
+    "GIT_AUTHOR_NAME": "Test",
+    "GIT_AUTHOR_EMAIL": "test@example.invalid",
+    "GIT_COMMITTER_NAME": "Test",
+    "GIT_COMMITTER_EMAIL": "test@example.invalid",
+}
+
+
+def git(repo: Path, *args: str) -> str:
+    out = subprocess.run(
+        ["git", "-C", str(repo), *args],
+        check=True,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **GIT_ENV},
+    )
+    return out.stdout.strip()
+
+
+def make_repo(path: Path, build_sh: str | None = None) -> Path:
+    """A repository on branch main with build.sh; readable by the build user."""
+    path.mkdir(parents=True)
+    git(path, "init", "-q", "-b", "main")
+    (path / "build.sh").write_text(
+        build_sh
+        or 'echo "building $CONVEYOR_COMMIT_SHA"\nfor i in 1 2 3; do echo "line $i"; done\n'
+    )
+    git(path, "add", "-A")
+    git(path, "commit", "-q", "-m", "first")
+    open_up(path)
+    return path
+
+
+def commit(repo: Path, filename: str, content: str, message: str = "change") -> str:
+    (repo / filename).write_text(content)
+    git(repo, "add", "-A")
+    git(repo, "commit", "-q", "-m", message)
+    open_up(repo)
+    return git(repo, "rev-parse", "HEAD")
+
+
+def open_up(path: Path) -> None:
+    """Let the unprivileged build user read the repository (and reach it)."""
+    subprocess.run(["chmod", "-R", "a+rX", str(path)], check=True)
+    for parent in path.parents:
+        mode = parent.stat().st_mode
+        if not mode & 0o001:
+            parent.chmod(mode | 0o001)
+
+
+class ControlHandle:
+    """A ControlPlane in this process with tokens and fast deadlines."""
+
+    def __init__(self, database_url: str, **lifecycle: Any) -> None:
+        self.admin_token = f"cvy_{secrets.token_urlsafe(16)}"
+        self.runner_token = f"cvr_{secrets.token_urlsafe(16)}"
+        self.settings = Settings(
+            database_url=database_url,
+            grpc_addr="127.0.0.1:0",
+            http_addr="127.0.0.1:0",
+            admin_token=self.admin_token,
+            runner_token=self.runner_token,
+            scheduler_tick=0.5,
+            lifecycle=LifecycleSettings(**{**FAST_LIFECYCLE, **lifecycle}),
+        )
+        self.plane = ControlPlane(self.settings)
+
+    async def start(self) -> None:
+        await self.plane.start()
+
+    async def stop(self) -> None:
+        await self.plane.stop()
+
+    async def wait_runners(self, count: int, timeout: float = 20) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            async with self.plane.db.connection() as conn:
+                cur = await conn.execute("SELECT count(*) FROM runners WHERE connected")
+                row = await cur.fetchone()
+            if row and row[0] >= count:
+                return
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"{count} runner(s) did not connect within {timeout} s")
+
+    @property
+    def http_url(self) -> str:
+        return self.plane.http_url
+
+
+class RunnerProcess:
+    """``conveyor runner start`` as a real child process."""
+
+    def __init__(self, control_addr: str, token: str, work_dir: Path, capacity: int = 4) -> None:
+        self.control_addr = control_addr
+        self.token = token
+        self.work_dir = work_dir
+        self.capacity = capacity
+        self.proc: asyncio.subprocess.Process | None = None
+        self.log_path = work_dir.parent / f"{work_dir.name}.log"
+
+    async def start(self, *extra: str) -> None:
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        log = self.log_path.open("ab")
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "conveyor_cli.main", "runner", "start",
+            "--control", self.control_addr, "--work-dir", str(self.work_dir),
+            "--capacity", str(self.capacity), *extra,
+            env={**os.environ, "CONVEYOR_RUNNER_TOKEN": self.token},
+            stdout=log, stderr=log, start_new_session=True,
+        )  # fmt: skip
+        log.close()
+
+    async def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int:
+        if self.proc is None or self.proc.returncode is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(sig)
+        try:
+            return await asyncio.wait_for(self.proc.wait(), timeout)
+        except TimeoutError:
+            self.proc.kill()
+            return await self.proc.wait()
+
+    def kill(self) -> None:
+        """kill -9 the agent (its builds die with it: --die-with-parent)."""
+        if self.proc is not None and self.proc.returncode is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+class Api:
+    """Async gRPC client of the user-facing services."""
+
+    def __init__(self, address: str, token: str) -> None:
+        self.channel = aio.insecure_channel(address)
+        self.metadata = (("authorization", f"Bearer {token}"),)
+        self.config = cs_grpc.ConfigServiceStub(self.channel)
+        self.builds = bm_grpc.BuildManagerStub(self.channel)
+
+    async def close(self) -> None:
+        await self.channel.close(None)
+
+    async def create_project(self, name: str, repo: Path | str, **fields: Any) -> pb.Project:
+        fields.setdefault("build_command", "bash build.sh")
+        fields.setdefault("deploy_command", "echo deployed")
+        fields.setdefault("build_other_branches", True)
+        reply = await self.config.CreateProject(
+            cs.CreateProjectRequest(name=name, repo_url=str(repo), **fields),
+            metadata=self.metadata,
+        )
+        return reply.project
+
+    async def trigger(self, project: str, **fields: Any) -> pb.Build:
+        reply = await self.config.TriggerBuild(
+            cs.TriggerBuildRequest(project=project, **fields), metadata=self.metadata
+        )
+        return reply.build
+
+    async def get(self, build_id: str) -> pb.Build:
+        reply = await self.config.GetBuild(
+            cs.GetBuildRequest(build_id=build_id), metadata=self.metadata
+        )
+        return reply.build
+
+    async def cancel(self, build_id: str) -> pb.Build:
+        reply = await self.builds.CancelBuild(
+            bm.CancelBuildRequest(build_id=build_id), metadata=self.metadata
+        )
+        return reply.build
+
+    async def wait_status(
+        self, build_id: str, statuses: set[int] | None = None, timeout: float = 30
+    ) -> pb.Build:
+        wanted = statuses or FINAL
+        deadline = time.monotonic() + timeout
+        while True:
+            build = await self.get(build_id)
+            if build.status in wanted:
+                return build
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    f"build {build_id} is {pb.BuildStatus.Name(build.status)} after {timeout} s"
+                )
+            await asyncio.sleep(0.02)
+
+    async def logs(
+        self, build_id: str, *, follow: bool = False, cursor: str = ""
+    ) -> list[pb.LogLine]:
+        lines: list[pb.LogLine] = []
+        async for message in self.builds.StreamLogs(
+            bm.StreamLogsRequest(build_id=build_id, follow=follow, cursor=cursor),
+            metadata=self.metadata,
+        ):
+            lines.extend(message.lines)
+        return lines
+
+
+async def post_webhook(
+    url: str, body: bytes, headers: dict[str, str]
+) -> tuple[int, dict[str, Any]]:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(url, data=body, headers=headers) as response,
+    ):
+        text = await response.text()
+        return response.status, json.loads(text) if text else {}
+
+
+def github_push(branch: str, sha: str, message: str = "change") -> bytes:
+    return json.dumps(
+        {
+            "ref": f"refs/heads/{branch}",
+            "before": "0" * 40,
+            "after": sha,
+            "deleted": sha == "0" * 40,
+            "head_commit": {"id": sha, "message": message},
+            "repository": {"full_name": "acme/web"},
+        }
+    ).encode()
+
+
+def github_headers(
+    secret: str, body: bytes, event: str = "push", delivery: str = ""
+) -> dict[str, str]:
+    return {
+        "X-GitHub-Event": event,
+        "X-GitHub-Delivery": delivery or secrets.token_hex(8),
+        "X-Hub-Signature-256": signature(secret, body),
+        "Content-Type": "application/json",
+    }
