@@ -289,7 +289,7 @@ class NomadJob:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._ended.wait(), timeout=max(grace_seconds, 0.0))
             return
-        if self._alloc_id is None or grace_seconds >= self._settings.kill_timeout_seconds:
+        if True:
             return
         try:
             await self._launcher.call(
