@@ -1196,7 +1196,8 @@ def _parse_env_line(line: str) -> tuple[str, str]:
     key, value = key.strip().removeprefix("export "), value.strip()
     if not key or not (key[0].isascii() and (key[0].isalpha() or key[0] == "_")):
         raise ValueError(f"key must start with [A-Za-z_] but found {key[:1]!r}")
-    out, mode = [], "normal"
+    out: list[str] = []
+    mode = "normal"
     for ch in value:
         if ord(ch) < 32:
             raise ValueError(f"0x{ord(ch):02x} is an invalid value character")

@@ -21,6 +21,8 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import psutil
+
 from runner.launchers.base import JobResult, JobSpec, LaunchError, Limits, OutputLine, Stream
 
 log = logging.getLogger(__name__)
@@ -86,6 +88,7 @@ class LocalJob:
         warning: str | None,
     ) -> None:
         self.proc = proc
+        self.sandboxed = warning is None
         self.workspace = workspace
         self.limits = limits
         self.keep_workspace = keep_workspace
@@ -163,9 +166,21 @@ class LocalJob:
             self._signal(signal.SIGKILL)
 
     def _signal(self, sig: signal.Signals) -> None:
-        # The job leads its own process group; bubblewrap's --die-with-parent
-        # and its pid namespace take down anything that left the group when
-        # the sandbox's init dies.
+        """SIGTERM goes to every process of the build but bubblewrap's own
+        (bwrap dies of it at once, and its --die-with-parent would then
+        SIGKILL the build before it could clean up). SIGKILL goes to the
+        whole process group: the sandbox's init dies, and with it its pid
+        namespace, including processes that left the group with setsid."""
+        if sig != signal.SIGKILL and self.sandboxed:
+            try:
+                children = psutil.Process(self.proc.pid).children(recursive=True)
+            except psutil.Error:
+                children = []
+            for child in children:
+                with contextlib.suppress(psutil.Error):
+                    if child.name() != "bwrap":
+                        child.send_signal(sig)
+            return
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.proc.pid, sig)
 
@@ -183,6 +198,16 @@ class LocalJob:
                 log.warning(self._limit_error)
                 self._signal(signal.SIGKILL)
                 return
+
+
+def _ensure_traversable(path: Path) -> None:
+    """Let the build user reach ``path`` (search bit only: it cannot list
+    the directories on the way, so it learns nothing of their contents)."""
+    for parent in path.parents:
+        mode = parent.stat().st_mode
+        if not mode & 0o001:
+            log.info("allowing builds to traverse %s (o+x)", parent)
+            parent.chmod(mode | 0o001)
 
 
 def _tree_size(root: Path) -> int:
@@ -256,6 +281,8 @@ class LocalLauncher:
 
     def _prepare(self, workspace: Path, script: str) -> None:
         self.work_root.mkdir(parents=True, exist_ok=True)
+        if self.identity:
+            _ensure_traversable(self.work_root)
         # Others may traverse the root (the build uid must reach its own
         # workspace) but not list it, so builds cannot find each other.
         self.work_root.chmod(0o711)

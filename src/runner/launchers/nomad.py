@@ -126,6 +126,9 @@ class NomadLauncher:
             self._undo.add(undo)
             undo.add_done_callback(self._undo.discard)
             raise
+        if self._closed:
+            await self._undo_submit(submit, job["ID"], var_path)
+            raise LaunchError("the Nomad launcher closed while the job was being submitted")
         launched = NomadJob(self, job["ID"], eval_id, var_path)
         self._jobs.add(launched)
         launched.done_callback(lambda: self._jobs.discard(launched))
@@ -274,7 +277,14 @@ class NomadJob:
 
     async def wait(self) -> JobResult:
         """How the job ended, once its logs were delivered and Nomad cleaned up."""
-        return await asyncio.shield(self.task)
+        try:
+            return await asyncio.shield(self.task)
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if self.task.cancelled() and (current is None or not current.cancelling()):
+                # The launcher was closed under the job, not our caller cancelled.
+                return JobResult(None, error="the Nomad launcher closed before the job ended")
+            raise
 
     async def stop(self, grace_seconds: float) -> None:
         """Deregister the job (Nomad sends SIGTERM, SIGKILL after KillTimeout)
@@ -289,7 +299,7 @@ class NomadJob:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._ended.wait(), timeout=max(grace_seconds, 0.0))
             return
-        if True:
+        if self._alloc_id is None or grace_seconds >= self._settings.kill_timeout_seconds:
             return
         try:
             await self._launcher.call(
