@@ -4,6 +4,7 @@ client, signed webhooks and git repositories."""
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import os
 import secrets
@@ -245,7 +246,9 @@ async def post_webhook(
 ) -> tuple[int, dict[str, Any]]:
     async with (
         aiohttp.ClientSession() as session,
-        session.post(url, data=body, headers=headers) as response,
+        session.post(
+            url, data=io.BytesIO(body) if len(body) > 1 << 20 else body, headers=headers
+        ) as response,
     ):
         text = await response.text()
         return response.status, json.loads(text) if text else {}
