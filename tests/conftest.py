@@ -12,7 +12,7 @@ import psycopg
 import pytest
 import pytest_asyncio
 
-from tests.helpers import Api, ControlHandle, RunnerProcess, make_repo
+from tests.helpers import Api, ControlHandle, ProtocolRunner, RunnerProcess, make_repo
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -81,3 +81,14 @@ async def api(control: ControlHandle) -> AsyncIterator[Api]:
 def repo(tmp_path: Path) -> Path:
     """A git repository with one commit on main whose build.sh prints lines."""
     return make_repo(tmp_path / "repo")
+
+
+@pytest_asyncio.fixture
+async def proto_runner(control: ControlHandle) -> AsyncIterator[ProtocolRunner]:
+    """A runner client in the test speaking the real runner protocol."""
+    runner = ProtocolRunner(control.plane.grpc_address, control.runner_token)
+    await runner.start()
+    try:
+        yield runner
+    finally:
+        await runner.close()

@@ -4,6 +4,7 @@ client, signed webhooks and git repositories."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import os
@@ -12,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -276,3 +278,99 @@ def github_headers(
         "X-Hub-Signature-256": signature(secret, body),
         "Content-Type": "application/json",
     }
+
+
+class ProtocolRunner:
+    """A runner client speaking the real runner protocol from the test, so a
+    test controls every report and log batch (the real agent is used by the
+    end-to-end tests)."""
+
+    def __init__(self, address: str, token: str, capacity: int = 4, name: str = "proto") -> None:
+        from conveyor.v1 import runner_service_pb2 as rs
+        from conveyor.v1 import runner_service_pb2_grpc as rs_grpc
+
+        self.rs = rs
+        self.channel = aio.insecure_channel(address)
+        self.stub = rs_grpc.RunnerServiceStub(self.channel)
+        self.token = token
+        self.capacity = capacity
+        self.name = name
+        self.runner_id = ""
+        self.outbox: asyncio.Queue[Any] = asyncio.Queue()
+        self.assignments: asyncio.Queue[Any] = asyncio.Queue()
+        self.cancels: asyncio.Queue[Any] = asyncio.Queue()
+        self.registered = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.runner_uuid = str(uuid.uuid4())
+
+    async def start(self) -> None:
+        rs = self.rs
+        self.outbox.put_nowait(
+            rs.ConnectRequest(
+                hello=rs.RunnerHello(
+                    runner_id=self.runner_uuid, name=self.name, capacity=self.capacity
+                )
+            )
+        )
+
+        async def requests() -> Any:
+            while True:
+                yield await self.outbox.get()
+
+        async def run() -> None:
+            call = self.stub.Connect(
+                requests(), metadata=(("authorization", f"Bearer {self.token}"),)
+            )
+            async for message in call:
+                kind = message.WhichOneof("kind")
+                if kind == "registered":
+                    self.runner_id = message.registered.runner_id
+                    self.registered.set()
+                elif kind == "assignment":
+                    self.assignments.put_nowait(message.assignment)
+                    self.outbox.put_nowait(
+                        rs.ConnectRequest(
+                            ack=rs.AssignmentAck(
+                                build_id=message.assignment.build_id, accepted=True
+                            )
+                        )
+                    )
+                elif kind == "cancel":
+                    self.cancels.put_nowait(message.cancel)
+
+        self._task = asyncio.create_task(run())
+        await asyncio.wait_for(self.registered.wait(), 10)
+
+    def heartbeat(self, busy: int = 0) -> None:
+        self.outbox.put_nowait(self.rs.ConnectRequest(heartbeat=self.rs.RunnerHeartbeat(busy=busy)))
+
+    async def next_assignment(self, timeout: float = 10) -> Any:
+        return await asyncio.wait_for(self.assignments.get(), timeout)
+
+    async def report(self, assignment: Any, status: int = 0, **fields: Any) -> Any:
+        return await self.stub.ReportStatus(
+            self.rs.ReportStatusRequest(build_id=assignment.build_id, status=status, **fields),
+            metadata=(("authorization", f"Bearer {assignment.build_token}"),),
+        )
+
+    async def append(
+        self, assignment: Any, seq: int, texts: list[str], stream: int = pb.LOG_STREAM_STDOUT
+    ) -> Any:
+        now_ms = int(time.time() * 1000)
+        return await self.stub.AppendLogs(
+            self.rs.AppendLogsRequest(
+                build_id=assignment.build_id,
+                seq=seq,
+                lines=[
+                    self.rs.BatchLine(time_unix_ms=now_ms, stream=stream, text=t) for t in texts
+                ],
+            ),
+            metadata=(("authorization", f"Bearer {assignment.build_token}"),),
+        )
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+        await self.channel.close(None)

@@ -22,9 +22,9 @@ given to the constructor; a constraint on a meta key it lacks, a driver it does
 not offer or more CPU/memory than it has gives an evaluation with
 ``FailedTGAllocs`` and a blocked evaluation, and no allocation.
 
-Tasks run like Nomad's ``raw_exec`` driver for every driver: ``Config.command``
-with ``Config.args`` in the task directory, in a new session, with the task's
-env (the host's env minus Nomad's default denylist for raw_exec, only a PATH
+Each task group must hold exactly one task. Tasks run like Nomad's ``raw_exec``
+driver whatever the driver: ``Config.command`` with ``Config.args`` in the task
+directory, in a new session, with the task's env (the host's env minus Nomad's default denylist for raw_exec, only a PATH
 for exec and docker; then NOMAD_* variables, the ``Env`` block and env
 templates) and the rendered templates. The docker driver's ``image`` is
 ignored and NOMAD_TASK_DIR is the host path, not ``/local``. A log collector
@@ -43,8 +43,8 @@ Switches for tests: ``node_meta``, ``drivers``, ``log_rotate_bytes``,
 ``frame_bytes`` (most log bytes in a frame; Nomad's 64 KiB by default) and
 ``cut_log_streams_after`` (every log stream connection is cut in the middle of
 a frame once it has sent that many bytes of log data; ``log_stream_cuts``
-counts the cuts). ``requests`` records
-every request (method, path and query, body).
+counts the cuts). ``requests`` records every request (method, path and query,
+body).
 """
 
 from __future__ import annotations
