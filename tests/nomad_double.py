@@ -24,7 +24,8 @@ not offer or more CPU/memory than it has gives an evaluation with
 
 Each task group must hold exactly one task. Tasks run like Nomad's ``raw_exec``
 driver whatever the driver: ``Config.command`` with ``Config.args`` in the task
-directory, in a new session, with the task's env (the host's env minus Nomad's default denylist for raw_exec, only a PATH
+directory, in a new session, with the task's env (the host's env minus Nomad's
+default denylist for raw_exec, only a PATH
 for exec and docker; then NOMAD_* variables, the ``Env`` block and env
 templates) and the rendered templates. The docker driver's ``image`` is
 ignored and NOMAD_TASK_DIR is the host path, not ``/local``. A log collector

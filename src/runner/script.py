@@ -13,6 +13,9 @@ import secrets
 import shlex
 from dataclasses import dataclass
 
+# After each step: a failing step ends the script with its exit code, and so
+# does a stop request (143, as for SIGTERM) even when the step exited 0.
+_STOP_OR_FAIL = 'if [ "$rc" -ne 0 ] || [ -n "${stopping:-}" ]; then exit "$(( rc ? rc : 143 ))"; fi'
 MARKER_RE = re.compile(rb"^##conveyor:([0-9a-f]{16}):(begin|end):(\d+)(?::(-?\d+))?$")
 
 
@@ -50,6 +53,10 @@ class BuildScript:
             f"M={q(marker)}",
             "export GIT_TERMINAL_PROMPT=0",
             "WS=$PWD",
+            # On SIGTERM the script itself waits for the running step (it
+            # gets the signal too) and then stops; a handler rather than an
+            # ignored signal, so that steps start with the default action.
+            "trap 'stopping=1' TERM",
             "printf '%s:begin:0\\n' \"$M\"",
             "(",
             "  set -e",
@@ -72,7 +79,7 @@ class BuildScript:
             ")",
             "rc=$?",
             'printf \'%s:end:0:%s\\n\' "$M" "$rc"',
-            '[ "$rc" -eq 0 ] || exit "$rc"',
+            _STOP_OR_FAIL,
             f"cd {q('src/' + self.root_directory if self.root_directory else 'src')}"
             ' || { echo "root directory not found" >&2; exit 1; }',
         ]
@@ -82,7 +89,7 @@ class BuildScript:
                 f"bash -e -o pipefail -c {q(command)}",
                 "rc=$?",
                 f'printf \'%s:end:{i}:%s\\n\' "$M" "$rc"',
-                '[ "$rc" -eq 0 ] || exit "$rc"',
+                _STOP_OR_FAIL,
             ]
         lines.append("exit 0")
         return "\n".join(lines) + "\n"
