@@ -101,6 +101,7 @@ class ControlHandle:
     def __init__(self, database_url: str, **lifecycle: Any) -> None:
         self.admin_token = f"cvy_{secrets.token_urlsafe(16)}"
         self.runner_token = f"cvr_{secrets.token_urlsafe(16)}"
+        self.secret_key = os.urandom(32)
         self.settings = Settings(
             database_url=database_url,
             grpc_addr="127.0.0.1:0",
@@ -109,6 +110,7 @@ class ControlHandle:
             runner_token=self.runner_token,
             scheduler_tick=0.5,
             lifecycle=LifecycleSettings(**{**FAST_LIFECYCLE, **lifecycle}),
+            secret_keys=(self.secret_key,),
         )
         self.plane = ControlPlane(self.settings)
 

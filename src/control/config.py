@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
 from control.errors import InvalidArgument
+from control.secrets import keys_from_env
 
 
 def _int(env: Mapping[str, str], name: str, default: int) -> int:
@@ -60,6 +61,9 @@ class Settings:
     log_format: str = "json"
     webhook_max_bytes: int = 5 * 1024 * 1024
     lifecycle: LifecycleSettings = field(default_factory=LifecycleSettings)
+    # AES-GCM keys for secrets at rest, current first (see control.secrets).
+    secret_keys: tuple[bytes, ...] = ()
+    tls_ca: str = ""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
@@ -83,6 +87,8 @@ class Settings:
             global_capacity=_int(env, "CONVEYOR_GLOBAL_CAPACITY", 0),
             tls_cert=env.get("CONVEYOR_TLS_CERT", ""),
             tls_key=env.get("CONVEYOR_TLS_KEY", ""),
+            tls_ca=env.get("CONVEYOR_TLS_CA", ""),
+            secret_keys=keys_from_env(env),
             log_format=env.get("CONVEYOR_LOG_FORMAT", "json"),
             lifecycle=lifecycle,
         )

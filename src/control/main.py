@@ -29,9 +29,12 @@ from control.http import HttpApp
 from control.logs.fanout import LogHub
 from control.metrics import ControlMetrics
 from control.scheduler.loop import Scheduler
+from control.secrets import SecretBox
 from control.storage.accounts import AccountStore
+from control.storage.audit import AuditLog
 from control.storage.builds import BuildStore
 from control.storage.db import Database
+from control.storage.env import EnvStore
 from control.storage.logs import LogStore
 from control.storage.migrate import migrate
 from control.storage.notify import Notifier
@@ -90,6 +93,10 @@ class ControlPlane:
         self.builds = BuildStore(self.db)
         self.runners = RunnerStore(self.db)
         self.logs = LogStore(self.db)
+        self.env = EnvStore(self.db, SecretBox(s.secret_keys))
+        self.audit = AuditLog(self.db)
+        if not s.secret_keys:
+            log.warning("no secret key configured: projects cannot store secrets")
         await self._bootstrap_tokens()
 
         self.lifecycle = Lifecycle(
@@ -100,6 +107,7 @@ class ControlPlane:
             self.notifier,
             self.metrics,
             s.lifecycle,
+            self.env,
         )
         self.hub = LogHub(self.logs, self.notifier)
         self.internal_token = f"cvi_{secrets.token_urlsafe(32)}"
@@ -150,7 +158,15 @@ class ControlPlane:
             global_capacity=s.global_capacity,
         )
         config_service_pb2_grpc.add_ConfigServiceServicer_to_server(
-            ConfigServicer(self.projects, self.builds, self.lifecycle, s.lifecycle.max_run_timeout),
+            ConfigServicer(
+                self.db,
+                self.projects,
+                self.builds,
+                self.lifecycle,
+                self.env,
+                self.audit,
+                s.lifecycle.max_run_timeout,
+            ),
             self.server,
         )
         scheduler_service_pb2_grpc.add_SchedulerServiceServicer_to_server(
@@ -205,7 +221,8 @@ class ControlPlane:
 
     def _channel(self, address: str) -> aio.Channel:
         if self.settings.tls_cert:
-            root = Path(self.settings.tls_cert).read_bytes()
+            # Trust the CA when one is given, else the (self-signed) cert.
+            root = Path(self.settings.tls_ca or self.settings.tls_cert).read_bytes()
             return aio.secure_channel(
                 address,
                 grpc.ssl_channel_credentials(root_certificates=root),

@@ -210,3 +210,142 @@ def rpc_error_message(exc: grpc.RpcError) -> str:
     details = exc.details() if hasattr(exc, "details") else str(exc)
     name = code.name if code is not None else "ERROR"
     return f"error: {name}: {details}"
+
+
+def env_set(client: Client, args: argparse.Namespace) -> int:
+    value = args.value
+    if value is None:
+        # Read from stdin so a secret never sits in shell history or argv.
+        value = sys.stdin.read().removesuffix("\n")
+    reply = client.call(
+        client.config.SetEnvVar,
+        cs.SetEnvVarRequest(project=args.project, name=args.name, value=value, secret=args.secret),
+    )
+    if args.json:
+        _print_json(_env_json(reply.var))
+    else:
+        kind = "secret" if reply.var.secret else "variable"
+        print(f"{kind} {reply.var.name} set on {args.project}")
+    return 0
+
+
+def env_unset(client: Client, args: argparse.Namespace) -> int:
+    client.call(
+        client.config.UnsetEnvVar, cs.UnsetEnvVarRequest(project=args.project, name=args.name)
+    )
+    if args.json:
+        _print_json({"unset": args.name})
+    else:
+        print(f"{args.name} unset on {args.project}")
+    return 0
+
+
+def env_list(client: Client, args: argparse.Namespace) -> int:
+    reply = client.call(client.config.ListEnvVars, cs.ListEnvVarsRequest(project=args.project))
+    if args.json:
+        _print_json([_env_json(v) for v in reply.vars])
+    else:
+        for var in reply.vars:
+            print(f"{var.name}={'*** (secret)' if var.secret else var.value}")
+    return 0
+
+
+def _env_json(var: cs.ProjectEnvVar) -> dict[str, Any]:
+    return {
+        "name": var.name,
+        "secret": var.secret,
+        "value": None if var.secret else var.value,
+        "updated_at": render.rfc3339(var.updated_at),
+    }
+
+
+def _token_json(token: cs.Token) -> dict[str, Any]:
+    return {
+        "id": token.id,
+        "name": token.name,
+        "scopes": list(token.scopes),
+        "created_at": render.rfc3339(token.created_at),
+        "revoked_at": render.rfc3339(token.revoked_at),
+    }
+
+
+def tokens_create(client: Client, args: argparse.Namespace) -> int:
+    scopes = [s for s in args.scopes.split(",") if s]
+    reply = client.call(
+        client.config.CreateToken, cs.CreateTokenRequest(name=args.name, scopes=scopes)
+    )
+    if args.json:
+        _print_json({**_token_json(reply.info), "token": reply.token})
+    else:
+        print(f"token {reply.info.name} ({reply.info.id}), scopes {','.join(reply.info.scopes)}")
+        print(f"{reply.token}\n(shown once: store it now)")
+    return 0
+
+
+def tokens_list(client: Client, args: argparse.Namespace) -> int:
+    reply = client.call(client.config.ListTokens, cs.ListTokensRequest())
+    if args.json:
+        _print_json([_token_json(t) for t in reply.tokens])
+    else:
+        for t in reply.tokens:
+            state = "revoked" if render.rfc3339(t.revoked_at) else "active"
+            print(f"{t.id}  {t.name:<20} {','.join(t.scopes):<16} {state}")
+    return 0
+
+
+def tokens_revoke(client: Client, args: argparse.Namespace) -> int:
+    reply = client.call(client.config.RevokeToken, cs.RevokeTokenRequest(token_id=args.token_id))
+    if args.json:
+        _print_json(_token_json(reply.info))
+    else:
+        print(f"token {reply.info.name} revoked")
+    return 0
+
+
+def accounts_create(client: Client, args: argparse.Namespace) -> int:
+    reply = client.call(
+        client.config.CreateAccount,
+        cs.CreateAccountRequest(name=args.name, concurrency_limit=args.concurrency),
+    )
+    data = {
+        "id": reply.account.id,
+        "name": reply.account.name,
+        "concurrency_limit": reply.account.concurrency_limit,
+        "created_at": render.rfc3339(reply.account.created_at),
+        "admin_token": reply.admin_token,
+    }
+    if args.json:
+        _print_json(data)
+    else:
+        print(f"account {data['name']} created: {data['id']}")
+        print(f"admin token (shown once): {data['admin_token']}")
+    return 0
+
+
+def audit(client: Client, args: argparse.Namespace) -> int:
+    reply = client.call(client.config.ListAuditEvents, cs.ListAuditEventsRequest(limit=args.limit))
+    events = [
+        {
+            "time": render.rfc3339(e.time),
+            "actor": e.actor,
+            "action": e.action,
+            "target": e.target,
+            "details": e.details,
+        }
+        for e in reply.events
+    ]
+    if args.json:
+        _print_json(events)
+    else:
+        for e in events:
+            print(f"{e['time']}  {e['actor']:<12} {e['action']:<16} {e['target']}  {e['details']}")
+    return 0
+
+
+def secrets_rotate(client: Client, args: argparse.Namespace) -> int:
+    reply = client.call(client.config.RotateSecrets, cs.RotateSecretsRequest())
+    if args.json:
+        _print_json({"reencrypted": reply.reencrypted, "key_id": reply.key_id})
+    else:
+        print(f"re-encrypted {reply.reencrypted} secret(s) under key {reply.key_id}")
+    return 0

@@ -104,6 +104,48 @@ def _parser() -> argparse.ArgumentParser:
         cmd.add_argument("build_id")
         cmd.add_argument("--json", action="store_true")
 
+    env = sub.add_parser("env", help="project variables and secrets").add_subparsers(
+        dest="env_command", required=True
+    )
+    env_set = env.add_parser("set", help="set a variable (value from stdin when omitted)")
+    env_set.add_argument("project")
+    env_set.add_argument("name")
+    env_set.add_argument("value", nargs="?")
+    env_set.add_argument("--secret", action="store_true", help="write-only, encrypted at rest")
+    env_set.add_argument("--json", action="store_true")
+    env_unset = env.add_parser("unset")
+    env_unset.add_argument("project")
+    env_unset.add_argument("name")
+    env_unset.add_argument("--json", action="store_true")
+    env_list = env.add_parser("list")
+    env_list.add_argument("project")
+    env_list.add_argument("--json", action="store_true")
+
+    tokens = sub.add_parser("tokens").add_subparsers(dest="tokens_command", required=True)
+    tcreate = tokens.add_parser("create")
+    tcreate.add_argument("name")
+    tcreate.add_argument("--scopes", default="read", help="comma-separated: read,write,admin")
+    tcreate.add_argument("--json", action="store_true")
+    tlist = tokens.add_parser("list")
+    tlist.add_argument("--json", action="store_true")
+    trevoke = tokens.add_parser("revoke")
+    trevoke.add_argument("token_id")
+    trevoke.add_argument("--json", action="store_true")
+
+    accounts = sub.add_parser("accounts").add_subparsers(dest="accounts_command", required=True)
+    acreate = accounts.add_parser("create")
+    acreate.add_argument("name")
+    acreate.add_argument("--concurrency", type=int, default=6)
+    acreate.add_argument("--json", action="store_true")
+
+    audit = sub.add_parser("audit", help="the account's audit log")
+    audit.add_argument("--limit", type=int, default=100)
+    audit.add_argument("--json", action="store_true")
+
+    secrets_cmd = sub.add_parser("secrets").add_subparsers(dest="secrets_command", required=True)
+    rotate = secrets_cmd.add_parser("rotate", help="re-encrypt secrets under the current key")
+    rotate.add_argument("--json", action="store_true")
+
     logs = sub.add_parser("logs")
     logs.add_argument("build_id")
     logs.add_argument("--follow", "-f", action="store_true")
@@ -124,6 +166,15 @@ CLIENT_COMMANDS: dict[tuple[str, str | None], Callable[..., int]] = {
     ("builds", "cancel"): commands.builds_cancel,
     ("builds", "retry"): commands.builds_retry,
     ("logs", None): commands.logs,
+    ("env", "set"): commands.env_set,
+    ("env", "unset"): commands.env_unset,
+    ("env", "list"): commands.env_list,
+    ("tokens", "create"): commands.tokens_create,
+    ("tokens", "list"): commands.tokens_list,
+    ("tokens", "revoke"): commands.tokens_revoke,
+    ("accounts", "create"): commands.accounts_create,
+    ("audit", None): commands.audit,
+    ("secrets", "rotate"): commands.secrets_rotate,
 }
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from control.config import Settings
 from control.main import ControlPlane
+from control.secrets import new_key_text
 from control.storage.embedded import EmbeddedPostgres
 from conveyor.v1 import build_manager_pb2 as bm
 from conveyor.v1 import build_manager_pb2_grpc as bm_grpc
@@ -87,6 +88,17 @@ def _prepare_data_dir(data_dir: Path) -> tuple[Path, dict[str, str]]:
     return data_dir, _load_or_create_state(data_dir)
 
 
+def _secret_key_file(data_dir: Path) -> Path:
+    """The key that encrypts secrets at rest, made on first start (0600).
+    Back it up with the database: secrets cannot be read without it."""
+    path = data_dir / "secret.key"
+    if not path.exists():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(new_key_text() + "\n")
+    return path
+
+
 def _load_or_create_state(data_dir: Path) -> dict[str, str]:
     path = data_dir / STATE_FILE
     if path.exists():
@@ -125,7 +137,10 @@ async def run_up(
     if not database_url:
         pg = EmbeddedPostgres(data_dir / "postgres")
         database_url = await asyncio.to_thread(pg.start)
-    settings = Settings.from_env(os.environ).with_(
+    env = dict(os.environ)
+    if not env.get("CONVEYOR_SECRET_KEY") and not env.get("CONVEYOR_SECRET_KEY_FILE"):
+        env["CONVEYOR_SECRET_KEY_FILE"] = str(await asyncio.to_thread(_secret_key_file, data_dir))
+    settings = Settings.from_env(env).with_(
         database_url=database_url,
         grpc_addr=f"127.0.0.1:{grpc_port}",
         http_addr=f"127.0.0.1:{http_port}",

@@ -7,12 +7,17 @@ import logging
 from dataclasses import asdict, fields, replace
 
 from control.api import convert
+from control.api.access_servicer import AccessRpcs
 from control.api.edge import Ctx, account_of_caller, principal
+from control.api.fields import required
 from control.builds.lifecycle import Lifecycle
 from control.domain import project as proj
 from control.domain.project import ProjectSettings
 from control.errors import FailedPrecondition, InvalidArgument
+from control.storage.audit import AuditLog
 from control.storage.builds import BuildStore
+from control.storage.db import Database
+from control.storage.env import EnvStore
 from control.storage.projects import UPDATABLE, ProjectStore
 from conveyor.v1 import config_service_pb2 as cs
 from conveyor.v1 import config_service_pb2_grpc as cs_grpc
@@ -68,17 +73,23 @@ async def resolve_branch_head(repo_url: str, branch: str) -> str:
     raise InvalidArgument("branch", f"branch {branch!r} does not exist in the repository")
 
 
-class ConfigServicer(cs_grpc.ConfigServiceServicer):
+class ConfigServicer(AccessRpcs, cs_grpc.ConfigServiceServicer):
     def __init__(
         self,
+        db: Database,
         projects: ProjectStore,
         builds: BuildStore,
         lifecycle: Lifecycle,
+        env: EnvStore,
+        audit: AuditLog,
         max_run_timeout: int,
     ) -> None:
+        self.db = db
         self.projects = projects
         self.builds = builds
         self.lifecycle = lifecycle
+        self.env = env
+        self.audit = audit
         self.max_run_timeout = max_run_timeout
 
     async def CreateProject(
@@ -86,16 +97,19 @@ class ConfigServicer(cs_grpc.ConfigServiceServicer):
     ) -> cs.CreateProjectResponse:
         settings = settings_from(request)
         settings.validate(self.max_run_timeout)
-        project = await self.projects.create(account_of_caller(), settings)
+        account = account_of_caller()
+        project = await self.projects.create(account, settings)
+        await self.audit.record(
+            None, account, principal().name, "project.create", f"project {project.name}",
+            f"repo_url={project.repo_url}",
+        )  # fmt: skip
         log.info("project created", extra={"project_id": project.id})
         return cs.CreateProjectResponse(project=convert.project_to_pb(project, with_secret=True))
 
     async def GetProject(
         self, request: cs.GetProjectRequest, context: Ctx
     ) -> cs.GetProjectResponse:
-        project = await self.projects.get(
-            account_of_caller(), _required("project", request.project)
-        )
+        project = await self.projects.get(account_of_caller(), required("project", request.project))
         return cs.GetProjectResponse(project=convert.project_to_pb(project, with_secret=True))
 
     async def ListProjects(
@@ -110,7 +124,7 @@ class ConfigServicer(cs_grpc.ConfigServiceServicer):
         self, request: cs.UpdateProjectRequest, context: Ctx
     ) -> cs.UpdateProjectResponse:
         account = account_of_caller()
-        ref = _required("project", request.project)
+        ref = required("project", request.project)
         unknown = [m for m in request.update_mask if m not in UPDATABLE]
         if unknown:
             raise InvalidArgument("update_mask", f"cannot update {', '.join(unknown)}")
@@ -125,13 +139,19 @@ class ConfigServicer(cs_grpc.ConfigServiceServicer):
         updated.validate(self.max_run_timeout)
         changes = {k: v for k, v in asdict(updated).items() if k in values}
         project = await self.projects.update(account, current.id, changes)
+        await self.audit.record(
+            None, account, principal().name, "project.update", f"project {project.name}",
+            "changed=" + ",".join(sorted(changes)),
+        )  # fmt: skip
         return cs.UpdateProjectResponse(project=convert.project_to_pb(project, with_secret=False))
 
     async def DeleteProject(
         self, request: cs.DeleteProjectRequest, context: Ctx
     ) -> cs.DeleteProjectResponse:
-        project = await self.projects.delete(
-            account_of_caller(), _required("project", request.project)
+        account = account_of_caller()
+        project = await self.projects.delete(account, required("project", request.project))
+        await self.audit.record(
+            None, account, principal().name, "project.delete", f"project {project.name}"
         )
         log.info("project deleted", extra={"project_id": project.id})
         return cs.DeleteProjectResponse()
@@ -140,7 +160,7 @@ class ConfigServicer(cs_grpc.ConfigServiceServicer):
         self, request: cs.TriggerBuildRequest, context: Ctx
     ) -> cs.TriggerBuildResponse:
         account = account_of_caller()
-        project = await self.projects.get(account, _required("project", request.project))
+        project = await self.projects.get(account, required("project", request.project))
         branch = request.branch or project.production_branch
         proj.validate_branch("branch", branch)
         if request.commit_sha:
@@ -167,14 +187,14 @@ class ConfigServicer(cs_grpc.ConfigServiceServicer):
         return cs.ListBuildsResponse(builds=[convert.build_to_pb(b) for b in builds])
 
     async def GetBuild(self, request: cs.GetBuildRequest, context: Ctx) -> cs.GetBuildResponse:
-        build = await self.builds.get(account_of_caller(), _required("build_id", request.build_id))
+        build = await self.builds.get(account_of_caller(), required("build_id", request.build_id))
         return cs.GetBuildResponse(build=convert.build_to_pb(build))
 
     async def RetryBuild(
         self, request: cs.RetryBuildRequest, context: Ctx
     ) -> cs.RetryBuildResponse:
         account = account_of_caller()
-        old = await self.builds.get(account, _required("build_id", request.build_id))
+        old = await self.builds.get(account, required("build_id", request.build_id))
         if not old.status.final:
             raise FailedPrecondition(
                 f"build is {old.status.value}; only a finished build can be retried"
@@ -191,11 +211,3 @@ class ConfigServicer(cs_grpc.ConfigServiceServicer):
         log.info("retry of %s by %s", old.id, principal().name, extra={"build_id": build_id})
         build = await self.builds.get(account, build_id)
         return cs.RetryBuildResponse(build=convert.build_to_pb(build))
-
-
-def _required(field_name: str, value: str) -> str:
-    if not value:
-        raise InvalidArgument(field_name, "is required")
-    if len(value) > 256:
-        raise InvalidArgument(field_name, "is too long")
-    return value

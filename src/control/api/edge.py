@@ -47,6 +47,15 @@ ACCESS: dict[str, str] = {
     _CONFIG + "ListBuilds": "read",
     _CONFIG + "GetBuild": "read",
     _CONFIG + "RetryBuild": "write",
+    _CONFIG + "SetEnvVar": "write",
+    _CONFIG + "UnsetEnvVar": "write",
+    _CONFIG + "ListEnvVars": "read",
+    _CONFIG + "CreateToken": "admin",
+    _CONFIG + "ListTokens": "admin",
+    _CONFIG + "RevokeToken": "admin",
+    _CONFIG + "ListAuditEvents": "admin",
+    _CONFIG + "CreateAccount": "system",
+    _CONFIG + "RotateSecrets": "system",
     _SCHED + "Wake": "internal",
     _SCHED + "GetQueue": "read",
     _BM + "StartBuild": "internal",
@@ -57,7 +66,12 @@ ACCESS: dict[str, str] = {
     _RUNNER + "AppendLogs": "build",
 }
 PUBLIC_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
-_IMPLIED = {"admin": {"admin", "write", "read"}, "write": {"write", "read"}, "read": {"read"}}
+_IMPLIED = {
+    "system": {"system", "admin", "write", "read"},
+    "admin": {"admin", "write", "read"},
+    "write": {"write", "read"},
+    "read": {"read"},
+}
 _CACHE_SECONDS = 2.0
 
 
@@ -85,7 +99,7 @@ class Authenticator:
 
     async def resolve(self, token: str) -> Principal | None:
         if token and secrets.compare_digest(token, self.internal_token):
-            return Principal("internal", None, None, "conveyor", frozenset({"admin"}))
+            return Principal("internal", None, None, "conveyor", frozenset({"system"}))
         hit = self._cache.get(token)
         if hit and hit[0] > time.monotonic():
             return hit[1]
@@ -111,7 +125,7 @@ def _check(method: str, who: Principal | None, token: str) -> Principal:
             raise PermissionDenied("this call needs a runner token")
         return who
     if need == "internal":
-        if who.kind == "internal" or "admin" in who.scopes:
+        if who.kind == "internal" or {"admin", "system"} & who.scopes:
             return who
         raise PermissionDenied("this call is for the control plane itself or an admin token")
     if who.kind == "internal":

@@ -20,6 +20,7 @@ from control.metrics import ControlMetrics
 from control.storage.accounts import hash_token
 from control.storage.builds import BuildStore
 from control.storage.db import Conn, Database
+from control.storage.env import EnvStore, EnvVar
 from control.storage.notify import Notifier
 from control.storage.projects import ProjectStore
 from control.storage.runners import RunnerStore
@@ -47,6 +48,7 @@ class AssignmentData:
     step_names: tuple[str, ...]
     step_commands: tuple[str, ...]
     run_timeout: int
+    env: tuple[EnvVar, ...] = ()
 
 
 def step_plan(project: Project, production: bool) -> list[tuple[str, str]]:
@@ -70,6 +72,7 @@ class Lifecycle:
         notifier: Notifier,
         metrics: ControlMetrics,
         settings: LifecycleSettings,
+        env: EnvStore,
     ) -> None:
         self.db = db
         self.builds = builds
@@ -78,6 +81,7 @@ class Lifecycle:
         self.notifier = notifier
         self.metrics = metrics
         self.settings = settings
+        self.env = env
 
     # --- queueing ---------------------------------------------------------
 
@@ -238,6 +242,7 @@ class Lifecycle:
                         step_names=tuple(n for n, _ in plan),
                         step_commands=tuple(c for _, c in plan),
                         run_timeout=project.run_timeout_seconds,
+                        env=tuple(await self.env.for_build(conn, project.id)),
                     )
                 )
             cur = await conn.execute(

@@ -6,10 +6,13 @@ import hashlib
 import secrets
 import uuid
 from dataclasses import dataclass
+from datetime import datetime
 
 from control.errors import NotFound
-from control.storage.db import Database
+from control.storage.db import Conn, Database
 
+# "system" is held only by the bootstrap admin token: it creates accounts and
+# rotates the secret key. The others are per account, each implying the next.
 SCOPES = ("read", "write", "admin")
 
 
@@ -48,15 +51,6 @@ class AccountStore:
             row = await cur.fetchone()
             assert row is not None
             return str(row[0])
-
-    async def create_token(
-        self, account_id: str | None, name: str, kind: str, scopes: tuple[str, ...]
-    ) -> tuple[str, str]:
-        """Create a token; return (token id, token). The token is not stored."""
-        token = new_token("cvr" if kind == "runner" else "cvy")
-        token_id = str(uuid.uuid4())
-        await self.add_token(token_id, account_id, name, kind, scopes, token)
-        return token_id, token
 
     async def add_token(
         self,
@@ -104,3 +98,69 @@ class AccountStore:
         if row is None:
             raise NotFound("account not found")
         return int(row[0])
+
+
+@dataclass(frozen=True)
+class TokenInfo:
+    id: str
+    name: str
+    scopes: tuple[str, ...]
+    created_at: datetime
+    revoked_at: datetime | None
+
+
+@dataclass(frozen=True)
+class Account:
+    id: str
+    name: str
+    concurrency_limit: int
+    created_at: datetime
+
+
+async def list_tokens(db: Database, account_id: str) -> list[TokenInfo]:
+    async with db.connection() as conn:
+        cur = await conn.execute(
+            "SELECT id, name, scopes, created_at, revoked_at FROM api_tokens"
+            " WHERE account_id = %s AND kind = 'user' ORDER BY created_at",
+            (account_id,),
+        )
+        return [TokenInfo(str(r[0]), r[1], tuple(r[2]), r[3], r[4]) for r in await cur.fetchall()]
+
+
+async def revoke_token(conn: Conn, account_id: str, token_id: str) -> TokenInfo:
+    """Revoke a token of this account; ``NotFound`` for any other."""
+    cur = await conn.execute(
+        "UPDATE api_tokens SET revoked_at = coalesce(revoked_at, now())"
+        " WHERE id = %s AND account_id = %s AND kind = 'user'"
+        " RETURNING id, name, scopes, created_at, revoked_at",
+        (token_id, account_id),
+    )
+    row = await cur.fetchone()
+    if row is None:
+        raise NotFound(f"token {token_id!r} not found")
+    return TokenInfo(str(row[0]), row[1], tuple(row[2]), row[3], row[4])
+
+
+async def create_account(conn: Conn, name: str, concurrency_limit: int) -> Account:
+    cur = await conn.execute(
+        "INSERT INTO accounts (id, name, concurrency_limit) VALUES (%s, %s, %s)"
+        " RETURNING id, name, concurrency_limit, created_at",
+        (uuid.uuid4(), name, concurrency_limit),
+    )
+    row = await cur.fetchone()
+    assert row is not None
+    return Account(str(row[0]), row[1], row[2], row[3])
+
+
+async def insert_token(
+    conn: Conn, account_id: str | None, name: str, kind: str, scopes: tuple[str, ...]
+) -> tuple[str, str]:
+    """Create a token in the caller's transaction; return (id, token)."""
+    token = new_token("cvr" if kind == "runner" else "cvy")
+    token_id = str(uuid.uuid4())
+    await conn.execute(
+        "INSERT INTO api_tokens (id, account_id, name, kind, scopes, token_hash)"
+        " VALUES (%s, %s, %s, %s, %s, %s)",
+        (token_id, account_id, name, kind, list(scopes), hash_token(token)),
+    )
+    return token_id, token

@@ -81,6 +81,51 @@ class ConfigServiceStub:
                 request_serializer=conveyor_dot_v1_dot_config__service__pb2.RetryBuildRequest.SerializeToString,
                 response_deserializer=conveyor_dot_v1_dot_config__service__pb2.RetryBuildResponse.FromString,
                 _registered_method=True)
+        self.SetEnvVar = channel.unary_unary(
+                '/conveyor.v1.ConfigService/SetEnvVar',
+                request_serializer=conveyor_dot_v1_dot_config__service__pb2.SetEnvVarRequest.SerializeToString,
+                response_deserializer=conveyor_dot_v1_dot_config__service__pb2.SetEnvVarResponse.FromString,
+                _registered_method=True)
+        self.UnsetEnvVar = channel.unary_unary(
+                '/conveyor.v1.ConfigService/UnsetEnvVar',
+                request_serializer=conveyor_dot_v1_dot_config__service__pb2.UnsetEnvVarRequest.SerializeToString,
+                response_deserializer=conveyor_dot_v1_dot_config__service__pb2.UnsetEnvVarResponse.FromString,
+                _registered_method=True)
+        self.ListEnvVars = channel.unary_unary(
+                '/conveyor.v1.ConfigService/ListEnvVars',
+                request_serializer=conveyor_dot_v1_dot_config__service__pb2.ListEnvVarsRequest.SerializeToString,
+                response_deserializer=conveyor_dot_v1_dot_config__service__pb2.ListEnvVarsResponse.FromString,
+                _registered_method=True)
+        self.CreateToken = channel.unary_unary(
+                '/conveyor.v1.ConfigService/CreateToken',
+                request_serializer=conveyor_dot_v1_dot_config__service__pb2.CreateTokenRequest.SerializeToString,
+                response_deserializer=conveyor_dot_v1_dot_config__service__pb2.CreateTokenResponse.FromString,
+                _registered_method=True)
+        self.ListTokens = channel.unary_unary(
+                '/conveyor.v1.ConfigService/ListTokens',
+                request_serializer=conveyor_dot_v1_dot_config__service__pb2.ListTokensRequest.SerializeToString,
+                response_deserializer=conveyor_dot_v1_dot_config__service__pb2.ListTokensResponse.FromString,
+                _registered_method=True)
+        self.RevokeToken = channel.unary_unary(
+                '/conveyor.v1.ConfigService/RevokeToken',
+                request_serializer=conveyor_dot_v1_dot_config__service__pb2.RevokeTokenRequest.SerializeToString,
+                response_deserializer=conveyor_dot_v1_dot_config__service__pb2.RevokeTokenResponse.FromString,
+                _registered_method=True)
+        self.CreateAccount = channel.unary_unary(
+                '/conveyor.v1.ConfigService/CreateAccount',
+                request_serializer=conveyor_dot_v1_dot_config__service__pb2.CreateAccountRequest.SerializeToString,
+                response_deserializer=conveyor_dot_v1_dot_config__service__pb2.CreateAccountResponse.FromString,
+                _registered_method=True)
+        self.ListAuditEvents = channel.unary_unary(
+                '/conveyor.v1.ConfigService/ListAuditEvents',
+                request_serializer=conveyor_dot_v1_dot_config__service__pb2.ListAuditEventsRequest.SerializeToString,
+                response_deserializer=conveyor_dot_v1_dot_config__service__pb2.ListAuditEventsResponse.FromString,
+                _registered_method=True)
+        self.RotateSecrets = channel.unary_unary(
+                '/conveyor.v1.ConfigService/RotateSecrets',
+                request_serializer=conveyor_dot_v1_dot_config__service__pb2.RotateSecretsRequest.SerializeToString,
+                response_deserializer=conveyor_dot_v1_dot_config__service__pb2.RotateSecretsResponse.FromString,
+                _registered_method=True)
 
 
 class ConfigServiceServicer:
@@ -142,6 +187,66 @@ class ConfigServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetEnvVar(self, request, context):
+        """Environment variables and secrets of a project. Secret values are
+        write-only: no RPC ever returns them.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnsetEnvVar(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListEnvVars(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateToken(self, request, context):
+        """API tokens of the caller's account; a token is shown once, at creation.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListTokens(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeToken(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateAccount(self, request, context):
+        """Accounts (system scope) and the audit log of the caller's account.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAuditEvents(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RotateSecrets(self, request, context):
+        """RotateSecrets re-encrypts every stored secret under the current key
+        (system scope).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ConfigServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -189,6 +294,51 @@ def add_ConfigServiceServicer_to_server(servicer, server):
                     servicer.RetryBuild,
                     request_deserializer=conveyor_dot_v1_dot_config__service__pb2.RetryBuildRequest.FromString,
                     response_serializer=conveyor_dot_v1_dot_config__service__pb2.RetryBuildResponse.SerializeToString,
+            ),
+            'SetEnvVar': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetEnvVar,
+                    request_deserializer=conveyor_dot_v1_dot_config__service__pb2.SetEnvVarRequest.FromString,
+                    response_serializer=conveyor_dot_v1_dot_config__service__pb2.SetEnvVarResponse.SerializeToString,
+            ),
+            'UnsetEnvVar': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnsetEnvVar,
+                    request_deserializer=conveyor_dot_v1_dot_config__service__pb2.UnsetEnvVarRequest.FromString,
+                    response_serializer=conveyor_dot_v1_dot_config__service__pb2.UnsetEnvVarResponse.SerializeToString,
+            ),
+            'ListEnvVars': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListEnvVars,
+                    request_deserializer=conveyor_dot_v1_dot_config__service__pb2.ListEnvVarsRequest.FromString,
+                    response_serializer=conveyor_dot_v1_dot_config__service__pb2.ListEnvVarsResponse.SerializeToString,
+            ),
+            'CreateToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateToken,
+                    request_deserializer=conveyor_dot_v1_dot_config__service__pb2.CreateTokenRequest.FromString,
+                    response_serializer=conveyor_dot_v1_dot_config__service__pb2.CreateTokenResponse.SerializeToString,
+            ),
+            'ListTokens': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTokens,
+                    request_deserializer=conveyor_dot_v1_dot_config__service__pb2.ListTokensRequest.FromString,
+                    response_serializer=conveyor_dot_v1_dot_config__service__pb2.ListTokensResponse.SerializeToString,
+            ),
+            'RevokeToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeToken,
+                    request_deserializer=conveyor_dot_v1_dot_config__service__pb2.RevokeTokenRequest.FromString,
+                    response_serializer=conveyor_dot_v1_dot_config__service__pb2.RevokeTokenResponse.SerializeToString,
+            ),
+            'CreateAccount': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateAccount,
+                    request_deserializer=conveyor_dot_v1_dot_config__service__pb2.CreateAccountRequest.FromString,
+                    response_serializer=conveyor_dot_v1_dot_config__service__pb2.CreateAccountResponse.SerializeToString,
+            ),
+            'ListAuditEvents': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAuditEvents,
+                    request_deserializer=conveyor_dot_v1_dot_config__service__pb2.ListAuditEventsRequest.FromString,
+                    response_serializer=conveyor_dot_v1_dot_config__service__pb2.ListAuditEventsResponse.SerializeToString,
+            ),
+            'RotateSecrets': grpc.unary_unary_rpc_method_handler(
+                    servicer.RotateSecrets,
+                    request_deserializer=conveyor_dot_v1_dot_config__service__pb2.RotateSecretsRequest.FromString,
+                    response_serializer=conveyor_dot_v1_dot_config__service__pb2.RotateSecretsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -436,6 +586,249 @@ class ConfigService:
             '/conveyor.v1.ConfigService/RetryBuild',
             conveyor_dot_v1_dot_config__service__pb2.RetryBuildRequest.SerializeToString,
             conveyor_dot_v1_dot_config__service__pb2.RetryBuildResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetEnvVar(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/conveyor.v1.ConfigService/SetEnvVar',
+            conveyor_dot_v1_dot_config__service__pb2.SetEnvVarRequest.SerializeToString,
+            conveyor_dot_v1_dot_config__service__pb2.SetEnvVarResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnsetEnvVar(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/conveyor.v1.ConfigService/UnsetEnvVar',
+            conveyor_dot_v1_dot_config__service__pb2.UnsetEnvVarRequest.SerializeToString,
+            conveyor_dot_v1_dot_config__service__pb2.UnsetEnvVarResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListEnvVars(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/conveyor.v1.ConfigService/ListEnvVars',
+            conveyor_dot_v1_dot_config__service__pb2.ListEnvVarsRequest.SerializeToString,
+            conveyor_dot_v1_dot_config__service__pb2.ListEnvVarsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/conveyor.v1.ConfigService/CreateToken',
+            conveyor_dot_v1_dot_config__service__pb2.CreateTokenRequest.SerializeToString,
+            conveyor_dot_v1_dot_config__service__pb2.CreateTokenResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTokens(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/conveyor.v1.ConfigService/ListTokens',
+            conveyor_dot_v1_dot_config__service__pb2.ListTokensRequest.SerializeToString,
+            conveyor_dot_v1_dot_config__service__pb2.ListTokensResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/conveyor.v1.ConfigService/RevokeToken',
+            conveyor_dot_v1_dot_config__service__pb2.RevokeTokenRequest.SerializeToString,
+            conveyor_dot_v1_dot_config__service__pb2.RevokeTokenResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateAccount(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/conveyor.v1.ConfigService/CreateAccount',
+            conveyor_dot_v1_dot_config__service__pb2.CreateAccountRequest.SerializeToString,
+            conveyor_dot_v1_dot_config__service__pb2.CreateAccountResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAuditEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/conveyor.v1.ConfigService/ListAuditEvents',
+            conveyor_dot_v1_dot_config__service__pb2.ListAuditEventsRequest.SerializeToString,
+            conveyor_dot_v1_dot_config__service__pb2.ListAuditEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RotateSecrets(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/conveyor.v1.ConfigService/RotateSecrets',
+            conveyor_dot_v1_dot_config__service__pb2.RotateSecretsRequest.SerializeToString,
+            conveyor_dot_v1_dot_config__service__pb2.RotateSecretsResponse.FromString,
             options,
             channel_credentials,
             insecure,

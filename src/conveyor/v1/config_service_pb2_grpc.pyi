@@ -44,6 +44,23 @@ class ConfigServiceStub:
     ListBuilds: _grpc.UnaryUnaryMultiCallable[_config_service_pb2.ListBuildsRequest, _config_service_pb2.ListBuildsResponse]
     GetBuild: _grpc.UnaryUnaryMultiCallable[_config_service_pb2.GetBuildRequest, _config_service_pb2.GetBuildResponse]
     RetryBuild: _grpc.UnaryUnaryMultiCallable[_config_service_pb2.RetryBuildRequest, _config_service_pb2.RetryBuildResponse]
+    SetEnvVar: _grpc.UnaryUnaryMultiCallable[_config_service_pb2.SetEnvVarRequest, _config_service_pb2.SetEnvVarResponse]
+    """Environment variables and secrets of a project. Secret values are
+    write-only: no RPC ever returns them.
+    """
+    UnsetEnvVar: _grpc.UnaryUnaryMultiCallable[_config_service_pb2.UnsetEnvVarRequest, _config_service_pb2.UnsetEnvVarResponse]
+    ListEnvVars: _grpc.UnaryUnaryMultiCallable[_config_service_pb2.ListEnvVarsRequest, _config_service_pb2.ListEnvVarsResponse]
+    CreateToken: _grpc.UnaryUnaryMultiCallable[_config_service_pb2.CreateTokenRequest, _config_service_pb2.CreateTokenResponse]
+    """API tokens of the caller's account; a token is shown once, at creation."""
+    ListTokens: _grpc.UnaryUnaryMultiCallable[_config_service_pb2.ListTokensRequest, _config_service_pb2.ListTokensResponse]
+    RevokeToken: _grpc.UnaryUnaryMultiCallable[_config_service_pb2.RevokeTokenRequest, _config_service_pb2.RevokeTokenResponse]
+    CreateAccount: _grpc.UnaryUnaryMultiCallable[_config_service_pb2.CreateAccountRequest, _config_service_pb2.CreateAccountResponse]
+    """Accounts (system scope) and the audit log of the caller's account."""
+    ListAuditEvents: _grpc.UnaryUnaryMultiCallable[_config_service_pb2.ListAuditEventsRequest, _config_service_pb2.ListAuditEventsResponse]
+    RotateSecrets: _grpc.UnaryUnaryMultiCallable[_config_service_pb2.RotateSecretsRequest, _config_service_pb2.RotateSecretsResponse]
+    """RotateSecrets re-encrypts every stored secret under the current key
+    (system scope).
+    """
 
 @_typing.type_check_only
 class ConfigServiceAsyncStub(ConfigServiceStub):
@@ -61,6 +78,23 @@ class ConfigServiceAsyncStub(ConfigServiceStub):
     ListBuilds: _aio.UnaryUnaryMultiCallable[_config_service_pb2.ListBuildsRequest, _config_service_pb2.ListBuildsResponse]  # type: ignore[assignment]
     GetBuild: _aio.UnaryUnaryMultiCallable[_config_service_pb2.GetBuildRequest, _config_service_pb2.GetBuildResponse]  # type: ignore[assignment]
     RetryBuild: _aio.UnaryUnaryMultiCallable[_config_service_pb2.RetryBuildRequest, _config_service_pb2.RetryBuildResponse]  # type: ignore[assignment]
+    SetEnvVar: _aio.UnaryUnaryMultiCallable[_config_service_pb2.SetEnvVarRequest, _config_service_pb2.SetEnvVarResponse]  # type: ignore[assignment]
+    """Environment variables and secrets of a project. Secret values are
+    write-only: no RPC ever returns them.
+    """
+    UnsetEnvVar: _aio.UnaryUnaryMultiCallable[_config_service_pb2.UnsetEnvVarRequest, _config_service_pb2.UnsetEnvVarResponse]  # type: ignore[assignment]
+    ListEnvVars: _aio.UnaryUnaryMultiCallable[_config_service_pb2.ListEnvVarsRequest, _config_service_pb2.ListEnvVarsResponse]  # type: ignore[assignment]
+    CreateToken: _aio.UnaryUnaryMultiCallable[_config_service_pb2.CreateTokenRequest, _config_service_pb2.CreateTokenResponse]  # type: ignore[assignment]
+    """API tokens of the caller's account; a token is shown once, at creation."""
+    ListTokens: _aio.UnaryUnaryMultiCallable[_config_service_pb2.ListTokensRequest, _config_service_pb2.ListTokensResponse]  # type: ignore[assignment]
+    RevokeToken: _aio.UnaryUnaryMultiCallable[_config_service_pb2.RevokeTokenRequest, _config_service_pb2.RevokeTokenResponse]  # type: ignore[assignment]
+    CreateAccount: _aio.UnaryUnaryMultiCallable[_config_service_pb2.CreateAccountRequest, _config_service_pb2.CreateAccountResponse]  # type: ignore[assignment]
+    """Accounts (system scope) and the audit log of the caller's account."""
+    ListAuditEvents: _aio.UnaryUnaryMultiCallable[_config_service_pb2.ListAuditEventsRequest, _config_service_pb2.ListAuditEventsResponse]  # type: ignore[assignment]
+    RotateSecrets: _aio.UnaryUnaryMultiCallable[_config_service_pb2.RotateSecretsRequest, _config_service_pb2.RotateSecretsResponse]  # type: ignore[assignment]
+    """RotateSecrets re-encrypts every stored secret under the current key
+    (system scope).
+    """
 
 class ConfigServiceServicer(metaclass=_abc_1.ABCMeta):
     """ConfigService is the configuration plane: projects and the build views a
@@ -129,5 +163,76 @@ class ConfigServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _config_service_pb2.RetryBuildRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_config_service_pb2.RetryBuildResponse, _abc.Awaitable[_config_service_pb2.RetryBuildResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def SetEnvVar(
+        self,
+        request: _config_service_pb2.SetEnvVarRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_config_service_pb2.SetEnvVarResponse, _abc.Awaitable[_config_service_pb2.SetEnvVarResponse]]:
+        """Environment variables and secrets of a project. Secret values are
+        write-only: no RPC ever returns them.
+        """
+
+    @_abc_1.abstractmethod
+    def UnsetEnvVar(
+        self,
+        request: _config_service_pb2.UnsetEnvVarRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_config_service_pb2.UnsetEnvVarResponse, _abc.Awaitable[_config_service_pb2.UnsetEnvVarResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def ListEnvVars(
+        self,
+        request: _config_service_pb2.ListEnvVarsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_config_service_pb2.ListEnvVarsResponse, _abc.Awaitable[_config_service_pb2.ListEnvVarsResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def CreateToken(
+        self,
+        request: _config_service_pb2.CreateTokenRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_config_service_pb2.CreateTokenResponse, _abc.Awaitable[_config_service_pb2.CreateTokenResponse]]:
+        """API tokens of the caller's account; a token is shown once, at creation."""
+
+    @_abc_1.abstractmethod
+    def ListTokens(
+        self,
+        request: _config_service_pb2.ListTokensRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_config_service_pb2.ListTokensResponse, _abc.Awaitable[_config_service_pb2.ListTokensResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def RevokeToken(
+        self,
+        request: _config_service_pb2.RevokeTokenRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_config_service_pb2.RevokeTokenResponse, _abc.Awaitable[_config_service_pb2.RevokeTokenResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def CreateAccount(
+        self,
+        request: _config_service_pb2.CreateAccountRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_config_service_pb2.CreateAccountResponse, _abc.Awaitable[_config_service_pb2.CreateAccountResponse]]:
+        """Accounts (system scope) and the audit log of the caller's account."""
+
+    @_abc_1.abstractmethod
+    def ListAuditEvents(
+        self,
+        request: _config_service_pb2.ListAuditEventsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_config_service_pb2.ListAuditEventsResponse, _abc.Awaitable[_config_service_pb2.ListAuditEventsResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def RotateSecrets(
+        self,
+        request: _config_service_pb2.RotateSecretsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_config_service_pb2.RotateSecretsResponse, _abc.Awaitable[_config_service_pb2.RotateSecretsResponse]]:
+        """RotateSecrets re-encrypts every stored secret under the current key
+        (system scope).
+        """
 
 def add_ConfigServiceServicer_to_server(servicer: ConfigServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
