@@ -102,7 +102,7 @@ class Figure:
 
     def ratio_text(self) -> str:
         ratio = self.ratio
-        return "" if ratio is None else f"{ratio:.1f}× better"
+        return "" if ratio is None else f"{ratio:.1f}x better"
 
 
 def _number(value: float) -> str:
@@ -115,3 +115,13 @@ def _number(value: float) -> str:
     if abs(value) >= 10:
         return f"{value:.1f}"
     return f"{value:.2f}"
+
+
+@dataclass
+class PartResult:
+    """What one part measured: its table rows and its raw numbers (kept in
+    the JSON output for anyone who wants to recompute a figure)."""
+
+    name: str
+    figures: list[Figure]
+    raw: dict[str, object] = field(default_factory=dict)

@@ -69,14 +69,14 @@ class Postgres:
 
 
 async def _wait_for(
-    predicate: Callable[[], Awaitable[bool]], what: str, log: Path, timeout: float
+    predicate: Callable[[], Awaitable[bool]], what: str, log: Path, within: float
 ) -> None:
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + within
     while time.monotonic() < deadline:
         if await predicate():
             return
         await asyncio.sleep(0.05)
-    raise BenchError(f"{what} within {timeout:.0f} s; see {log}")
+    raise BenchError(f"{what} within {within:.0f} s; see {log}")
 
 
 async def connected_runners(database_url: str) -> int:

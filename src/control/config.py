@@ -19,6 +19,13 @@ def _int(env: Mapping[str, str], name: str, default: int) -> int:
         raise InvalidArgument(name, f"must be an integer, not {raw!r}") from None
 
 
+def _log_format(env: Mapping[str, str]) -> str:
+    raw = env.get("CONVEYOR_LOG_FORMAT") or "json"
+    if raw not in ("json", "text"):
+        raise InvalidArgument("CONVEYOR_LOG_FORMAT", f"must be json or text, not {raw!r}")
+    return raw
+
+
 def _float(env: Mapping[str, str], name: str, default: float) -> float:
     raw = env.get(name)
     if raw is None or raw == "":
@@ -89,7 +96,7 @@ class Settings:
             tls_key=env.get("CONVEYOR_TLS_KEY", ""),
             tls_ca=env.get("CONVEYOR_TLS_CA", ""),
             secret_keys=keys_from_env(env),
-            log_format=env.get("CONVEYOR_LOG_FORMAT", "json"),
+            log_format=_log_format(env),
             lifecycle=lifecycle,
         )
 

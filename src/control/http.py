@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -18,10 +19,15 @@ from control.storage import migrate
 from control.storage.builds import is_uuid
 from control.storage.db import Database
 from control.storage.projects import ProjectStore
+from control.storage.stats import BuildCounts, build_counts
 from control.webhooks import github, gitlab
 from control.webhooks.push import PayloadError, PushEvent
 
 log = logging.getLogger(__name__)
+
+# How long /metrics and /readyz wait for the database: well inside a
+# Prometheus scrape timeout and an orchestrator's probe timeout.
+DB_PROBE_SECONDS = 2.0
 
 
 def _json(code: int, **body: object) -> web.Response:
@@ -58,20 +64,38 @@ class HttpApp:
         return app
 
     async def metrics_endpoint(self, request: web.Request) -> web.Response:
+        """Prometheus exposition. The pool gauges and the installation-wide
+        build counts are read now; when the database does not answer within
+        ``DB_PROBE_SECONDS`` the build counts are left without samples and
+        the rest is served anyway."""
         stats = self.db.stats()
         self.metrics.db_pool_size.set(stats.get("pool_size", 0))
         self.metrics.db_pool_available.set(stats.get("pool_available", 0))
         self.metrics.db_pool_waiting.set(stats.get("requests_waiting", 0))
+        counts: BuildCounts | None = None
+        try:
+            async with asyncio.timeout(DB_PROBE_SECONDS), self.db.connection() as conn:
+                counts = await build_counts(conn)
+        except (ConveyorError, TimeoutError) as exc:
+            log.warning("metrics: build counts unavailable: %s", exc or "database timeout")
+        self.metrics.build_counts.update(counts)
         body = generate_latest(self.metrics.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def healthz(self, request: web.Request) -> web.Response:
+        """Alive: the event loop answers. Checks nothing else on purpose, so a
+        database outage never makes an orchestrator restart healthy replicas."""
         return _json(200, status="ok")
 
     async def readyz(self, request: web.Request) -> web.Response:
+        """Ready: the database answers within ``DB_PROBE_SECONDS`` and has
+        every migration this code knows. 503 with ``status`` "unavailable" or
+        "migrating" (and the ``pending`` versions) otherwise."""
         try:
-            async with self.db.connection() as conn:
+            async with asyncio.timeout(DB_PROBE_SECONDS), self.db.connection() as conn:
                 pending = await migrate.pending(conn)
+        except TimeoutError:
+            return _json(503, status="unavailable", reason="the database did not answer in time")
         except (ConveyorError, OSError) as exc:
             return _json(503, status="unavailable", reason=str(exc))
         if pending:

@@ -75,6 +75,7 @@ class ControlPlane:
     grpc_port: int = 0
     http_port: int = 0
     admin_account_id: str = ""
+    shutdown_grace: float = SHUTDOWN_GRACE
 
     async def start(self) -> None:
         s = self.settings
@@ -239,7 +240,9 @@ class ControlPlane:
                 self.admin_account_id,
                 "admin",
                 "user",
-                ("admin",),
+                # The bootstrap token also holds "system": it creates
+                # accounts and rotates the secret key.
+                ("admin", "system"),
                 s.admin_token,
             )
         if s.runner_token:
@@ -265,19 +268,24 @@ class ControlPlane:
                 log.exception("alarm pass failed")
 
     async def stop(self) -> None:
-        """Stop accepting, let in-flight RPCs finish within the grace, then
-        stop the loops and close the pool: the reverse of ``start``."""
-        for name in (*SERVICE_NAMES, ""):
-            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        """Undo ``start`` in reverse order. Health turns NOT_SERVING first,
+        so balancers and ``Watch`` clients move away while this process still
+        answers; then the alarm and scheduler loops stop, the HTTP side
+        closes, live log follows end with UNAVAILABLE (their viewers resume
+        from their cursor on another replica), the gRPC server refuses new
+        calls and gives in-flight ones ``shutdown_grace`` seconds before it
+        cancels them, and last the LISTEN connection and the pool close."""
+        await self.health.enter_graceful_shutdown()
         self._alarms.cancel()
-        await self.scheduler.stop()
-        await self.http_runner.cleanup()
-        await self.server.stop(SHUTDOWN_GRACE)
-        await self._self_channel.close(None)
         try:
             await self._alarms
         except asyncio.CancelledError:
             pass
+        await self.scheduler.stop()
+        await self.http_runner.cleanup()
+        self.hub.close()
+        await self.server.stop(self.shutdown_grace)
+        await self._self_channel.close(None)
         await self.notifier.stop()
         await self.db.close()
         log.info("control plane stopped")

@@ -2,11 +2,24 @@
 
 Tests build ``ControlMetrics(CollectorRegistry())`` and read values back;
 production passes the registry that ``/metrics`` serves.
+
+Most metrics count what this process did, so sum them over replicas. The
+build gauges (``conveyor_active_builds``, ``conveyor_queue_depth``,
+``conveyor_oldest_queued_build_age_seconds``) describe the whole
+installation: ``/metrics`` reads them from PostgreSQL at scrape time (see
+``BuildCountsCollector``), every replica reports the same values, and they
+combine with ``max``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from control.storage.stats import BuildCounts
 
 # Push-to-start latencies are tens of milliseconds; builds run for minutes.
 _FAST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.35, 0.5, 1, 2, 5, 10, 30, 60)
@@ -49,22 +62,8 @@ class ControlMetrics:
             buckets=_BUILD_BUCKETS,
             registry=registry,
         )
-        self.active_builds = Gauge(
-            "conveyor_active_builds",
-            "Builds initializing or running.",
-            registry=registry,
-        )
-        self.queue_depth = Gauge(
-            "conveyor_queue_depth",
-            "Queued builds, by account.",
-            ["account_id"],
-            registry=registry,
-        )
-        self.oldest_queued_seconds = Gauge(
-            "conveyor_oldest_queued_build_age_seconds",
-            "Age of the oldest queued build.",
-            registry=registry,
-        )
+        self.build_counts = BuildCountsCollector()
+        registry.register(self.build_counts)
         self.scheduler_tick_seconds = Histogram(
             "conveyor_scheduler_tick_seconds",
             "Duration of one scheduler pass.",
@@ -157,3 +156,49 @@ class ControlMetrics:
             "Requests waiting for a pooled connection.",
             registry=registry,
         )
+
+
+class BuildCountsCollector(Collector):
+    """The installation-wide build gauges, from the latest ``BuildCounts``.
+
+    Prometheus collects synchronously, so the async ``/metrics`` handler reads
+    the counts from the database and calls ``update`` just before it renders
+    the registry. Until the first update, and after an update with ``None``
+    (the database did not answer), the families are exposed without samples:
+    an absent value, never a stale one.
+    """
+
+    def __init__(self) -> None:
+        self.counts: BuildCounts | None = None
+
+    def update(self, counts: BuildCounts | None) -> None:
+        self.counts = counts
+
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        return self._families(None)
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        return self._families(self.counts)
+
+    @staticmethod
+    def _families(counts: BuildCounts | None) -> Iterator[GaugeMetricFamily]:
+        active = GaugeMetricFamily(
+            "conveyor_active_builds", "Builds initializing or running, in the whole installation."
+        )
+        depth = GaugeMetricFamily(
+            "conveyor_queue_depth",
+            "Queued builds waiting for a slot, by account (accounts with none are absent).",
+            labels=["account_id"],
+        )
+        oldest = GaugeMetricFamily(
+            "conveyor_oldest_queued_build_age_seconds",
+            "Age of the oldest queued build waiting for a slot; 0 when none waits.",
+        )
+        if counts is not None:
+            active.add_metric([], counts.active)
+            for account_id, waiting in sorted(counts.waiting.items()):
+                depth.add_metric([account_id], waiting)
+            oldest.add_metric([], counts.oldest_waiting_seconds)
+        yield active
+        yield depth
+        yield oldest

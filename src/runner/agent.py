@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from control.logging_setup import release
 from conveyor.v1 import runner_service_pb2 as rs
 from runner.build_run import BuildRun
 from runner.config import RunnerSettings
@@ -27,8 +28,6 @@ from runner.launchers.base import Launcher
 from runner.metrics import RunnerMetrics
 
 log = logging.getLogger(__name__)
-
-VERSION = "0.1.0"
 
 
 class Agent:
@@ -79,7 +78,7 @@ class Agent:
             self.connected.clear()
             log.warning("control plane stream broke: %s; reconnecting", _short(exc))
             self.metrics.reconnects.inc()
-            await backoff_sleep(attempt, base=0.2, cap=5.0)
+            await backoff_sleep(attempt, base=0.2)
             attempt = min(attempt + 1, 10)
         await self._finish()
 
@@ -94,7 +93,7 @@ class Agent:
                     capacity=0 if self.draining else self.settings.capacity,
                     labels=list(self.settings.labels),
                     launcher=self.launcher.name,
-                    version=VERSION,
+                    version=release(),
                     running_build_ids=list(self.runs),
                 )
             )

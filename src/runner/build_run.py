@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from control.logging_setup import bind
 from conveyor.v1 import runner_service_pb2 as rs
 from conveyor.v1 import types_pb2 as pb
 from conveyor.v1.types_pb2 import BuildStatus
@@ -124,7 +125,12 @@ class BuildRun:
                     break
 
     async def run(self) -> BuildStatus.ValueType:
-        """Run the build to its end; return the final status reported."""
+        """Run the build to its end; return the final status reported.
+
+        Run it as its own task: it tags that task's log context with the
+        build, so every line logged inside (and in the tasks it starts) has
+        the build and project ids."""
+        bind(build_id=self.build_id, project_id=self.a.project_id or None)
         reporter = asyncio.create_task(self._report_loop())
         batcher = LogBatcher(self.client, self.build_id, self.a.build_token, self.metrics)
         try:

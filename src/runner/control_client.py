@@ -27,6 +27,9 @@ RETRYABLE = frozenset(
     }
 )
 RPC_TIMEOUT = 15.0
+# Longest pause between two tries of a refused RPC: bounds how long after
+# the control plane (or its database) is back a runner resumes.
+RETRY_CAP = 2.0
 
 
 def is_retryable(exc: BaseException) -> bool:
@@ -60,29 +63,45 @@ class ControlClient:
     def connect(
         self, requests: AsyncIterator[rs.ConnectRequest]
     ) -> AsyncIterator[rs.ConnectResponse]:
-        """Open the runner stream; raises ``AioRpcError`` when it breaks."""
-        call = self.stub.Connect(requests, metadata=(("authorization", f"Bearer {self.token}"),))
+        """Open the runner stream; raises ``AioRpcError`` when it breaks.
+
+        While the control plane is unreachable the call waits for the channel
+        to connect (wait_for_ready) instead of failing at once, so a restarted
+        control plane is reached as soon as the channel's reconnect sees it.
+        """
+        call = self.stub.Connect(
+            requests,
+            metadata=(("authorization", f"Bearer {self.token}"),),
+            wait_for_ready=True,
+        )
         return call.__aiter__()
 
     async def report(self, token: str, request: rs.ReportStatusRequest) -> rs.ReportStatusResponse:
+        """Raises ``AioRpcError``; DEADLINE_EXCEEDED after ``RPC_TIMEOUT``
+        seconds of waiting for an unreachable control plane (retryable)."""
         return await self.stub.ReportStatus(
-            request, metadata=(("authorization", f"Bearer {token}"),), timeout=RPC_TIMEOUT
+            request,
+            metadata=(("authorization", f"Bearer {token}"),),
+            timeout=RPC_TIMEOUT,
+            wait_for_ready=True,
         )
 
     async def append(
         self, token: str, build_id: str, seq: int, lines: Sequence[rs.BatchLine], final: bool
     ) -> rs.AppendLogsResponse:
+        """Send one log batch; raises ``AioRpcError`` as ``report`` does."""
         return await self.stub.AppendLogs(
             rs.AppendLogsRequest(build_id=build_id, seq=seq, lines=lines, final=final),
             metadata=(("authorization", f"Bearer {token}"),),
             timeout=RPC_TIMEOUT,
+            wait_for_ready=True,
         )
 
     async def close(self) -> None:
         await self.channel.close(None)
 
 
-async def backoff_sleep(attempt: int, base: float = 0.1, cap: float = 5.0) -> None:
+async def backoff_sleep(attempt: int, base: float = 0.1, cap: float = RETRY_CAP) -> None:
     """Sleep an exponential backoff with full jitter; bounded by ``cap``."""
     import random
 

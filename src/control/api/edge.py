@@ -20,8 +20,10 @@ from grpc import aio
 
 from control.api.errors import status_of
 from control.errors import ConveyorError, PermissionDenied, Unauthenticated
+from control.logging_setup import bind
 from control.metrics import ControlMetrics
 from control.storage.accounts import AccountStore, Principal
+from control.storage.builds import is_uuid
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +140,20 @@ def _check(method: str, who: Principal | None, token: str) -> Principal:
     return who
 
 
+def _bind_log_context(request: Any, who: Principal) -> None:
+    """Tag every log line of this RPC with the caller's account and the
+    build or project the request names (each RPC runs in its own task, so
+    the tags end with it). Only well-formed ids: a client's junk never
+    reaches the logs."""
+    build_id = getattr(request, "build_id", "")
+    project_id = getattr(request, "project_id", "")
+    bind(
+        build_id=build_id if isinstance(build_id, str) and is_uuid(build_id) else None,
+        project_id=project_id if isinstance(project_id, str) and is_uuid(project_id) else None,
+        account_id=who.account_id,
+    )
+
+
 class EdgeInterceptor(aio.ServerInterceptor):  # type: ignore[type-arg]  # grpc-stubs leaves it generic
     def __init__(self, auth: Authenticator, metrics: ControlMetrics) -> None:
         self.auth = auth
@@ -159,10 +175,12 @@ class EdgeInterceptor(aio.ServerInterceptor):  # type: ignore[type-arg]  # grpc-
                 token = value.removeprefix("Bearer ").strip()
         short = method.rsplit("/", 1)[-1]
 
-        async def enter(context: Ctx) -> contextvars.Token[Principal]:
+        async def enter(request: Any) -> None:
             who = await self.auth.resolve(token) if not token.startswith("cvb_") else None
             BEARER.set(token)
-            return PRINCIPAL.set(_check(method, who, token))
+            caller = _check(method, who, token)
+            PRINCIPAL.set(caller)
+            _bind_log_context(request, caller)
 
         async def fail(context: Ctx, exc: BaseException) -> None:
             if isinstance(exc, ConveyorError):
@@ -179,7 +197,7 @@ class EdgeInterceptor(aio.ServerInterceptor):  # type: ignore[type-arg]  # grpc-
             async def unary(request: Any, context: Ctx) -> Any:
                 began = time.perf_counter()
                 try:
-                    await enter(context)
+                    await enter(request)
                     response = await inner_uu(request, context)
                 except (ConveyorError, Exception) as exc:
                     if isinstance(exc, aio.AbortError):
@@ -204,7 +222,7 @@ class EdgeInterceptor(aio.ServerInterceptor):  # type: ignore[type-arg]  # grpc-
         async def streaming(request: Any, context: Ctx) -> AsyncIterator[Any]:
             began = time.perf_counter()
             try:
-                await enter(context)
+                await enter(request)
                 async for item in stream_fn(request, context):
                     yield item
             except (ConveyorError, Exception) as exc:

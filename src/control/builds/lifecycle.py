@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -18,7 +19,7 @@ from control.domain.project import Project
 from control.errors import FailedPrecondition, PermissionDenied
 from control.metrics import ControlMetrics
 from control.storage.accounts import hash_token
-from control.storage.builds import BuildStore
+from control.storage.builds import BuildStore, is_uuid
 from control.storage.db import Conn, Database
 from control.storage.env import EnvStore, EnvVar
 from control.storage.notify import Notifier
@@ -82,6 +83,12 @@ class Lifecycle:
         self.metrics = metrics
         self.settings = settings
         self.env = env
+        # Since when this process could have heard every runner's heartbeat
+        # (None while the database is unreachable): a runner is declared
+        # lost only after a whole ``runner_lost_after`` of hearing nothing,
+        # so a control-plane restart or a database outage never passes for
+        # the loss of every runner.
+        self._hearing_since: float | None = time.monotonic()
 
     # --- queueing ---------------------------------------------------------
 
@@ -354,19 +361,20 @@ class Lifecycle:
         )
 
     def _after(self, build: Build, status: BuildStatus, at: datetime) -> None:
-        extra = {"build_id": build.id, "project_id": build.project_id}
+        extra = {
+            "build_id": build.id,
+            "project_id": build.project_id,
+            "account_id": build.account_id,
+        }
         log.info("build %s", status.value, extra=extra)
         if status == BuildStatus.INITIALIZING or (
             status == BuildStatus.RUNNING and build.status == BuildStatus.QUEUED
         ):
             self.metrics.queue_seconds.observe((at - build.created_at).total_seconds())
-            self.metrics.active_builds.inc()
         if status == BuildStatus.RUNNING and build.received_at is not None:
             self.metrics.push_to_running_seconds.observe((at - build.received_at).total_seconds())
         if status.final:
             self.metrics.builds_finished.labels(status.value).inc()
-            if build.status in (BuildStatus.INITIALIZING, BuildStatus.RUNNING):
-                self.metrics.active_builds.dec()
             if build.started_at is not None:
                 self.metrics.build_duration_seconds.labels(status.value).observe(
                     (at - build.started_at).total_seconds()
@@ -469,7 +477,22 @@ class Lifecycle:
 
     async def reap_lost_runners(self) -> int:
         """Error the running builds of runners silent past the bound; put their
-        accepted-but-not-started builds back in the queue. Returns builds touched."""
+        accepted-but-not-started builds back in the queue. Returns builds touched.
+
+        Reaps nothing until this process has been able to hear runners for
+        the whole bound (after its start, or after the database came back);
+        raises the database's errors (``Unavailable``) unchanged."""
+        try:
+            return await self._reap_lost_runners()
+        except Exception:
+            self._hearing_since = None
+            raise
+
+    async def _reap_lost_runners(self) -> int:
+        if self._hearing_since is None:
+            self._hearing_since = time.monotonic()
+        if time.monotonic() - self._hearing_since < self.settings.runner_lost_after:
+            return 0
         touched: list[tuple[Build, BuildStatus]] = []
         requeued = 0
         async with self.db.transaction() as conn:
@@ -487,12 +510,11 @@ class Lifecycle:
                 for (bid,) in await cur.fetchall():
                     build = await self.builds.get_in(conn, None, str(bid))
                     if build.status == BuildStatus.QUEUED:
-                        await conn.execute(
-                            "UPDATE builds SET runner_id = NULL, assigned_at = NULL,"
-                            " dispatched_at = NULL, token_hash = NULL WHERE id = %s",
-                            (build.id,),
-                        )
-                        await self.builds.disarm(conn, build.id, ["startup"])
+                        ended = await self._requeue_in(conn, build)
+                        if ended is not None:
+                            touched.append((build, ended))
+                            continue
+                        log.info("runner lost; build back in the queue", extra={"build_id": bid})
                         requeued += 1
                     else:
                         await self._write(conn, build, BuildStatus.ERRORED, "runner lost", now())
@@ -505,17 +527,78 @@ class Lifecycle:
             self.notifier.publish_local("conveyor_queue", None)
         return len(touched) + requeued
 
+    async def _requeue_in(self, conn: Conn, build: Build) -> BuildStatus | None:
+        """Take a queued build (locked by the caller) back from its runner:
+        it never started. A build someone asked to stop ends instead, in the
+        state asked for; that state is returned (None: requeued), and the
+        caller fires ``_after`` for it after the commit."""
+        cur = await conn.execute(
+            "SELECT cancel_status, cancel_reason FROM builds WHERE id = %s"
+            " AND cancel_requested_at IS NOT NULL",
+            (build.id,),
+        )
+        row = await cur.fetchone()
+        if row is not None:
+            status = BuildStatus(row[0]) if row[0] else BuildStatus.CANCELED
+            await self._write(conn, build, status, row[1] or "stopped", now())
+            return status
+        await conn.execute(
+            "UPDATE builds SET runner_id = NULL, assigned_at = NULL, dispatched_at = NULL,"
+            " token_hash = NULL WHERE id = %s AND status = 'queued'",
+            (build.id,),
+        )
+        await self.builds.disarm(conn, build.id, ["startup"])
+        return None
+
     async def forget_missing(self, runner_id: str, running: set[str]) -> None:
-        """A runner reconnected without some builds we thought it ran (it
-        restarted): those builds errored with it."""
-        async with self.db.connection() as conn:
+        """Reconcile with a runner that (re)connected saying it runs ``running``.
+
+        Builds we handed it that it does not have: a queued one (the
+        assignment was lost on the way, or the runner restarted before
+        starting it) goes back to the queue; a started one errored with the
+        runner. Stops it may have missed while away are sent again, and a
+        build it still runs that ended here meanwhile is stopped.
+        """
+        ids = [b for b in running if is_uuid(b)]
+        errored: list[str] = []
+        ended: list[tuple[Build, BuildStatus]] = []
+        requeued = 0
+        async with self.db.transaction() as conn:
             cur = await conn.execute(
-                "SELECT id FROM builds WHERE runner_id = %s AND dispatched_at IS NOT NULL"
-                " AND status IN ('queued', 'initializing', 'running')",
+                "SELECT id, status FROM builds WHERE runner_id = %s AND dispatched_at IS NOT NULL"
+                " AND status IN ('queued', 'initializing', 'running') FOR UPDATE",
                 (runner_id,),
             )
-            missing = [str(r[0]) for r in await cur.fetchall() if str(r[0]) not in running]
-        for build_id in missing:
+            for bid, status in await cur.fetchall():
+                if str(bid) in running:
+                    continue
+                if status == BuildStatus.QUEUED.value:
+                    build = await self.builds.get_in(conn, None, str(bid))
+                    final = await self._requeue_in(conn, build)
+                    if final is not None:
+                        ended.append((build, final))
+                        continue
+                    log.info(
+                        "runner came back without the build; requeued", extra={"build_id": str(bid)}
+                    )
+                    requeued += 1
+                else:
+                    errored.append(str(bid))
+            await conn.execute(
+                "UPDATE builds SET cancel_requested_at = coalesce(cancel_requested_at, now()),"
+                " cancel_reason = coalesce(cancel_reason, 'the build already ended'),"
+                " cancel_sent_at = NULL WHERE runner_id = %s AND id = ANY(%s::uuid[])"
+                " AND (cancel_requested_at IS NOT NULL"
+                "      OR status NOT IN ('queued', 'initializing', 'running'))",
+                (runner_id, ids),
+            )
+            if requeued:
+                await conn.execute("SELECT pg_notify('conveyor_queue', '')")
+        for build, final in ended:
+            self._after(build, final, now())
+        if requeued:
+            self.notifier.publish_local("conveyor_queue", None)
+        for build_id in errored:
             try:
                 await self.report(build_id, BuildStatus.ERRORED, reason="runner lost (restarted)")
             except FailedPrecondition:

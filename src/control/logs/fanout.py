@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 from control.domain.build import BuildStatus
+from control.errors import Unavailable
 from control.storage.logs import LogStore, StoredLine
 from control.storage.notify import Notifier
 
@@ -51,8 +52,16 @@ class LogHub:
     def __init__(self, store: LogStore, notifier: Notifier) -> None:
         self.store = store
         self._watches: dict[str, _Watch] = {}
+        self._closed = False
         notifier.subscribe("conveyor_logs", self._on_logs)
         notifier.subscribe("conveyor_build", self._on_build)
+
+    def close(self) -> None:
+        """End every follow, now and later, with ``Unavailable``: the process
+        is shutting down and viewers resume from their cursor elsewhere."""
+        self._closed = True
+        for each in self._watches.values():
+            each.bump()
 
     def ingested(self, build_id: str, lines: tuple[StoredLine, ...]) -> None:
         watch = self._watches.get(build_id)
@@ -104,7 +113,8 @@ class LogHub:
         status_of: StatusReader,
     ) -> AsyncIterator[tuple[list[StoredLine], BuildStatus | None]]:
         """Yield (lines, None) until the build is final and every line was
-        sent, then ([], final status). Cancel the iteration to stop early."""
+        sent, then ([], final status). Cancel the iteration to stop early.
+        Raises ``Unavailable`` once ``close`` was called."""
         watch = self._watches.setdefault(build_id, _Watch())
         watch.followers += 1
         # The database is asked for the status at the start and after a quiet
@@ -112,6 +122,10 @@ class LogHub:
         ask_status = True
         try:
             while True:
+                if self._closed:
+                    raise Unavailable(
+                        "the control plane is shutting down; follow again from the last cursor"
+                    )
                 version = watch.version
                 lines = await self.read_after(build_id, after)
                 if lines:

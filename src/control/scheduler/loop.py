@@ -1,9 +1,9 @@
 """The scheduler loop: the sole owner of scheduling decisions.
 
-One task per process wakes on a queue NOTIFY, a freed slot, or a one-second
-tick. A pass runs only while it holds a transaction-level advisory lock, so
-with several replicas one schedules at a time; ``StartBuild`` is idempotent
-besides, so a build is never started twice.
+One task per process wakes on a queue NOTIFY, a freed slot, or a tick. A
+pass runs only while it holds a transaction-level advisory lock, so with
+several replicas one schedules at a time; ``StartBuild`` is idempotent and
+locks the build row besides, so a build is never handed out twice.
 """
 
 from __future__ import annotations
@@ -12,11 +12,10 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
 
 from control.metrics import ControlMetrics
-from control.scheduler.policy import AccountQueue, pick
-from control.storage.db import Database, Row
+from control.scheduler.policy import AccountQueue, QueuedBuild, pick
+from control.storage.db import Conn, Database
 from control.storage.notify import Notifier
 from control.storage.runners import RunnerStore
 
@@ -25,10 +24,35 @@ log = logging.getLogger(__name__)
 _LEADER_KEY = 0x5C4ED  # advisory lock key of the scheduling pass
 StartFn = Callable[[str], Awaitable[bool]]
 
+# A build holds a slot from the moment a runner is picked for it until it is
+# final; initializing and running builds always have a runner, so this
+# predicate matches the partial index builds_runner.
+_ACTIVE_SQL = (
+    "SELECT account_id, count(*) FROM builds WHERE runner_id IS NOT NULL"
+    " AND status IN ('queued', 'initializing', 'running') GROUP BY account_id"
+)
+# Accounts with waiting builds: their limit and their first ``limit``
+# waiting builds, oldest first (more can never start in one pass). The
+# queue-depth gauges are read at scrape time (control.storage.stats).
+_QUEUES_SQL = (
+    "SELECT a.id, a.concurrency_limit, q.ids, q.times FROM ("
+    "  SELECT DISTINCT account_id FROM builds"
+    "  WHERE status = 'queued' AND runner_id IS NULL) w"
+    " JOIN accounts a ON a.id = w.account_id"
+    " CROSS JOIN LATERAL ("
+    "  SELECT array_agg(s.id::text ORDER BY s.created_at, s.id) AS ids,"
+    "         array_agg(s.created_at ORDER BY s.created_at, s.id) AS times FROM ("
+    "    SELECT id, created_at FROM builds b WHERE b.account_id = a.id"
+    "    AND b.status = 'queued' AND b.runner_id IS NULL"
+    "    ORDER BY created_at, id LIMIT a.concurrency_limit) s) q"
+)
+
 
 class Scheduler:
     """``start_build(build_id) -> started`` is the BuildManager's StartBuild,
-    called through its gRPC stub in production."""
+    called through its gRPC stub in production. ``global_capacity`` bounds
+    the builds holding a slot over all accounts (0: only the runners' slots
+    bound them); each account is bounded by ``accounts.concurrency_limit``."""
 
     def __init__(
         self,
@@ -93,46 +117,49 @@ class Scheduler:
                 self._wake.set()
 
     async def pass_once(self) -> int:
-        """Start what may start; return how many builds were started."""
+        """Start what may start; return how many builds were started.
+        Returns 0 at once when another replica's pass holds the lock."""
         async with self.db.transaction() as conn:
             cur = await conn.execute("SELECT pg_try_advisory_xact_lock(%s)", (_LEADER_KEY,))
             row = await cur.fetchone()
             if not row or not row[0]:
                 return 0
-            capacity, busy = await self.runners.free_slots(conn, self.runner_alive)
-            free = capacity - busy
-            if self.global_capacity:
-                cur = await conn.execute(
-                    "SELECT count(*) FROM builds WHERE status IN ('initializing', 'running')"
-                    " OR (status = 'queued' AND runner_id IS NOT NULL)"
-                )
-                row = await cur.fetchone()
-                free = min(free, self.global_capacity - int(row[0] if row else 0))
-            cur = await conn.execute(
-                "SELECT a.id, a.concurrency_limit,"
-                " (SELECT count(*) FROM builds x WHERE x.account_id = a.id"
-                "   AND (x.status IN ('initializing', 'running')"
-                "        OR (x.status = 'queued' AND x.runner_id IS NOT NULL))),"
-                " q.ids, q.oldest"
-                " FROM accounts a JOIN LATERAL ("
-                "   SELECT array_agg(id::text ORDER BY created_at) AS ids,"
-                "          min(created_at) AS oldest FROM ("
-                "     SELECT id, created_at FROM builds b WHERE b.account_id = a.id"
-                "     AND b.status = 'queued' AND b.runner_id IS NULL"
-                "     ORDER BY created_at LIMIT a.concurrency_limit) s) q ON q.ids IS NOT NULL"
-            )
-            rows = await cur.fetchall()
-            queues = [AccountQueue(str(r[0]), int(r[1]), int(r[2]), tuple(r[3])) for r in rows]
-            self._observe_queue(rows)
-            chosen = pick(queues, max(free, 0))
+            queues, free = await self._read(conn)
+            chosen = pick(queues, free)
+            for queue in queues:
+                if queue.active >= queue.limit:
+                    self.metrics.scheduler_decisions.labels("account_limit").inc()
             if not chosen:
-                if queues:
+                if queues and free <= 0:
                     self.metrics.scheduler_decisions.labels("no_slot").inc()
                 return 0
+            # Started while the lock is held: another replica's pass must not
+            # pick the same builds before these are assigned.
             results = await asyncio.gather(*(self._start(b) for b in chosen))
         started = sum(results)
         log.debug("scheduler started %d of %d chosen builds", started, len(chosen))
         return started
+
+    async def _read(self, conn: Conn) -> tuple[list[AccountQueue], int]:
+        """The waiting accounts and the number of free slots."""
+        capacity, busy = await self.runners.free_slots(conn, self.runner_alive)
+        free = capacity - busy
+        cur = await conn.execute(_ACTIVE_SQL)
+        active = {str(r[0]): int(r[1]) for r in await cur.fetchall()}
+        if self.global_capacity:
+            free = min(free, self.global_capacity - sum(active.values()))
+        cur = await conn.execute(_QUEUES_SQL)
+        rows = await cur.fetchall()
+        queues = [
+            AccountQueue(
+                account_id=str(r[0]),
+                limit=int(r[1]),
+                active=active.get(str(r[0]), 0),
+                queued=tuple(QueuedBuild(b, t) for b, t in zip(r[2], r[3], strict=True)),
+            )
+            for r in rows
+        ]
+        return queues, max(free, 0)
 
     async def _start(self, build_id: str) -> bool:
         async with self._sem:
@@ -143,15 +170,5 @@ class Scheduler:
                 self.metrics.scheduler_decisions.labels("error").inc()
                 return False
         self.metrics.scheduler_decisions.labels("started" if ok else "no_runner").inc()
+        log.debug("build %s", "started" if ok else "found no runner", extra={"build_id": build_id})
         return ok
-
-    def _observe_queue(self, rows: list[Row]) -> None:
-        """Queue depth per account (capped at the account limit by the pass's
-        query; GetQueue gives exact depths) and the oldest queued build's age."""
-        oldest: datetime | None = None
-        for account_id, _limit, _active, ids, created in rows:
-            self.metrics.queue_depth.labels(str(account_id)).set(len(ids))
-            if oldest is None or created < oldest:
-                oldest = created
-        age = (datetime.now(UTC) - oldest).total_seconds() if oldest else 0.0
-        self.metrics.oldest_queued_seconds.set(max(age, 0.0))

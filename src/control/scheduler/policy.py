@@ -1,45 +1,60 @@
 """Which queued builds may start now. Pure: no I/O.
 
-FIFO within an account, round-robin across accounts, each account bounded by
-its concurrency limit and everything by the free slots. Accounts with fewer
-active builds go first, so one account's backlog never delays another
-account's single build.
+FIFO within an account; across accounts, max-min fair: the next slot always
+goes to the account with the fewest builds active (counting the ones this
+pick has already given it), ties broken by whose next build has waited
+longest. Each account is bounded by its concurrency limit and everything by
+the free slots, so one account's backlog never delays another account's
+single build: that build's account has fewer active builds and goes first.
 """
 
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass
+from datetime import datetime
+
+
+@dataclass(frozen=True)
+class QueuedBuild:
+    build_id: str
+    queued_at: datetime
 
 
 @dataclass(frozen=True)
 class AccountQueue:
+    """One account's view for a pick. ``active`` counts builds holding a
+    slot (handed to a runner, initializing or running); ``queued`` is the
+    account's waiting builds, oldest first (only the first ``limit`` matter)."""
+
     account_id: str
     limit: int
     active: int
-    # Oldest first; at most ``limit`` entries are needed.
-    queued: tuple[str, ...]
+    queued: tuple[QueuedBuild, ...]
 
 
 def pick(accounts: list[AccountQueue], free_slots: int) -> list[str]:
-    """Return build ids to start, in the order to start them."""
-    order = sorted(
-        (a for a in accounts if a.queued and a.active < a.limit),
-        key=lambda a: (a.active, a.account_id),
-    )
-    room = {a.account_id: a.limit - a.active for a in order}
-    cursor = {a.account_id: 0 for a in order}
+    """Return the ids of the builds to start, in the order to start them.
+
+    Never more than ``free_slots`` (a negative number means none), never more
+    for an account than ``limit - active``, always a prefix of each account's
+    queue, and as many as those bounds allow (no slot is left idle while an
+    eligible build waits).
+    """
+    # Heap entries: (level, head's queued_at, account id, index into accounts).
+    heap: list[tuple[int, datetime, str, int]] = []
+    for i, account in enumerate(accounts):
+        if account.queued and account.active < account.limit:
+            heap.append((account.active, account.queued[0].queued_at, account.account_id, i))
+    heapq.heapify(heap)
+    taken = [0] * len(accounts)
     chosen: list[str] = []
-    while len(chosen) < free_slots:
-        progressed = False
-        for account in order:
-            if len(chosen) >= free_slots:
-                break
-            i = cursor[account.account_id]
-            if room[account.account_id] > 0 and i < len(account.queued):
-                chosen.append(account.queued[i])
-                cursor[account.account_id] = i + 1
-                room[account.account_id] -= 1
-                progressed = True
-        if not progressed:
-            break
+    while heap and len(chosen) < free_slots:
+        level, _since, account_id, i = heapq.heappop(heap)
+        account = accounts[i]
+        chosen.append(account.queued[taken[i]].build_id)
+        taken[i] += 1
+        if taken[i] < len(account.queued) and account.active + taken[i] < account.limit:
+            nxt = account.queued[taken[i]].queued_at
+            heapq.heappush(heap, (level + 1, nxt, account_id, i))
     return chosen

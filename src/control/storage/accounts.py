@@ -61,12 +61,14 @@ class AccountStore:
         scopes: tuple[str, ...],
         token: str,
     ) -> None:
-        """Store a token the caller chose (bootstrap tokens from settings);
-        a token already stored is left as it is."""
+        """Store a token the caller chose (bootstrap tokens from settings).
+        The settings are authoritative for its scopes; a revoked token stays
+        revoked."""
         async with self.db.connection() as conn:
             await conn.execute(
                 "INSERT INTO api_tokens (id, account_id, name, kind, scopes, token_hash)"
-                " VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (token_hash) DO NOTHING",
+                " VALUES (%s, %s, %s, %s, %s, %s)"
+                " ON CONFLICT (token_hash) DO UPDATE SET scopes = excluded.scopes",
                 (token_id, account_id, name, kind, list(scopes), hash_token(token)),
             )
 

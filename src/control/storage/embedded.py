@@ -29,9 +29,12 @@ class EmbeddedPostgres:
     for a directory another process of ours left running; ``stop`` stops it.
     Both raise ``RuntimeError`` with the server log's tail on failure."""
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, port: int = 0) -> None:
+        """``port`` 0 picks a free port at each start; a fixed port (or the
+        one the last start picked, after ``keep_port``) is kept across restarts."""
         self.data_dir = data_dir.resolve()
-        self.port = 0
+        self.port = port
+        self._fixed_port = port
 
     @property
     def url(self) -> str:
@@ -54,7 +57,7 @@ class EmbeddedPostgres:
         if running:
             self.port = running
             return self.url
-        self.port = _free_port()
+        self.port = self._fixed_port or _free_port()
         logfile = self.data_dir / "server.log"
         try:
             _commands.pg_ctl(
@@ -82,13 +85,20 @@ class EmbeddedPostgres:
         log.info("embedded PostgreSQL serving on 127.0.0.1:%d", self.port)
         return self.url
 
-    def stop(self) -> None:
+    def keep_port(self) -> None:
+        """Make the next ``start`` serve on the current port again, so that
+        clients holding the URL reconnect after a restart."""
+        self._fixed_port = self.port
+
+    def stop(self, mode: str = "fast") -> None:
+        """Stop the server: ``fast`` (roll back sessions, checkpoint) or
+        ``immediate`` (no checkpoint: like a crash; recovery runs at start)."""
         _commands, _ = _wheel()
         if not (self.data_dir / "postmaster.pid").exists():
             return
         try:
             _commands.pg_ctl(
-                ["-w", "-t", "30", "-m", "fast", "stop"],
+                ["-w", "-t", "30", "-m", mode, "stop"],
                 pgdata=self.data_dir,
                 **self._identity(),
                 timeout=60,

@@ -17,7 +17,14 @@ STREAM_NAMES = {v: k for k, v in STREAM_CODES.items()}
 MAX_LINE_BYTES = 64 * 1024
 MAX_LOG_BYTES = 100 * 1024 * 1024
 CUT_MARKER = " [conveyor: line cut at 65536 bytes]"
-LIMIT_MARKER = "[conveyor: log limit of 100 MiB reached; further output is dropped]"
+
+
+def limit_marker(max_bytes: int) -> str:
+    """The system line that ends a log which reached its size limit."""
+    size = (
+        f"{max_bytes / (1024 * 1024):g} MiB" if max_bytes >= 1024 * 1024 else f"{max_bytes} bytes"
+    )
+    return f"[conveyor: log limit of {size} reached; further output is dropped]"
 
 
 @dataclass(frozen=True)
@@ -58,8 +65,14 @@ def decode_chunk(first_line: int, data: str) -> list[StoredLine]:
 
 
 class LogStore:
-    def __init__(self, db: Database) -> None:
+    """``max_bytes`` bounds one build's stored log (UTF-8 bytes of its text
+    plus a small per-line overhead); past it the log ends with a marker line
+    and later batches are acknowledged but dropped, so a runner never loops
+    on a refused batch."""
+
+    def __init__(self, db: Database, max_bytes: int = MAX_LOG_BYTES) -> None:
         self.db = db
+        self.max_bytes = max_bytes
 
     async def append(
         self, build_id: str, seq: int, lines: list[tuple[int, str, str]]
@@ -91,13 +104,15 @@ class LogStore:
             if not closed:
                 for time_ms, stream, text in lines:
                     text = clean_text(text)
-                    size += len(text) + 16
-                    if log_bytes + size > MAX_LOG_BYTES:
+                    line_size = len(text.encode()) + 16
+                    if log_bytes + size + line_size > self.max_bytes:
+                        marker = limit_marker(self.max_bytes)
                         stored.append(
-                            StoredLine(last_line + len(stored) + 1, time_ms, "system", LIMIT_MARKER)
+                            StoredLine(last_line + len(stored) + 1, time_ms, "system", marker)
                         )
                         closed = True
                         break
+                    size += line_size
                     stored.append(StoredLine(last_line + len(stored) + 1, time_ms, stream, text))
             if stored:
                 await conn.execute(

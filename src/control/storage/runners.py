@@ -43,16 +43,38 @@ class RunnerStore:
             await conn.execute("UPDATE runners SET connected = false WHERE id = %s", (runner_id,))
 
     async def pick_free(self, conn: Conn, alive_seconds: float) -> str | None:
-        """Lock and return the least busy live runner with a free slot."""
-        cur = await conn.execute(
-            f"SELECT r.id FROM runners r WHERE r.connected"
-            f" AND r.last_seen_at > now() - make_interval(secs => %s)"
-            f" AND r.capacity > {_BUSY} ORDER BY {_BUSY}, random()"
-            f" LIMIT 1 FOR UPDATE OF r SKIP LOCKED",
-            (alive_seconds,),
-        )
-        row = await cur.fetchone()
-        return str(row[0]) if row else None
+        """Lock and return the least busy live runner with a free slot.
+
+        The caller must assign its build in the same transaction: the runner
+        row stays locked until then, which is what keeps a runner within its
+        capacity when several builds are started at once.
+        """
+        tried: list[str] = []
+        for _ in range(8):
+            cur = await conn.execute(
+                f"SELECT r.id FROM runners r WHERE r.connected"
+                f" AND r.last_seen_at > now() - make_interval(secs => %s)"
+                f" AND NOT r.id = ANY(%s::uuid[])"
+                f" AND r.capacity > {_BUSY} ORDER BY {_BUSY}, random()"
+                f" LIMIT 1 FOR UPDATE OF r SKIP LOCKED",
+                (alive_seconds, tried),
+            )
+            row = await cur.fetchone()
+            if row is None:
+                return None
+            runner_id = str(row[0])
+            # The count above comes from the statement's snapshot, taken
+            # before the lock was granted: a start that held this runner and
+            # committed meanwhile is not in it. Count again now that the lock
+            # is ours (a new statement sees every committed assignment).
+            cur = await conn.execute(
+                f"SELECT r.capacity > {_BUSY} FROM runners r WHERE r.id = %s", (runner_id,)
+            )
+            free = await cur.fetchone()
+            if free and free[0]:
+                return runner_id
+            tried.append(runner_id)
+        return None
 
     async def free_slots(self, conn: Conn, alive_seconds: float) -> tuple[int, int]:
         """Return (capacity, busy) summed over live runners."""
@@ -67,10 +89,12 @@ class RunnerStore:
 
     async def lost(self, conn: Conn, lost_after_seconds: float) -> list[str]:
         """Lock and return runners silent for longer than the bound that still
-        hold builds."""
+        hold builds. None while the database server itself has been up for
+        less than the bound: heartbeats could not land while it was down."""
         cur = await conn.execute(
             f"SELECT r.id FROM runners r WHERE r.last_seen_at < now() - make_interval(secs => %s)"
+            f" AND pg_postmaster_start_time() < now() - make_interval(secs => %s)"
             f" AND {_BUSY} > 0 FOR UPDATE OF r SKIP LOCKED",
-            (lost_after_seconds,),
+            (lost_after_seconds, lost_after_seconds),
         )
         return [str(r[0]) for r in await cur.fetchall()]

@@ -1,0 +1,21 @@
+"""What every part gets: a work directory and the shared PostgreSQL."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.processes import Postgres
+
+
+@dataclass(frozen=True)
+class Context:
+    work_dir: Path
+    postgres: Postgres
+
+    def part_dir(self, name: str) -> Path:
+        """A fresh directory for one part's repository, data and logs."""
+        path = self.work_dir / name
+        path.mkdir(parents=True, exist_ok=False)
+        path.chmod(0o755)
+        return path
