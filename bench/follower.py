@@ -41,9 +41,7 @@ async def follow(
 
 
 async def main(address: str, token: str, build_id: str, count: int) -> int:
-    channels = [
-        aio.insecure_channel(address) for _ in range(-(-count // STREAMS_PER_CHANNEL))
-    ]
+    channels = [aio.insecure_channel(address) for _ in range(-(-count // STREAMS_PER_CHANNEL))]
     samples: list[tuple[float, float]] = []
     try:
         stubs = [bm_grpc.BuildManagerStub(c) for c in channels]

@@ -86,8 +86,15 @@ async def _one(
         n = min(FOLLOWERS_PER_PROCESS, count - first)
         procs.append(
             await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "bench.follower", up.grpc_address, up.token, build_id,
-                str(n), cwd=REPO_ROOT, stdout=asyncio.subprocess.PIPE,
+                sys.executable,
+                "-m",
+                "bench.follower",
+                up.grpc_address,
+                up.token,
+                build_id,
+                str(n),
+                cwd=REPO_ROOT,
+                stdout=asyncio.subprocess.PIPE,
             )  # fmt: skip
         )
     try:
@@ -97,9 +104,7 @@ async def _one(
         gate.touch()
         await watcher.wait_final([build_id], lines + 120)
         usage = meter.stop()
-        outputs = await asyncio.wait_for(
-            asyncio.gather(*(p.communicate() for p in procs)), 120
-        )
+        outputs = await asyncio.wait_for(asyncio.gather(*(p.communicate() for p in procs)), 120)
     finally:
         for proc in procs:
             if proc.returncode is None:

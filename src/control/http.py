@@ -14,6 +14,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from control.builds.lifecycle import Lifecycle
 from control.domain.project import Project, validate_branch, validate_commit_sha
 from control.errors import ConveyorError, InvalidArgument, NotFound, Unavailable
+from control.logging_setup import bind
 from control.metrics import ControlMetrics
 from control.storage import migrate
 from control.storage.builds import is_uuid
@@ -179,6 +180,8 @@ class HttpApp:
             return _json(404, result="unknown_project", error="no such project")
         except Unavailable as exc:
             return _json(503, result="unavailable", error=str(exc))
+        # aiohttp runs each request in its own task: the tags end with it.
+        bind(project_id=project.id, account_id=project.account_id)
         try:
             body = await request.read()
         except web.HTTPRequestEntityTooLarge:

@@ -200,7 +200,7 @@ async def run_up(
         waiter.cancel()
         return 0 if not runner_exit.done() else 1
     finally:
-        print("stopping Conveyor...", file=sys.stderr, flush=True)
+        log.info("stopping Conveyor")
         if runner is not None and runner.returncode is None:
             runner.send_signal(signal.SIGTERM)
             try:

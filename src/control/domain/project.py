@@ -11,7 +11,7 @@ from control.errors import InvalidArgument
 
 NAME_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
 # git check-ref-format, simplified to what a branch name may hold here.
-BRANCH_RE = re.compile(r"^(?!/)(?!.*//)(?!.*\.\.)(?!.*@\{)[A-Za-z0-9._/\-+]{1,255}(?<![/.])$")
+BRANCH_RE = re.compile(r"^(?![/-])(?!.*//)(?!.*\.\.)(?!.*@\{)[A-Za-z0-9._/\-+]{1,255}(?<![/.])$")
 SHA_RE = re.compile(r"^[0-9a-f]{40}$")
 MAX_COMMAND_BYTES = 16 * 1024
 DEFAULT_RUN_TIMEOUT_SECONDS = 20 * 60
