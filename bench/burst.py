@@ -69,18 +69,15 @@ async def run(ctx: Context, pushes: int = 50) -> PartResult:
         "all_finished_s": all_finished,
         "push_to_finished": per_build,
     }
-    return PartResult(
-        "burst",
-        [
-            Figure(
-                PART,
-                f"{pushes} pushes on 6 slots: all finished",
-                all_seen,
-                "s",
-                at_most(8),
-                note=f"all {pushes} webhooks answered in {answered:.2f} s",
-            ),
-            Figure(PART, "pushes lost or merged", float(lost + merged), "builds", at_most(0)),
-        ],  # fmt: skip
-        raw,
-    )
+    figures = [
+        Figure(
+            PART,
+            f"{pushes} pushes on 6 slots: all finished",
+            all_seen,
+            "s",
+            at_most(8),
+            note=f"all {pushes} webhooks answered in {answered:.2f} s",
+        ),
+        Figure(PART, "pushes lost or merged", float(lost + merged), "builds", at_most(0)),
+    ]  # fmt: skip
+    return PartResult("burst", figures, raw)

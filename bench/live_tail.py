@@ -38,7 +38,8 @@ TARGET_MS = {1: 250.0, 500: 500.0}
 
 def build_command(gate: Path, lines: int, interval: float) -> str:
     wait = f"for i in $(seq 1 2400); do [ -e {gate} ] && break; sleep 0.05; done"
-    ticks = f'for i in $(seq 1 {lines}); do printf "tick %s\\n" "$EPOCHREALTIME"; sleep {interval}; done'
+    tick = 'printf "tick %s\\n" "$EPOCHREALTIME"'
+    ticks = f"for i in $(seq 1 {lines}); do {tick}; sleep {interval}; done"
     return f"{wait}; {ticks}"
 
 
@@ -101,7 +102,7 @@ async def _one(
         await _wait_streams(up.http_url, count, 60)
         meter = UsageMeter([up.pid])
         meter.start()
-        gate.touch()
+        await asyncio.to_thread(gate.touch)
         await watcher.wait_final([build_id], lines + 120)
         usage = meter.stop()
         outputs = await asyncio.wait_for(asyncio.gather(*(p.communicate() for p in procs)), 120)

@@ -68,15 +68,25 @@ class Postgres:
             return []
 
 
+async def poll(
+    predicate: Callable[[], Awaitable[bool]], within: float, every: float = 0.05
+) -> bool:
+    """Call ``predicate`` every ``every`` seconds until it is true (return
+    True) or ``within`` seconds have passed (return False)."""
+    deadline = time.monotonic() + within
+    while True:
+        if await predicate():
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        await asyncio.sleep(every)
+
+
 async def _wait_for(
     predicate: Callable[[], Awaitable[bool]], what: str, log: Path, within: float
 ) -> None:
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        if await predicate():
-            return
-        await asyncio.sleep(0.05)
-    raise BenchError(f"{what} within {within:.0f} s; see {log}")
+    if not await poll(predicate, within):
+        raise BenchError(f"{what} within {within:.0f} s; see {log}")
 
 
 async def connected_runners(database_url: str) -> int:

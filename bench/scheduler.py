@@ -26,7 +26,7 @@ import psycopg
 from bench import seed
 from bench.context import Context
 from bench.figures import Figure, PartResult, at_least, at_most, summary
-from bench.processes import BenchError, ControlServe, UsageMeter
+from bench.processes import BenchError, ControlServe, UsageMeter, poll
 from bench.runner_sim import Fleet
 
 PART = "4 scheduler"
@@ -84,75 +84,78 @@ async def run(
         "quiet_initializing_s": started,
     }
     note = f"{len(probes)} probes, backlog {min(p['backlog'] for p in probes):.0f}+ builds"
-    return PartResult(
-        "scheduler",
-        [
-            Figure(
-                PART,
-                f"decisions/s, {builds:,} builds in {accounts} accounts",
-                rate,
-                "builds/s",
-                at_least(2000),
-                lower_is_better=False,
-                note=f"drained in {span:.1f} s; control-plane CPU {usage.cpu_percent:.0f} %",
-            ),
-            Figure(
-                PART,
-                "quiet account: queued → assigned, max",
-                decision["max"],
-                "s",
-                at_most(TICK),
-                note=note,
-            ),
-            Figure(PART, "quiet account: queued → assigned, p50", decision["p50"], "s"),
-            Figure(PART, "quiet account: queued → initializing, max", started["max"], "s"),
-        ],  # fmt: skip
-        raw,
-    )
+    figures = [
+        Figure(
+            PART,
+            f"decisions/s, {builds:,} builds in {accounts} accounts",
+            rate,
+            "builds/s",
+            at_least(2000),
+            lower_is_better=False,
+            note=f"drained in {span:.1f} s; control-plane CPU {usage.cpu_percent:.0f} %",
+        ),
+        Figure(
+            PART,
+            "quiet account: queued → assigned, max",
+            decision["max"],
+            "s",
+            at_most(TICK),
+            note=note,
+        ),
+        Figure(PART, "quiet account: queued → assigned, p50", decision["p50"], "s"),
+        Figure(PART, "quiet account: queued → initializing, max", started["max"], "s"),
+    ]  # fmt: skip
+    return PartResult("scheduler", figures, raw)
 
 
 async def _drain(
     conn: psycopg.AsyncConnection[Any], quiet: seed.Account, ids: list[str], within: float
 ) -> list[dict[str, float]]:
-    """Probe the quiet account until the backlog is nearly gone, then wait
-    for the rest; return the probes' waits."""
+    """Probe the quiet account until the backlog is down to a tenth, then
+    wait for the rest to finish; return the probes."""
     deadline = time.monotonic() + within
     probes: list[dict[str, float]] = []
-    floor = len(ids) // 10
     while time.monotonic() < deadline:
         backlog = await _waiting(conn)
-        if backlog < floor:
+        if backlog < len(ids) // 10:
             break
-        (probe,), _ = await seed.queue(conn, [(quiet, 1)])
-        while time.monotonic() < deadline:
-            row = await _row(conn, probe)
-            if row[0] != "queued" or row[2] is not None:
-                break
-            await asyncio.sleep(0.01)
-        while (row := await _row(conn, probe))[3] is None and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
-        created, assigned, started = row[1], row[2], row[3]
-        if assigned is None or started is None:
-            raise BenchError(f"quiet build {probe} was not started")
-        probes.append(
-            {
-                "backlog": float(backlog),
-                "decision": (assigned - created).total_seconds(),
-                "initializing": (started - created).total_seconds(),
-            }
-        )
+        probes.append({"backlog": float(backlog), **await _probe(conn, quiet, 60)})
         await asyncio.sleep(0.5)
-    while time.monotonic() < deadline:
+
+    async def drained() -> bool:
         cur = await conn.execute(
-            "SELECT count(*) FROM builds WHERE status NOT IN ('succeeded')"
-            " AND id = ANY(%s::uuid[])",
+            "SELECT count(*) FROM builds WHERE status <> 'succeeded' AND id = ANY(%s::uuid[])",
             (ids,),
         )
         row = await cur.fetchone()
-        if row and row[0] == 0:
-            return probes
-        await asyncio.sleep(0.2)
-    raise BenchError(f"the queue of {len(ids)} builds did not drain within {within:.0f} s")
+        return bool(row and row[0] == 0)
+
+    if not await poll(drained, max(deadline - time.monotonic(), 0), every=0.2):
+        raise BenchError(f"the queue of {len(ids)} builds did not drain within {within:.0f} s")
+    return probes
+
+
+async def _probe(
+    conn: psycopg.AsyncConnection[Any], quiet: seed.Account, within: float
+) -> dict[str, float]:
+    """Queue one build of the quiet account; return its waits (s)."""
+    (build_id,), _ = await seed.queue(conn, [(quiet, 1)])
+    rows: list[tuple[Any, ...]] = []
+
+    async def initializing() -> bool:
+        cur = await conn.execute(
+            "SELECT created_at, assigned_at, started_at FROM builds WHERE id = %s", (build_id,)
+        )
+        rows[:] = [tuple(r) for r in await cur.fetchall()]
+        return bool(rows and rows[0][2] is not None)
+
+    if not await poll(initializing, within, every=0.01):
+        raise BenchError(f"the quiet account's build {build_id} did not start in {within} s")
+    created, assigned, started = rows[0]
+    return {
+        "decision": (assigned - created).total_seconds(),
+        "initializing": (started - created).total_seconds(),
+    }
 
 
 async def _waiting(conn: psycopg.AsyncConnection[Any]) -> int:
@@ -161,17 +164,6 @@ async def _waiting(conn: psycopg.AsyncConnection[Any]) -> int:
     )
     row = await cur.fetchone()
     return int(row[0]) if row else 0
-
-
-async def _row(conn: psycopg.AsyncConnection[Any], build_id: str) -> tuple[Any, ...]:
-    cur = await conn.execute(
-        "SELECT status, created_at, assigned_at, started_at FROM builds WHERE id = %s",
-        (build_id,),
-    )
-    row = await cur.fetchone()
-    if row is None:
-        raise BenchError(f"build {build_id} vanished")
-    return tuple(row)
 
 
 async def _assigned_times(conn: psycopg.AsyncConnection[Any], ids: list[str]) -> list[float]:

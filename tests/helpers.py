@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import grpc
 from grpc import aio
 
 from control.config import LifecycleSettings, Settings
@@ -147,14 +148,14 @@ class RunnerProcess:
         self.proc: asyncio.subprocess.Process | None = None
         self.log_path = work_dir.parent / f"{work_dir.name}.log"
 
-    async def start(self, *extra: str) -> None:
+    async def start(self, *extra: str, env: dict[str, str] | None = None) -> None:
         self.work_dir.mkdir(parents=True, exist_ok=True)
         log = self.log_path.open("ab")
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "conveyor_cli.main", "runner", "start",
             "--control", self.control_addr, "--work-dir", str(self.work_dir),
             "--capacity", str(self.capacity), *extra,
-            env={**os.environ, "CONVEYOR_RUNNER_TOKEN": self.token},
+            env={**os.environ, "CONVEYOR_RUNNER_TOKEN": self.token, **(env or {})},
             stdout=log, stderr=log, start_new_session=True,
         )  # fmt: skip
         log.close()
@@ -181,8 +182,12 @@ class RunnerProcess:
 class Api:
     """Async gRPC client of the user-facing services."""
 
-    def __init__(self, address: str, token: str) -> None:
-        self.channel = aio.insecure_channel(address)
+    def __init__(self, address: str, token: str, *, tls_ca: Path | None = None) -> None:
+        if tls_ca is not None:
+            creds = grpc.ssl_channel_credentials(root_certificates=tls_ca.read_bytes())
+            self.channel = aio.secure_channel(address, creds)
+        else:
+            self.channel = aio.insecure_channel(address)
         self.metadata = (("authorization", f"Bearer {token}"),)
         self.config = cs_grpc.ConfigServiceStub(self.channel)
         self.builds = bm_grpc.BuildManagerStub(self.channel)
