@@ -63,7 +63,9 @@ class Repo:
         shas: dict[str, str] = {}
         for branch in branches:
             parent = self.tips.get(branch, self.tips["main"])
-            shas[branch] = self._git("commit-tree", self.tree, "-p", parent, "-m", message)
+            shas[branch] = self._git(
+                "commit-tree", self.tree, "-p", parent, "-m", f"{message} ({branch})"
+            )
         self._git(
             "update-ref", "--stdin",
             stdin="".join(f"update refs/heads/{b} {s}\n" for b, s in shas.items()),

@@ -85,19 +85,11 @@ async def _one(
     procs = []
     for first in range(0, count, FOLLOWERS_PER_PROCESS):
         n = min(FOLLOWERS_PER_PROCESS, count - first)
-        procs.append(
-            await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "bench.follower",
-                up.grpc_address,
-                up.token,
-                build_id,
-                str(n),
-                cwd=REPO_ROOT,
-                stdout=asyncio.subprocess.PIPE,
-            )  # fmt: skip
-        )
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "bench.follower", up.grpc_address, up.token, build_id,
+            str(n), cwd=REPO_ROOT, stdout=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        procs.append(proc)
     try:
         await _wait_streams(up.http_url, count, 60)
         meter = UsageMeter([up.pid])

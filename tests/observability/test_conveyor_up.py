@@ -9,20 +9,20 @@ import json
 import os
 import re
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import grpc
 from grpc import aio
 
 from control.logging_setup import release
+from conveyor.v1 import build_manager_pb2 as bm
+from conveyor.v1 import build_manager_pb2_grpc as bm_grpc
 from conveyor.v1 import config_service_pb2 as cs
 from conveyor.v1 import config_service_pb2_grpc as cs_grpc
 from conveyor.v1 import types_pb2 as pb
-from tests.helpers import FINAL, github_headers, github_push, post_webhook
+from tests.helpers import FINAL, git, github_headers, github_push, post_webhook
 from tests.observability.reflection import list_services
 from tests.observability.scrape import Scrape, get_json, scrape
 
@@ -135,10 +135,7 @@ async def test_a_build_through_conveyor_up_moves_both_metrics_and_tags_its_log_l
             project = (
                 await config.GetProject(cs.GetProjectRequest(project="demo"), metadata=metadata)
             ).project
-            sha = subprocess.run(
-                ["git", "-C", str(up.data_dir / "demo-repo"), "rev-parse", "HEAD"],
-                check=True, capture_output=True, text=True,
-            ).stdout.strip()  # fmt: skip
+            sha = await asyncio.to_thread(git, up.data_dir / "demo-repo", "rev-parse", "HEAD")
             body = github_push("main", sha)
             status, reply = await post_webhook(
                 f"{state['http_url']}/webhooks/github/{project.id}",
@@ -149,9 +146,6 @@ async def test_a_build_through_conveyor_up_moves_both_metrics_and_tags_its_log_l
             second_id = str(reply["build_id"])
             second = await wait_final(config, metadata, second_id)
             assert second.status == pb.BUILD_STATUS_SUCCEEDED
-            from conveyor.v1 import build_manager_pb2 as bm
-            from conveyor.v1 import build_manager_pb2_grpc as bm_grpc
-
             stored = 0
             async for message in bm_grpc.BuildManagerStub(channel).StreamLogs(
                 bm.StreamLogsRequest(build_id=second_id), metadata=metadata
@@ -179,7 +173,7 @@ async def test_a_build_through_conveyor_up_moves_both_metrics_and_tags_its_log_l
     finally:
         exit_code = await up.stop()
     assert exit_code == 0, up.stderr()
-    check_log_lines(up.stderr(), {first_id: "manual", second_id: "push"}, project.id)
+    check_log_lines(up.stderr(), [first_id, second_id], project.id)
 
 
 def check_control_moved(before: Scrape, after: Scrape, stored_lines: int) -> None:
@@ -226,7 +220,7 @@ def check_runner_moved(before: Scrape, after: Scrape) -> None:
     assert after.value("conveyor_runner_busy_slots") == 0
 
 
-def check_log_lines(stderr: str, builds: dict[str, str], project_id: str) -> None:
+def check_log_lines(stderr: str, builds: list[str], project_id: str) -> None:
     """Every stderr line is a JSON object with the common fields, and each
     line about a build carries that build's id."""
     entries = []
@@ -252,10 +246,13 @@ def check_log_lines(stderr: str, builds: dict[str, str], project_id: str) -> Non
             control
         ), control
         assert any(m.startswith("build finished: succeeded") for m in runner), runner
-        assert all(e.get("project_id") == project_id for e in tagged if e["logger"] != "x"), [
-            e for e in tagged if e.get("project_id") != project_id
-        ]
+        # The lifecycle names the build's project and account; the runner's
+        # build task binds the build and its project for every line inside.
         transitions = [e for e in tagged if e["logger"] == "control.builds.lifecycle"]
+        assert all(e.get("project_id") == project_id for e in transitions), transitions
         assert all(e.get("account_id") for e in transitions), transitions
+        inside = [e for e in tagged if e["logger"] == "runner.build_run"]
+        assert inside, tagged
+        assert all(e.get("project_id") == project_id for e in inside), inside
     assert [e["message"] for e in entries][-1] == "control plane stopped"
     assert any(e["message"] == "stopping Conveyor" for e in entries)

@@ -1,0 +1,220 @@
+"""Per-build cgroups (v1): limits and accounting for a build as a whole.
+
+rlimits apply to each process separately (ten processes may each use the
+whole memory limit) and RLIMIT_NPROC counts per uid; a cgroup per build
+bounds the build's total memory (page cache and tmpfs included) and process
+count, accounts its total CPU time, and lists every process it has, which
+makes "kill the whole build" reliable.
+
+Used when the runner is root and the ``memory``, ``pids`` and ``cpuacct``
+controllers are mounted as cgroup v1 hierarchies. A build's cgroup is
+``<hierarchy>/<the runner's own cgroup>/conveyor-builds/<build id>``, so
+the runner's own limits still cover its builds. cgroup v2 (the unified
+hierarchy) is not supported yet: there the launcher falls back to rlimits.
+
+The build joins its cgroups itself, as its first act on the host and before
+it forks (a shell writes ``0`` to each ``cgroup.procs``), which is why
+those files are handed to the build's uid. The sandbox has no /sys, so the
+build cannot reach them afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from runner.launchers.base import Limits
+
+log = logging.getLogger(__name__)
+
+CONTROLLERS = ("memory", "pids", "cpuacct")
+GROUP_DIR = "conveyor-builds"
+_MiB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class CgroupRoot:
+    """Where build cgroups go: one parent directory per controller."""
+
+    parents: dict[str, Path]
+
+    @classmethod
+    def detect(
+        cls,
+        mountinfo: Path = Path("/proc/self/mountinfo"),
+        own: Path = Path("/proc/self/cgroup"),
+    ) -> CgroupRoot | None:
+        """The build cgroup parents of this process, or None (not root, a
+        controller missing or not on cgroup v1, or not writable)."""
+        if os.geteuid() != 0:
+            return None
+        try:
+            mounts = _v1_mounts(mountinfo.read_text())
+            paths = _own_paths(own.read_text())
+        except OSError:
+            return None
+        parents: dict[str, Path] = {}
+        for name in CONTROLLERS:
+            if name not in mounts or name not in paths:
+                return None
+            mount_root, mount_point = mounts[name]
+            relative = os.path.relpath(paths[name], mount_root)
+            if relative.startswith(".."):
+                return None
+            parent = (mount_point / relative / GROUP_DIR).resolve()
+            try:
+                parent.mkdir(exist_ok=True)
+            except OSError as exc:
+                log.info("no per-build cgroups: cannot create %s: %s", parent, exc)
+                return None
+            parents[name] = parent
+        return cls(parents)
+
+    def create(self, build_id: str, limits: Limits, uid: int | None) -> BuildCgroup:
+        """Make the cgroups of one build with ``limits`` applied; hand their
+        ``cgroup.procs`` to ``uid``. Raises ``OSError`` when the kernel
+        refuses; the caller then removes what was made."""
+        group = BuildCgroup({name: parent / build_id for name, parent in self.parents.items()})
+        for path in group.unique_dirs:
+            if path.exists():
+                group.kill_all()
+                group.remove()
+            path.mkdir()
+            if uid is not None:
+                os.chown(path / "cgroup.procs", uid, -1)
+        memory = group.dirs["memory"]
+        if limits.memory_mb:
+            (memory / "memory.limit_in_bytes").write_text(str(limits.memory_mb * _MiB))
+            # Not one byte more with swap: memsw is memory plus swap.
+            memsw = memory / "memory.memsw.limit_in_bytes"
+            if memsw.exists():
+                memsw.write_text(str(limits.memory_mb * _MiB))
+        if limits.max_processes:
+            (group.dirs["pids"] / "pids.max").write_text(str(limits.max_processes))
+        return group
+
+    def sweep(self) -> None:
+        """Remove build cgroups left empty by a runner that died."""
+        for parent in self.parents.values():
+            with contextlib.suppress(OSError):
+                for child in parent.iterdir():
+                    if child.is_dir():
+                        with contextlib.suppress(OSError):
+                            child.rmdir()  # refused while it has processes
+
+
+@dataclass(frozen=True)
+class BuildCgroup:
+    """The cgroups of one build, by controller."""
+
+    dirs: dict[str, Path]
+
+    @property
+    def unique_dirs(self) -> list[Path]:
+        """The directories, once each (controllers may share a hierarchy)."""
+        return list(dict.fromkeys(self.dirs.values()))
+
+    @property
+    def procs_files(self) -> list[Path]:
+        return [path / "cgroup.procs" for path in self.unique_dirs]
+
+    def pids(self) -> list[int]:
+        """Every process in the build (from the pids hierarchy)."""
+        try:
+            text = (self.dirs["pids"] / "cgroup.procs").read_text()
+        except OSError:
+            return []
+        return [int(line) for line in text.split()]
+
+    def oom_kills(self) -> int:
+        """Processes the kernel killed for exceeding the memory limit."""
+        return _keyed(self.dirs["memory"] / "memory.oom_control").get("oom_kill", 0)
+
+    def process_limit_hits(self) -> int:
+        """Forks refused because the build had its maximum of processes."""
+        return _keyed(self.dirs["pids"] / "pids.events").get("max", 0)
+
+    def cpu_seconds(self) -> float:
+        """CPU time used by the build so far, all processes together."""
+        try:
+            return int((self.dirs["cpuacct"] / "cpuacct.usage").read_text()) / 1e9
+        except (OSError, ValueError):
+            return 0.0
+
+    def kill_all(self, rounds: int = 20) -> None:
+        """SIGKILL every process of the build; repeat while new ones appear
+        (a fork racing the kill), at most ``rounds`` times."""
+        for _ in range(rounds):
+            pids = self.pids()
+            if not pids:
+                return
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            time.sleep(0.005)
+
+    def remove(self, timeout: float = 5.0) -> bool:
+        """Remove the cgroups once their last process is gone (killed ones
+        take a moment to be reaped). Returns False, and leaves them for
+        ``CgroupRoot.sweep``, if that takes longer than ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        for path in self.unique_dirs:
+            while True:
+                try:
+                    path.rmdir()
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError as exc:
+                    if exc.errno != errno.EBUSY or time.monotonic() > deadline:
+                        log.warning("could not remove cgroup %s: %s", path, exc)
+                        return False
+                    time.sleep(0.01)
+        return True
+
+
+def _keyed(path: Path) -> dict[str, int]:
+    """A cgroup file of ``key value`` lines."""
+    values: dict[str, int] = {}
+    try:
+        text = path.read_text()
+    except OSError:
+        return values
+    for line in text.splitlines():
+        key, _, value = line.partition(" ")
+        with contextlib.suppress(ValueError):
+            values[key] = int(value)
+    return values
+
+
+def _v1_mounts(mountinfo: str) -> dict[str, tuple[str, Path]]:
+    """controller -> (root of the hierarchy that is mounted, mount point)."""
+    found: dict[str, tuple[str, Path]] = {}
+    for line in mountinfo.splitlines():
+        fields = line.split()
+        if "-" not in fields:
+            continue
+        sep = fields.index("-")
+        if len(fields) < sep + 4 or fields[sep + 1] != "cgroup":
+            continue
+        for option in fields[sep + 3].split(","):
+            if option in CONTROLLERS:
+                found.setdefault(option, (fields[3], Path(fields[4])))
+    return found
+
+
+def _own_paths(proc_cgroup: str) -> dict[str, str]:
+    """controller -> this process's cgroup path, from /proc/self/cgroup."""
+    paths: dict[str, str] = {}
+    for line in proc_cgroup.splitlines():
+        _id, controllers, path = line.split(":", 2)
+        for name in controllers.split(","):
+            if name in CONTROLLERS:
+                paths[name] = path
+    return paths
