@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 
 def respond(code: int, **body: object) -> web.Response:
-    return web.respond(body, status=code)
+    return web.json_response(body, status=code)
 
 
 class WebhookReceiver:
