@@ -181,6 +181,10 @@ class Assignment(_message.Message):
     RUN_TIMEOUT_SECONDS_FIELD_NUMBER: _builtins.int
     KILL_GRACE_SECONDS_FIELD_NUMBER: _builtins.int
     NETWORK_ISOLATED_FIELD_NUMBER: _builtins.int
+    CACHE_LOCKFILES_FIELD_NUMBER: _builtins.int
+    CACHE_PATHS_FIELD_NUMBER: _builtins.int
+    PRODUCTION_BRANCH_FIELD_NUMBER: _builtins.int
+    CACHE_GENERATION_FIELD_NUMBER: _builtins.int
     build_id: _builtins.str
     build_token: _builtins.str
     project_id: _builtins.str
@@ -192,12 +196,24 @@ class Assignment(_message.Message):
     run_timeout_seconds: _builtins.int
     kill_grace_seconds: _builtins.int
     network_isolated: _builtins.bool
+    production_branch: _builtins.str
+    cache_generation: _builtins.int
     @_builtins.property
     def step_names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
     def step_commands(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
     def env(self) -> _containers.RepeatedCompositeFieldContainer[Global___EnvVar]: ...
+    @_builtins.property
+    def cache_lockfiles(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The build cache: lock files whose contents key it, paths (relative to
+        the root directory) saved after a successful build, the project's
+        production branch (its newest cache is the fallback) and the cache
+        generation (a purge starts a new one).
+        """
+
+    @_builtins.property
+    def cache_paths(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
         self,
         *,
@@ -215,10 +231,14 @@ class Assignment(_message.Message):
         run_timeout_seconds: _builtins.int = ...,
         kill_grace_seconds: _builtins.int = ...,
         network_isolated: _builtins.bool = ...,
+        cache_lockfiles: _abc.Iterable[_builtins.str] | None = ...,
+        cache_paths: _abc.Iterable[_builtins.str] | None = ...,
+        production_branch: _builtins.str = ...,
+        cache_generation: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["branch", b"branch", "build_id", b"build_id", "build_token", b"build_token", "commit_sha", b"commit_sha", "env", b"env", "kill_grace_seconds", b"kill_grace_seconds", "network_isolated", b"network_isolated", "project_id", b"project_id", "project_name", b"project_name", "repo_url", b"repo_url", "root_directory", b"root_directory", "run_timeout_seconds", b"run_timeout_seconds", "step_commands", b"step_commands", "step_names", b"step_names"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["branch", b"branch", "build_id", b"build_id", "build_token", b"build_token", "cache_generation", b"cache_generation", "cache_lockfiles", b"cache_lockfiles", "cache_paths", b"cache_paths", "commit_sha", b"commit_sha", "env", b"env", "kill_grace_seconds", b"kill_grace_seconds", "network_isolated", b"network_isolated", "production_branch", b"production_branch", "project_id", b"project_id", "project_name", b"project_name", "repo_url", b"repo_url", "root_directory", b"root_directory", "run_timeout_seconds", b"run_timeout_seconds", "step_commands", b"step_commands", "step_names", b"step_names"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
