@@ -19,7 +19,7 @@ from bench.client import Api, Forge, Watcher
 from bench.context import Context
 from bench.figures import Figure, PartResult, at_most, summary
 from bench.gitrepo import Repo
-from bench.processes import ConveyorUp
+from bench.processes import ConveyorUp, UsageMeter
 
 PART = "5 burst"
 
@@ -28,7 +28,7 @@ async def run(ctx: Context, pushes: int = 50) -> PartResult:
     work = ctx.part_dir("burst")
     database_url = await ctx.postgres.new_database("burst")
     repo = Repo(work / "repo")
-    async with ConveyorUp(work, database_url, capacity=6) as up:
+    async with ConveyorUp(work, database_url, capacity=6, profile=ctx.profile("burst")) as up:
         await up.start()
         api = Api(up.grpc_address, up.token)
         watcher = await Watcher(database_url).start()
@@ -42,10 +42,15 @@ async def run(ctx: Context, pushes: int = 50) -> PartResult:
             branches = [f"burst-{i}" for i in range(pushes)]
             shas = repo.commit_many(branches, "burst")
             signed = [forge.signed(b, shas[b]) for b in branches]
+            control = UsageMeter([up.pid])
+            runner = UsageMeter([pid] if (pid := up.runner_pid()) else [])
+            control.start()
+            runner.start()
             t0 = time.time()
             ids = await asyncio.gather(*(forge.post(body, headers) for body, headers in signed))
             answered = time.time() - t0
             await watcher.wait_final(ids, 600)
+            control_usage, runner_usage = control.stop(), runner.stop()
             rows = await watcher.times(ids)
         finally:
             if forge is not None:
@@ -68,6 +73,8 @@ async def run(ctx: Context, pushes: int = 50) -> PartResult:
         "all_final_seen_s": all_seen,
         "all_finished_s": all_finished,
         "push_to_finished": per_build,
+        "control_cpu_percent": control_usage.cpu_percent,
+        "runner_agent_cpu_percent": runner_usage.cpu_percent,
     }
     figures = [
         Figure(
@@ -76,8 +83,17 @@ async def run(ctx: Context, pushes: int = 50) -> PartResult:
             all_seen,
             "s",
             at_most(8),
-            note=f"all {pushes} webhooks answered in {answered:.2f} s",
+            note=f"all {pushes} webhooks answered in {answered:.2f} s; CPU: control plane"
+            f" {control_usage.cpu_percent:.0f} %, runner agent {runner_usage.cpu_percent:.0f} %",
+            peer_key="burst_all_finished_s",
         ),
-        Figure(PART, "pushes lost or merged", float(lost + merged), "builds", at_most(0)),
+        Figure(
+            PART,
+            "pushes lost or merged",
+            float(lost + merged),
+            "builds",
+            at_most(0),
+            peer_key="burst_lost",
+        ),
     ]  # fmt: skip
     return PartResult("burst", figures, raw)

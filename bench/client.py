@@ -78,6 +78,24 @@ class Api:
         return count
 
 
+async def scrape(http_url: str) -> dict[str, float]:
+    """The control plane's /metrics as {"name{labels}": value}."""
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"{http_url}/metrics", timeout=aiohttp.ClientTimeout(total=30)) as response,
+    ):
+        text = await response.text()
+    values: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            try:
+                values[key] = float(value)
+            except ValueError:
+                continue
+    return values
+
+
 def push_body(branch: str, sha: str, before: str = "0" * 40) -> bytes:
     """A GitHub push payload of the documented shape."""
     return json.dumps(
@@ -119,9 +137,13 @@ class Forge:
         """POST one delivery; return the queued build id. Raises
         ``RuntimeError`` unless Conveyor answered 202 queued."""
         async with self.session.post(self.url, data=body, headers=headers) as response:
-            reply: dict[str, Any] = await response.json(content_type=None)
+            text = await response.text()
+        try:
+            reply: dict[str, Any] = json.loads(text)
+        except json.JSONDecodeError:
+            reply = {}
         if response.status != 202 or reply.get("result") != "queued":
-            raise RuntimeError(f"webhook answered {response.status}: {reply}")
+            raise RuntimeError(f"webhook answered {response.status}: {text[:300]}")
         return str(reply["build_id"])
 
     async def push(self, branch: str, sha: str) -> tuple[float, str]:
@@ -251,3 +273,13 @@ class Watcher:
                 await self._task
         if self.conn is not None:
             await self.conn.close()
+
+
+async def db_commits(conn: psycopg.AsyncConnection[Any]) -> int:
+    """Transactions committed in this database so far (the statistics are
+    flushed by each backend at most once a second or so)."""
+    cur = await conn.execute(
+        "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()"
+    )
+    row = await cur.fetchone()
+    return int(row[0]) if row else 0

@@ -10,8 +10,12 @@ from bench.processes import Postgres
 
 @dataclass(frozen=True)
 class Context:
+    """``profile_dir``: where py-spy profiles of the Conveyor processes go
+    (None: no profiling)."""
+
     work_dir: Path
     postgres: Postgres
+    profile_dir: Path | None = None
 
     def part_dir(self, name: str) -> Path:
         """A fresh directory for one part's repository, data and logs."""
@@ -19,3 +23,7 @@ class Context:
         path.mkdir(parents=True, exist_ok=False)
         path.chmod(0o755)
         return path
+
+    def profile(self, name: str) -> Path | None:
+        """The profile path prefix of one part's processes, or None."""
+        return self.profile_dir / name if self.profile_dir else None

@@ -11,6 +11,7 @@ import math
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -72,7 +73,8 @@ class Figure:
     peer: float | None = None
     lower_is_better: bool = True
     note: str = ""
-    extra: dict[str, float] = field(default_factory=dict)
+    # The key of the peer's figure this one compares with (bench.buildbot_peer).
+    peer_key: str = ""
 
     @property
     def met(self) -> bool | None:
@@ -106,8 +108,8 @@ class Figure:
 
 
 def _number(value: float) -> str:
-    if value == 0:
-        return "0"
+    if value == int(value):
+        return f"{value:,.0f}"
     if abs(value) >= 1000:
         return f"{value:,.0f}"
     if abs(value) >= 100:
@@ -124,4 +126,4 @@ class PartResult:
 
     name: str
     figures: list[Figure]
-    raw: dict[str, object] = field(default_factory=dict)
+    raw: dict[str, Any] = field(default_factory=dict)

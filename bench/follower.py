@@ -15,6 +15,7 @@ import asyncio
 import json
 import sys
 import time
+from typing import Any
 
 from grpc import aio
 
@@ -28,7 +29,9 @@ STREAMS_PER_CHANNEL = 50
 async def follow(
     stub: bm_grpc.BuildManagerStub, token: str, build_id: str, out: list[tuple[float, float]]
 ) -> None:
-    call = stub.StreamLogs(
+    # The generated stub is typed for the sync API; with an aio channel the
+    # call is an async iterator.
+    call: Any = stub.StreamLogs(
         bm.StreamLogsRequest(build_id=build_id, follow=True),
         metadata=(("authorization", f"Bearer {token}"),),
     )

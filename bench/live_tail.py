@@ -19,16 +19,14 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
-import time
 from pathlib import Path
+from typing import Any
 
-import aiohttp
-
-from bench.client import Api, Forge, Watcher
+from bench.client import Api, Forge, Watcher, scrape
 from bench.context import Context
 from bench.figures import Figure, PartResult, at_most, summary
 from bench.gitrepo import Repo
-from bench.processes import BenchError, ConveyorUp, UsageMeter
+from bench.processes import BenchError, ConveyorUp, UsageMeter, poll
 
 PART = "3 live tail"
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -53,8 +51,8 @@ async def run(
     repo = Repo(work / "repo")
     lines = round(seconds * rate)
     figures: list[Figure] = []
-    raw: dict[str, object] = {"lines_per_build": lines, "rate": rate}
-    async with ConveyorUp(work, database_url) as up:
+    raw: dict[str, Any] = {"lines_per_build": lines, "rate": rate}
+    async with ConveyorUp(work, database_url, profile=ctx.profile("tail")) as up:
         await up.start()
         api = Api(up.grpc_address, up.token)
         watcher = await Watcher(database_url).start()
@@ -93,10 +91,12 @@ async def _one(
     try:
         await _wait_streams(up.http_url, count, 60)
         meter = UsageMeter([up.pid])
+        clients = UsageMeter([p.pid for p in procs])
         meter.start()
+        clients.start()
         await asyncio.to_thread(gate.touch)
         await watcher.wait_final([build_id], lines + 120)
-        usage = meter.stop()
+        usage, client_usage = meter.stop(), clients.stop()
         outputs = await asyncio.wait_for(asyncio.gather(*(p.communicate() for p in procs)), 120)
     finally:
         for proc in procs:
@@ -112,24 +112,25 @@ async def _one(
     if len(samples) != count * lines:
         raise BenchError(f"followers got {len(samples)} tick lines, expected {count * lines}")
     stats = summary([s * 1000 for s in samples])
-    return {**stats, "cpu_percent": usage.cpu_percent, "rss_mb": usage.rss_mb}
+    return {
+        **stats,
+        "cpu_percent": usage.cpu_percent,
+        "rss_mb": usage.rss_mb,
+        "follower_processes_cpu_percent": client_usage.cpu_percent,
+    }
 
 
 async def _wait_streams(http_url: str, count: int, within: float) -> None:
     """Wait until the control plane reports ``count`` open StreamLogs calls."""
-    deadline = time.monotonic() + within
-    open_calls = 0.0
-    async with aiohttp.ClientSession() as session:
-        while time.monotonic() < deadline:
-            async with session.get(f"{http_url}/metrics") as response:
-                text = await response.text()
-            for line in text.splitlines():
-                if line.startswith("conveyor_log_streams_active "):
-                    open_calls = float(line.split()[1])
-            if open_calls >= count:
-                return
-            await asyncio.sleep(0.1)
-    raise BenchError(f"only {open_calls:.0f} of {count} followers attached within {within:.0f} s")
+    seen = 0.0
+
+    async def attached() -> bool:
+        nonlocal seen
+        seen = (await scrape(http_url)).get("conveyor_log_streams_active", 0.0)
+        return seen >= count
+
+    if not await poll(attached, within, every=0.1):
+        raise BenchError(f"only {seen:.0f} of {count} followers attached within {within:.0f} s")
 
 
 def _figures(count: int, r: dict[str, float]) -> list[Figure]:
@@ -141,5 +142,6 @@ def _figures(count: int, r: dict[str, float]) -> list[Figure]:
         Figure(PART, f"write → follower p99, {who}", r["p99"], "ms",
                at_most(target) if target else None),
         Figure(PART, f"write → follower max, {who}", r["max"], "ms"),
-        Figure(PART, f"control-plane CPU, {who}", r["cpu_percent"], "% of a core"),
+        Figure(PART, f"control-plane CPU, {who}", r["cpu_percent"], "% of a core",
+               note=f"the followers' own processes: {r['follower_processes_cpu_percent']:.0f} %"),
     ]  # fmt: skip

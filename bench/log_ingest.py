@@ -26,7 +26,7 @@ from bench.client import Api, Forge, Watcher
 from bench.context import Context
 from bench.figures import Figure, PartResult, at_least, at_most
 from bench.gitrepo import Repo
-from bench.processes import BenchError, ConveyorUp
+from bench.processes import BenchError, ConveyorUp, UsageMeter
 from control.storage.logs import decode_chunk
 
 PART = "2 log ingest"
@@ -41,7 +41,7 @@ async def run(ctx: Context, lines: int = 1_000_000, runs: int = 3) -> PartResult
     repo = Repo(work / "repo")
     big: list[dict[str, float]] = []
     peer: list[dict[str, float]] = []
-    async with ConveyorUp(work, database_url) as up:
+    async with ConveyorUp(work, database_url, profile=ctx.profile("logs")) as up:
         await up.start()
         api = Api(up.grpc_address, up.token)
         watcher = await Watcher(database_url).start()
@@ -72,7 +72,8 @@ async def run(ctx: Context, lines: int = 1_000_000, runs: int = 3) -> PartResult
                 "lines/s",
                 at_least(250_000),
                 lower_is_better=False,
-                note=f"median of {runs}; {med['ingest_s']:.2f} s",
+                note=f"median of {runs}; {med['ingest_s']:.2f} s; CPU s: control plane"
+                f" {med['control_cpu_s']:.1f}, runner {med['runner_cpu_s']:.1f}",
             ),
             Figure(
                 PART,
@@ -101,6 +102,7 @@ async def run(ctx: Context, lines: int = 1_000_000, runs: int = 3) -> PartResult
                 "lines/s",
                 lower_is_better=False,
                 note=f"median of {runs}; {med_peer['start_to_stored_s']:.2f} s",
+                peer_key="log_lines_per_s",
             ),
         ],
         {"big": big, "peer_size": peer},
@@ -110,9 +112,14 @@ async def run(ctx: Context, lines: int = 1_000_000, runs: int = 3) -> PartResult
 async def _one(
     up: ConveyorUp, api: Api, forge: Forge, watcher: Watcher, sha: str, size: int, work: Path
 ) -> dict[str, float]:
+    control = UsageMeter([up.pid])
+    runner = UsageMeter([pid] if (pid := up.runner_pid()) else [])
+    control.start()
+    runner.start()
     _t0, build_id = await forge.push("main", sha)
     await watcher.wait_final([build_id], 600)
     seen_final = time.time()
+    control_cpu, runner_cpu = control.stop(), runner.stop()
     cli_s, cli_lines = await _cli_read(up, build_id, work)
     cli_done = seen_final + cli_s
     began = time.perf_counter()
@@ -141,6 +148,9 @@ async def _one(
         # The gRPC read runs after the CLI; as if it had started at the end.
         "grpc_after_end_s": seen_final - finished + grpc_s,
         "batches": float(len(watcher.log_batches[build_id])),
+        "control_cpu_s": control_cpu.cpu_percent * control_cpu.seconds / 100,
+        "runner_cpu_s": runner_cpu.cpu_percent * runner_cpu.seconds / 100,
+        "push_to_final_s": control_cpu.seconds,
         "stored_lines": float(row.log_lines),
     }
 

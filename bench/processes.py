@@ -21,10 +21,12 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import Self
 
 import psutil
 import psycopg
 
+from bench.profiling import Profiler
 from control.storage.embedded import EmbeddedPostgres
 
 START_TIMEOUT = 90.0
@@ -36,19 +38,24 @@ class BenchError(RuntimeError):
 
 
 class Postgres:
-    """One embedded PostgreSQL for the whole benchmark (the same server and
-    tuning that `conveyor up` starts); a fresh database per part."""
+    """The benchmark's PostgreSQL: an embedded server of its own in
+    ``data_dir`` (the same server and tuning that `conveyor up` starts), or
+    an existing server at ``url``. Each part gets a fresh database."""
 
-    def __init__(self, data_dir: Path) -> None:
-        self.server = EmbeddedPostgres(data_dir)
-        self.url = ""
+    def __init__(self, data_dir: Path | None = None, url: str = "") -> None:
+        if (data_dir is None) == (not url):
+            raise ValueError("give either data_dir or url")
+        self.server = EmbeddedPostgres(data_dir) if data_dir is not None else None
+        self.url = url
 
     async def start(self) -> str:
-        self.url = await asyncio.to_thread(self.server.start)
+        if self.server is not None:
+            self.url = await asyncio.to_thread(self.server.start)
         return self.url
 
     async def stop(self) -> None:
-        await asyncio.to_thread(self.server.stop)
+        if self.server is not None:
+            await asyncio.to_thread(self.server.stop)
 
     async def new_database(self, prefix: str) -> str:
         """Create an empty database; return its URL."""
@@ -59,7 +66,10 @@ class Postgres:
         return f"{base}/{name}"
 
     def backend_pids(self) -> list[int]:
-        """PIDs of the server and its backends (for CPU readings)."""
+        """PIDs of the server and its backends (for CPU readings); none for
+        a server that is not ours."""
+        if self.server is None:
+            return []
         pid_file = self.server.data_dir / "postmaster.pid"
         try:
             root = psutil.Process(int(pid_file.read_text().splitlines()[0]))
@@ -97,11 +107,21 @@ async def connected_runners(database_url: str) -> int:
 
 
 class _Child:
-    """A child process in its own session, logging to ``log_path``."""
+    """A child process in its own session, logging to ``log_path``; with a
+    ``profile`` path prefix, py-spy records it (bench.profiling)."""
 
-    def __init__(self, log_path: Path) -> None:
+    def __init__(self, log_path: Path, profile: Path | None = None) -> None:
         self.log_path = log_path
+        self.profile = profile
         self.proc: asyncio.subprocess.Process | None = None
+        self.profilers: list[Profiler] = []
+
+    async def _profile(self, pid: int | None, what: str) -> None:
+        if self.profile is None or pid is None:
+            return
+        profiler = Profiler(pid, self.profile.with_name(f"{self.profile.name}-{what}.txt"))
+        await profiler.start()
+        self.profilers.append(profiler)
 
     async def _spawn(self, args: list[str], env: dict[str, str]) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -123,6 +143,8 @@ class _Child:
 
     async def stop(self) -> None:
         """SIGTERM, then SIGKILL after ``STOP_TIMEOUT``; waits for the exit."""
+        for profiler in self.profilers:
+            await profiler.stop()
         if self.proc is None or self.proc.returncode is not None:
             return
         self.proc.send_signal(signal.SIGTERM)
@@ -132,7 +154,7 @@ class _Child:
             os.killpg(self.proc.pid, signal.SIGKILL)
             await self.proc.wait()
 
-    async def __aenter__(self) -> _Child:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(
@@ -146,8 +168,10 @@ class ConveyorUp(_Child):
     control plane in this process plus one runner agent child with
     ``capacity`` slots and the local (bubblewrap) launcher."""
 
-    def __init__(self, work_dir: Path, database_url: str, capacity: int = 6) -> None:
-        super().__init__(work_dir / "up.log")
+    def __init__(
+        self, work_dir: Path, database_url: str, capacity: int = 6, profile: Path | None = None
+    ) -> None:
+        super().__init__(work_dir / "up.log", profile)
         self.data_dir = work_dir / "up"
         self.database_url = database_url
         self.capacity = capacity
@@ -176,12 +200,16 @@ class ConveyorUp(_Child):
             return "grpc_address" in self.state
 
         async def runner_up() -> bool:
+            if not self.alive():
+                raise BenchError(f"conveyor up exited early; see {self.log_path}")
             return await connected_runners(self.database_url) >= 1
 
         await _wait_for(written, "conveyor up did not write conveyor.json", self.log_path,
                         START_TIMEOUT)  # fmt: skip
         await _wait_for(runner_up, "the runner of conveyor up did not connect", self.log_path,
                         START_TIMEOUT)  # fmt: skip
+        await self._profile(self.pid, "control")
+        await self._profile(self.runner_pid(), "runner")
         return self
 
     @property
@@ -208,8 +236,10 @@ class ControlServe(_Child):
     """`conveyor control serve` on ports 0 against ``database_url``, with
     fresh admin and runner tokens; the runners are the caller's."""
 
-    def __init__(self, work_dir: Path, database_url: str, **env: str) -> None:
-        super().__init__(work_dir / "control.log")
+    def __init__(
+        self, work_dir: Path, database_url: str, profile: Path | None = None, **env: str
+    ) -> None:
+        super().__init__(work_dir / "control.log", profile)
         self.database_url = database_url
         self.admin_token = f"cvy_{secrets.token_urlsafe(24)}"
         self.runner_token = f"cvr_{secrets.token_urlsafe(24)}"
@@ -244,6 +274,7 @@ class ControlServe(_Child):
 
         await _wait_for(serving, "the control plane did not start", self.log_path,
                         START_TIMEOUT)  # fmt: skip
+        await self._profile(self.pid, "control")
         return self
 
 

@@ -33,7 +33,7 @@ async def run(ctx: Context, builds: int = 50, warmup: int = 5) -> PartResult:
     samples: dict[str, list[float]] = {
         k: [] for k in ("received", "webhook", "initializing", "running", "finished", "seen")
     }
-    async with ConveyorUp(work, database_url) as up:
+    async with ConveyorUp(work, database_url, profile=ctx.profile("push")) as up:
         await up.start()
         api = Api(up.grpc_address, up.token)
         watcher = await Watcher(database_url).start()
@@ -72,13 +72,14 @@ def figures(samples: dict[str, list[float]]) -> list[Figure]:
     note = f"n={n}"
     return [
         Figure(PART, "push → initializing p50", ms["initializing"]["p50"], "ms", at_most(50),
-               note=note),
+               note=note, peer_key="push_started_p50_ms"),
         Figure(PART, "push → initializing p95", ms["initializing"]["p95"], "ms"),
         Figure(PART, "push → initializing p99", ms["initializing"]["p99"], "ms", at_most(200)),
         Figure(PART, "push → initializing max", ms["initializing"]["max"], "ms"),
         Figure(PART, "push → running p50", ms["running"]["p50"], "ms"),
         Figure(PART, "push → running p99", ms["running"]["p99"], "ms"),
-        Figure(PART, "push → finished p50", ms["finished"]["p50"], "ms", at_most(400)),
+        Figure(PART, "push → finished p50", ms["finished"]["p50"], "ms", at_most(400),
+               peer_key="push_finished_p50_ms"),
         Figure(PART, "push → finished p95", ms["finished"]["p95"], "ms"),
         Figure(PART, "push → finished p99", ms["finished"]["p99"], "ms"),
         Figure(PART, "push → finished max", ms["finished"]["max"], "ms"),

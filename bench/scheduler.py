@@ -24,6 +24,7 @@ from typing import Any
 import psycopg
 
 from bench import seed
+from bench.client import db_commits, scrape
 from bench.context import Context
 from bench.figures import Figure, PartResult, at_least, at_most, summary
 from bench.processes import BenchError, ControlServe, UsageMeter, poll
@@ -45,7 +46,7 @@ async def run(
     or a simulated runner gets an error."""
     work = ctx.part_dir("scheduler")
     database_url = await ctx.postgres.new_database("sched")
-    async with ControlServe(work, database_url) as control:
+    async with ControlServe(work, database_url, ctx.profile("scheduler")) as control:
         await control.start()
         fleet = await Fleet(
             control.grpc_address, control.runner_token, runners, capacity, "finish"
@@ -57,10 +58,14 @@ async def run(
             per = [(a, builds // accounts + (1 if i < builds % accounts else 0))
                    for i, a in enumerate(busy)]  # fmt: skip
             meter = UsageMeter([control.pid])
+            before = await scrape(control.http_url)
+            commits0 = await db_commits(conn)
             meter.start()
             ids, t0 = await seed.queue(conn, per)
             probes = await _drain(conn, quiet, ids, 900)
             usage = meter.stop()
+            after = await scrape(control.http_url)
+            commits = await db_commits(conn) - commits0
             assigned = await _assigned_times(conn, ids)
         finally:
             await conn.close()
@@ -69,6 +74,9 @@ async def run(
         raise BenchError(f"simulated runners got errors, first: {fleet.errors[0]}")
     span = max(assigned) - t0
     rate = len(assigned) / span
+    passes = _delta(before, after, "conveyor_scheduler_tick_seconds_count")
+    pass_time = _delta(before, after, "conveyor_scheduler_tick_seconds_sum")
+    started_n = _delta(before, after, 'conveyor_scheduler_decisions_total{decision="started"}')
     decision = summary([p["decision"] for p in probes])
     started = summary([p["initializing"] for p in probes])
     raw = {
@@ -79,6 +87,11 @@ async def run(
         "drain_s": span,
         "decisions_per_s": rate,
         "control_cpu_percent": usage.cpu_percent,
+        "db_transactions": commits,
+        "db_transactions_per_build": commits / max(len(ids), 1),
+        "passes": passes,
+        "pass_seconds": pass_time,
+        "started_by_passes": started_n,
         "probes": probes,
         "quiet_decision_s": decision,
         "quiet_initializing_s": started,
@@ -92,7 +105,16 @@ async def run(
             "builds/s",
             at_least(2000),
             lower_is_better=False,
-            note=f"drained in {span:.1f} s; control-plane CPU {usage.cpu_percent:.0f} %",
+            note=f"drained in {span:.1f} s; control-plane CPU {usage.cpu_percent:.0f} %;"
+            f" {commits / max(len(ids), 1):.0f} database transactions per build",
+        ),
+        Figure(
+            PART,
+            "decisions per second of scheduler-pass time",
+            started_n / pass_time if pass_time else None,
+            "builds/s",
+            lower_is_better=False,
+            note=f"{passes:.0f} passes, {1000 * pass_time / max(passes, 1):.0f} ms each",
         ),
         Figure(
             PART,
@@ -156,6 +178,10 @@ async def _probe(
         "decision": (assigned - created).total_seconds(),
         "initializing": (started - created).total_seconds(),
     }
+
+
+def _delta(before: dict[str, float], after: dict[str, float], key: str) -> float:
+    return after.get(key, 0.0) - before.get(key, 0.0)
 
 
 async def _waiting(conn: psycopg.AsyncConnection[Any]) -> int:

@@ -15,6 +15,7 @@ from control.storage import migrate
 from control.storage.db import Database
 from control.storage.projects import ProjectStore
 from control.storage.stats import BuildCounts, build_counts
+from control.webhooks.deploy_hooks import DeployHookReceiver
 from control.webhooks.receiver import WebhookReceiver, respond
 
 log = logging.getLogger(__name__)
@@ -41,32 +42,31 @@ class HttpApp:
         self.lifecycle = lifecycle
         self.metrics = metrics
         self.max_body = max_body
+        metrics.db_pool.watch(db.stats)
         self.webhooks = WebhookReceiver(db, projects, lifecycle, metrics, max_body)
+        self.deploy_hooks = DeployHookReceiver(db, projects, lifecycle, metrics)
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=self.max_body)
         app.router.add_post("/webhooks/github/{project_id}", self.webhooks.github)
         app.router.add_post("/webhooks/gitlab/{project_id}", self.webhooks.gitlab)
+        app.router.add_post("/hooks/deploy/{key}", self.deploy_hooks.call)
         app.router.add_get("/metrics", self.metrics_endpoint)
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/readyz", self.readyz)
         return app
 
     async def metrics_endpoint(self, request: web.Request) -> web.Response:
-        """Prometheus exposition. The pool gauges and the installation-wide
-        build counts are read now; when the database does not answer within
-        ``DB_PROBE_SECONDS`` the build counts are left without samples and
-        the rest is served anyway."""
-        stats = self.db.stats()
-        self.metrics.db_pool_size.set(stats.get("pool_size", 0))
-        self.metrics.db_pool_available.set(stats.get("pool_available", 0))
-        self.metrics.db_pool_waiting.set(stats.get("requests_waiting", 0))
+        """Prometheus exposition. The installation-wide build counts are read
+        from the database now; when it does not answer within
+        ``DB_PROBE_SECONDS`` they are left without samples and the rest is
+        served anyway."""
         counts: BuildCounts | None = None
         try:
             async with asyncio.timeout(DB_PROBE_SECONDS), self.db.connection() as conn:
                 counts = await build_counts(conn)
         except (ConveyorError, TimeoutError) as exc:
-            log.warning("metrics: build counts unavailable: %s", exc or "database timeout")
+            log.warning("metrics: build counts unavailable: %s", str(exc) or "database timeout")
         self.metrics.build_counts.update(counts)
         body = generate_latest(self.metrics.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})

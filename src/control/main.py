@@ -25,6 +25,8 @@ from control.api.runner_servicer import RunnerServicer
 from control.api.scheduler_servicer import SchedulerServicer
 from control.builds.lifecycle import Lifecycle
 from control.config import Settings
+from control.forge.links import Links
+from control.forge.reporter import RetryPolicy, StatusReporter
 from control.http import HttpApp
 from control.logs.fanout import LogHub
 from control.metrics import ControlMetrics
@@ -76,6 +78,8 @@ class ControlPlane:
     http_port: int = 0
     admin_account_id: str = ""
     shutdown_grace: float = SHUTDOWN_GRACE
+    # Backoff of commit statuses to forges (tests shorten it).
+    forge_retry: RetryPolicy = field(default_factory=RetryPolicy)
 
     async def start(self) -> None:
         s = self.settings
@@ -111,6 +115,13 @@ class ControlPlane:
             self.env,
         )
         self.hub = LogHub(self.logs, self.notifier)
+        # Commit statuses to GitHub/GitLab: registered with the lifecycle
+        # before anything can change a build.
+        self.links = Links(s.public_url)
+        self.reporter = StatusReporter(
+            self.lifecycle, self.metrics.forge, self.links, self.forge_retry
+        )
+        await self.reporter.start()
         self.internal_token = f"cvi_{secrets.token_urlsafe(32)}"
 
         self.server = aio.server(
@@ -167,6 +178,7 @@ class ControlPlane:
                 self.env,
                 self.audit,
                 s.lifecycle.max_run_timeout,
+                self.links,
             ),
             self.server,
         )
@@ -213,6 +225,8 @@ class ControlPlane:
         self.http_port = _bound_port(self.http_runner, int(hport))
         scheme = "https" if ssl_context else "http"
         self.http_url = f"{scheme}://{hhost}:{self.http_port}"
+        if not s.public_url:
+            self.links.base = self.http_url
 
         self.scheduler.start()
         self._alarms = asyncio.create_task(self._alarm_loop(), name="alarms")
@@ -274,7 +288,8 @@ class ControlPlane:
         closes, live log follows end with UNAVAILABLE (their viewers resume
         from their cursor on another replica), the gRPC server refuses new
         calls and gives in-flight ones ``shutdown_grace`` seconds before it
-        cancels them, and last the LISTEN connection and the pool close."""
+        cancels them, queued commit statuses get a moment to reach their
+        forges, and last the LISTEN connection and the pool close."""
         await self.health.enter_graceful_shutdown()
         self._alarms.cancel()
         try:
@@ -286,6 +301,7 @@ class ControlPlane:
         self.hub.close()
         await self.server.stop(self.shutdown_grace)
         await self._self_channel.close(None)
+        await self.reporter.stop()
         await self.notifier.stop()
         await self.db.close()
         log.info("control plane stopped")

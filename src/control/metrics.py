@@ -13,10 +13,10 @@ combine with ``max``.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from control.storage.stats import BuildCounts
@@ -141,21 +141,10 @@ class ControlMetrics:
             buckets=_FAST_BUCKETS,
             registry=registry,
         )
-        self.db_pool_size = Gauge(
-            "conveyor_db_pool_connections",
-            "Connections in the database pool.",
-            registry=registry,
-        )
-        self.db_pool_available = Gauge(
-            "conveyor_db_pool_available_connections",
-            "Idle connections in the database pool.",
-            registry=registry,
-        )
-        self.db_pool_waiting = Gauge(
-            "conveyor_db_pool_waiting_requests",
-            "Requests waiting for a pooled connection.",
-            registry=registry,
-        )
+        self.db_pool = PoolCollector()
+        registry.register(self.db_pool)
+        # Forge integration (issue 8): declared in ForgeMetrics below.
+        self.forge = ForgeMetrics(registry)
 
 
 class BuildCountsCollector(Collector):
@@ -174,14 +163,14 @@ class BuildCountsCollector(Collector):
     def update(self, counts: BuildCounts | None) -> None:
         self.counts = counts
 
-    def describe(self) -> Iterator[GaugeMetricFamily]:
+    def describe(self) -> Iterator[Metric]:
         return self._families(None)
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[Metric]:
         return self._families(self.counts)
 
     @staticmethod
-    def _families(counts: BuildCounts | None) -> Iterator[GaugeMetricFamily]:
+    def _families(counts: BuildCounts | None) -> Iterator[Metric]:
         active = GaugeMetricFamily(
             "conveyor_active_builds", "Builds initializing or running, in the whole installation."
         )
@@ -202,3 +191,117 @@ class BuildCountsCollector(Collector):
         yield active
         yield depth
         yield oldest
+
+
+# The pool's figures: (name, help, psycopg-pool stats key[, scale to base units]).
+_POOL_GAUGES = (
+    ("conveyor_db_pool_connections", "Connections in the database pool.", "pool_size"),
+    ("conveyor_db_pool_available_connections", "Idle pooled connections.", "pool_available"),
+    ("conveyor_db_pool_max_connections", "The pool's size limit.", "pool_max"),
+    ("conveyor_db_pool_waiting_requests", "Requests waiting for a connection.", "requests_waiting"),
+)
+_POOL_COUNTERS = (
+    ("conveyor_db_pool_requests", "Connections handed out by the pool.", "requests_num", 1.0),
+    (
+        "conveyor_db_pool_request_wait_seconds",
+        "Time requests spent waiting for a connection.",
+        "requests_wait_ms",
+        0.001,
+    ),
+    (
+        "conveyor_db_pool_request_errors",
+        "Requests that got no connection (timeout, pool closed).",
+        "requests_errors",
+        1.0,
+    ),
+    (
+        "conveyor_db_pool_connection_errors",
+        "Failed attempts to open a connection to PostgreSQL.",
+        "connections_errors",
+        1.0,
+    ),
+    (
+        "conveyor_db_pool_connections_lost",
+        "Pooled connections found broken and replaced.",
+        "connections_lost",
+        1.0,
+    ),
+)
+
+
+class PoolCollector(Collector):
+    """The database pool's figures, read from ``psycopg_pool`` at collect
+    time. ``watch(pool_stats)`` with the pool's ``get_stats`` (cumulative
+    counters since the pool opened, never popped); until then the families
+    have no samples."""
+
+    def __init__(self) -> None:
+        self._stats: Callable[[], Mapping[str, int]] | None = None
+
+    def watch(self, stats: Callable[[], Mapping[str, int]]) -> None:
+        self._stats = stats
+
+    def describe(self) -> Iterator[Metric]:
+        return self._families({}, with_samples=False)
+
+    def collect(self) -> Iterator[Metric]:
+        if self._stats is None:
+            return self._families({}, with_samples=False)
+        return self._families(self._stats(), with_samples=True)
+
+    @staticmethod
+    def _families(stats: Mapping[str, int], *, with_samples: bool) -> Iterator[Metric]:
+        for name, doc, key in _POOL_GAUGES:
+            gauge = GaugeMetricFamily(name, doc)
+            if with_samples:
+                gauge.add_metric([], stats.get(key, 0))
+            yield gauge
+        for name, doc, key, scale in _POOL_COUNTERS:
+            counter = CounterMetricFamily(name, doc)
+            if with_samples:
+                counter.add_metric([], stats.get(key, 0) * scale)
+            yield counter
+
+
+# --- Forge integration (issue 8): webhook skips, commit statuses, deploy hooks.
+class ForgeMetrics:
+    """Metrics of the forge integration, under ``ControlMetrics.forge``."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.pushes_skipped = Counter(
+            "conveyor_pushes_skipped_total",
+            "Forge events that queued nothing, by reason (branch_excluded, skip_ci...).",
+            ["provider", "reason"],
+            registry=registry,
+        )
+        self.status_reports = Counter(
+            "conveyor_forge_status_reports_total",
+            "Commit statuses, by forge and result (delivered, retried, failed, rejected,"
+            " dropped, skipped).",
+            ["forge", "result"],
+            registry=registry,
+        )
+        self.up = Gauge(
+            "conveyor_forge_up",
+            "1 when the forge answered the last commit-status request, 0 when it did not.",
+            ["forge"],
+            registry=registry,
+        )
+        self.request_seconds = Histogram(
+            "conveyor_forge_request_seconds",
+            "Duration of one commit-status request to a forge.",
+            ["forge"],
+            buckets=_FAST_BUCKETS,
+            registry=registry,
+        )
+        self.queue_depth = Gauge(
+            "conveyor_forge_status_queue_depth",
+            "Builds waiting for their commit status to be sent.",
+            registry=registry,
+        )
+        self.deploy_hook_calls = Counter(
+            "conveyor_deploy_hook_calls_total",
+            "Deploy hook calls, by result (queued, duplicate, not_found, error).",
+            ["result"],
+            registry=registry,
+        )

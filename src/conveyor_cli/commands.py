@@ -49,9 +49,16 @@ def projects_create(client: Client, args: argparse.Namespace) -> int:
             cancel_in_progress=args.cancel_in_progress,
             build_other_branches=not args.production_only,
             root_directory=args.root_directory,
+            branch_include=_globs(args.branch_include),
+            branch_exclude=_globs(args.branch_exclude),
+            watch_include=_globs(args.watch_include),
+            watch_exclude=_globs(args.watch_exclude),
+            forge=args.forge,
+            forge_api_url=args.forge_api_url,
+            forge_repo=args.forge_repo,
         ),
     )
-    data = render.project_json(reply.project)
+    data = project_json(reply.project)
     if args.json:
         _print_json(data)
     else:
@@ -63,7 +70,7 @@ def projects_create(client: Client, args: argparse.Namespace) -> int:
 def projects_list(client: Client, args: argparse.Namespace) -> int:
     reply = client.call(client.config.ListProjects, cs.ListProjectsRequest())
     if args.json:
-        _print_json([render.project_json(p) for p in reply.projects])
+        _print_json([project_json(p) for p in reply.projects])
     else:
         for p in reply.projects:
             print(f"{p.id}  {p.name:<20} {p.repo_url}  ({p.production_branch})")
@@ -72,7 +79,7 @@ def projects_list(client: Client, args: argparse.Namespace) -> int:
 
 def projects_show(client: Client, args: argparse.Namespace) -> int:
     reply = client.call(client.config.GetProject, cs.GetProjectRequest(project=args.project))
-    data = render.project_json(reply.project)
+    data = project_json(reply.project)
     if args.json:
         _print_json(data)
     else:
@@ -90,7 +97,31 @@ UPDATE_FLAGS = {
     "run_timeout": "run_timeout_seconds",
     "root_directory": "root_directory",
     "name": "name",
+    "forge": "forge",
+    "forge_api_url": "forge_api_url",
+    "forge_repo": "forge_repo",
 }
+# Repeatable flags that replace a list; given once with '' they empty it.
+LIST_FLAGS = ("branch_include", "branch_exclude", "watch_include", "watch_exclude")
+
+
+def _globs(values: list[str] | None) -> list[str]:
+    return [v for v in values or [] if v]
+
+
+def project_json(project: pb.Project) -> dict[str, Any]:
+    """``render.project_json`` and the forge integration's settings."""
+    data = render.project_json(project)
+    data.update(
+        branch_include=list(project.branch_include),
+        branch_exclude=list(project.branch_exclude),
+        watch_include=list(project.watch_include),
+        watch_exclude=list(project.watch_exclude),
+        forge=project.forge,
+        forge_api_url=project.forge_api_url,
+        forge_repo=project.forge_repo,
+    )
+    return data
 
 
 def projects_update(client: Client, args: argparse.Namespace) -> int:
@@ -104,11 +135,19 @@ def projects_update(client: Client, args: argparse.Namespace) -> int:
     if args.cancel_in_progress is not None:
         values.cancel_in_progress = args.cancel_in_progress == "on"
         mask.append("cancel_in_progress")
+    if args.other_branches is not None:
+        values.build_other_branches = args.other_branches == "on"
+        mask.append("build_other_branches")
+    for field in LIST_FLAGS:
+        given = getattr(args, field, None)
+        if given is not None:
+            getattr(values, field).extend(_globs(given))
+            mask.append(field)
     reply = client.call(
         client.config.UpdateProject,
         cs.UpdateProjectRequest(project=args.project, values=values, update_mask=mask),
     )
-    data = render.project_json(reply.project)
+    data = project_json(reply.project)
     if args.json:
         _print_json(data)
     else:
@@ -134,15 +173,48 @@ def builds_trigger(client: Client, args: argparse.Namespace) -> int:
 
 
 def builds_list(client: Client, args: argparse.Namespace) -> int:
+    """Builds, newest first; with --all, the pushes that did not build too,
+    each with its reason, merged by time."""
     reply = client.call(
-        client.config.ListBuilds, cs.ListBuildsRequest(project=args.project, limit=args.limit)
+        client.config.ListBuilds,
+        cs.ListBuildsRequest(project=args.project, limit=args.limit, include_skipped=args.all),
     )
+    rows: list[tuple[str, dict[str, Any], str]] = [
+        (render.rfc3339(b.created_at) or "", render.build_json(b), render.build_row(b))
+        for b in reply.builds
+    ]
+    for push in reply.skipped:
+        data = _skipped_json(push)
+        rows.append((data["created_at"] or "", data, _skipped_row(data)))
+    rows.sort(key=lambda row: row[0], reverse=True)
     if args.json:
-        _print_json([render.build_json(b) for b in reply.builds])
+        _print_json([data for _, data, _ in rows])
     else:
-        for build in reply.builds:
-            print(render.build_row(build))
+        for _, _, text in rows:
+            print(text)
     return 0
+
+
+def _skipped_json(push: cs.SkippedPush) -> dict[str, Any]:
+    return {
+        "id": push.id,
+        "project_id": push.project_id,
+        "project": push.project_name,
+        "branch": push.branch or push.ref,
+        "commit_sha": push.commit_sha,
+        "status": "skipped",
+        "status_reason": push.reason,
+        "trigger": f"{push.provider} {push.event}",
+        "created_at": render.rfc3339(push.received_at),
+        "delivery_id": push.delivery_id or None,
+    }
+
+
+def _skipped_row(data: dict[str, Any]) -> str:
+    return (
+        f"{data['id']}  {data['project']:<16} {data['branch']:<16} {data['commit_sha'][:10]:<10}"
+        f"  {'skipped':<12} {data['created_at']}  {data['status_reason']}"
+    )
 
 
 def builds_show(client: Client, args: argparse.Namespace) -> int:
@@ -348,4 +420,56 @@ def secrets_rotate(client: Client, args: argparse.Namespace) -> int:
         _print_json({"reencrypted": reply.reencrypted, "key_id": reply.key_id})
     else:
         print(f"re-encrypted {reply.reencrypted} secret(s) under key {reply.key_id}")
+    return 0
+
+
+def _hook_json(hook: cs.DeployHook) -> dict[str, Any]:
+    return {
+        "id": hook.id,
+        "project_id": hook.project_id,
+        "name": hook.name,
+        "branch": hook.branch,
+        "created_at": render.rfc3339(hook.created_at),
+        "last_used_at": render.rfc3339(hook.last_used_at),
+        "revoked_at": render.rfc3339(hook.revoked_at),
+    }
+
+
+def hooks_create(client: Client, args: argparse.Namespace) -> int:
+    reply = client.call(
+        client.config.CreateDeployHook,
+        cs.CreateDeployHookRequest(project=args.project, name=args.name, branch=args.branch),
+    )
+    if args.json:
+        _print_json({**_hook_json(reply.hook), "key": reply.key, "url": reply.url})
+    else:
+        print(f"deploy hook {reply.hook.name} ({reply.hook.id}) builds {reply.hook.branch}")
+        print(f"POST {reply.url}\n(shown once: store it now)")
+    return 0
+
+
+def hooks_list(client: Client, args: argparse.Namespace) -> int:
+    reply = client.call(
+        client.config.ListDeployHooks, cs.ListDeployHooksRequest(project=args.project)
+    )
+    if args.json:
+        _print_json([_hook_json(h) for h in reply.hooks])
+    else:
+        for hook in reply.hooks:
+            data = _hook_json(hook)
+            state = "revoked" if data["revoked_at"] else "active"
+            used = data["last_used_at"] or "never used"
+            print(f"{hook.id}  {hook.name:<20} {hook.branch:<16} {state:<8} {used}")
+    return 0
+
+
+def hooks_revoke(client: Client, args: argparse.Namespace) -> int:
+    reply = client.call(
+        client.config.RevokeDeployHook,
+        cs.RevokeDeployHookRequest(project=args.project, hook_id=args.hook_id),
+    )
+    if args.json:
+        _print_json(_hook_json(reply.hook))
+    else:
+        print(f"deploy hook {reply.hook.name} revoked")
     return 0

@@ -11,6 +11,7 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 # gRPC core prints a notice at every fork (the runner forks builds); the
 # fork handlers are not needed because children exec at once.
@@ -23,6 +24,9 @@ from conveyor_cli import commands
 from conveyor_cli.target import TargetError, resolve
 from runner.config import RunnerSettings
 from runner.launchers.base import Launcher
+
+if TYPE_CHECKING:
+    from runner.metrics import RunnerMetrics
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -67,6 +71,7 @@ def _parser() -> argparse.ArgumentParser:
     create.add_argument("--root-directory", default="")
     create.add_argument("--cancel-in-progress", action="store_true")
     create.add_argument("--production-only", action="store_true")
+    _forge_flags(create)
     create.add_argument("--json", action="store_true")
     lst = projects.add_parser("list")
     lst.add_argument("--json", action="store_true")
@@ -84,6 +89,10 @@ def _parser() -> argparse.ArgumentParser:
     update.add_argument("--run-timeout", type=int)
     update.add_argument("--root-directory")
     update.add_argument("--cancel-in-progress", choices=["on", "off"])
+    update.add_argument(
+        "--other-branches", choices=["on", "off"], help="build branches besides production"
+    )
+    _forge_flags(update, defaults=None)
     update.add_argument("--json", action="store_true")
     delete = projects.add_parser("delete")
     delete.add_argument("project")
@@ -98,6 +107,9 @@ def _parser() -> argparse.ArgumentParser:
     blist = builds.add_parser("list")
     blist.add_argument("--project", default="")
     blist.add_argument("--limit", type=int, default=50)
+    blist.add_argument(
+        "--all", action="store_true", help="also the pushes that did not build, and why"
+    )
     blist.add_argument("--json", action="store_true")
     for name in ("show", "cancel", "retry"):
         cmd = builds.add_parser(name)
@@ -146,12 +158,43 @@ def _parser() -> argparse.ArgumentParser:
     rotate = secrets_cmd.add_parser("rotate", help="re-encrypt secrets under the current key")
     rotate.add_argument("--json", action="store_true")
 
+    hooks = sub.add_parser("hooks", help="deploy hooks: URLs that build a branch").add_subparsers(
+        dest="hooks_command", required=True
+    )
+    hcreate = hooks.add_parser("create", help="create a hook (its URL is shown once)")
+    hcreate.add_argument("project")
+    hcreate.add_argument("--name", required=True)
+    hcreate.add_argument("--branch", default="", help="default: the production branch")
+    hcreate.add_argument("--json", action="store_true")
+    hlist = hooks.add_parser("list")
+    hlist.add_argument("project")
+    hlist.add_argument("--json", action="store_true")
+    hrevoke = hooks.add_parser("revoke")
+    hrevoke.add_argument("project")
+    hrevoke.add_argument("hook_id")
+    hrevoke.add_argument("--json", action="store_true")
+
     logs = sub.add_parser("logs")
     logs.add_argument("build_id")
     logs.add_argument("--follow", "-f", action="store_true")
     logs.add_argument("--cursor", default="")
     logs.add_argument("--json", action="store_true")
     return p
+
+
+def _forge_flags(cmd: argparse.ArgumentParser, defaults: str | None = "") -> None:
+    """Branch rules, watch paths and forge coordinates. On update, a list
+    flag replaces the list (given once as '' it empties it)."""
+    for flag, what in (
+        ("--branch-include", "build only other branches matching GLOB"),
+        ("--branch-exclude", "never build branches matching GLOB (wins over include)"),
+        ("--watch-include", "build only when a changed file matches GLOB"),
+        ("--watch-exclude", "ignore changed files matching GLOB"),
+    ):
+        cmd.add_argument(flag, action="append", metavar="GLOB", default=None, help=what)
+    cmd.add_argument("--forge", choices=["github", "gitlab"], default=defaults)
+    cmd.add_argument("--forge-api-url", default=defaults, help="e.g. https://api.github.com")
+    cmd.add_argument("--forge-repo", default=defaults, help="owner/repo, or a GitLab project id")
 
 
 CLIENT_COMMANDS: dict[tuple[str, str | None], Callable[..., int]] = {
@@ -175,6 +218,9 @@ CLIENT_COMMANDS: dict[tuple[str, str | None], Callable[..., int]] = {
     ("accounts", "create"): commands.accounts_create,
     ("audit", None): commands.audit,
     ("secrets", "rotate"): commands.secrets_rotate,
+    ("hooks", "create"): commands.hooks_create,
+    ("hooks", "list"): commands.hooks_list,
+    ("hooks", "revoke"): commands.hooks_revoke,
 }
 
 
@@ -287,7 +333,7 @@ def _runner_start(args: argparse.Namespace) -> int:
 
     async def run() -> None:
         metrics = RunnerMetrics(CollectorRegistry())
-        launcher, sandboxed = _launcher(settings)
+        launcher, sandboxed = _launcher(settings, metrics)
         agent = Agent(settings, launcher, metrics, sandboxed=sandboxed)
         http = (
             await serve_metrics(metrics, settings.metrics_addr) if settings.metrics_addr else None
@@ -313,14 +359,14 @@ def _runner_start(args: argparse.Namespace) -> int:
     return 0
 
 
-def _launcher(settings: RunnerSettings) -> tuple[Launcher, bool]:
+def _launcher(settings: RunnerSettings, metrics: RunnerMetrics) -> tuple[Launcher, bool]:
     from runner.launchers.local import LocalLauncher
 
     if settings.launcher == "nomad":
         from runner.launchers.nomad import NomadLauncher, NomadSettings
 
         return NomadLauncher(NomadSettings.from_env(os.environ)), True
-    local = LocalLauncher(settings.work_dir / "workspaces")
+    local = LocalLauncher(settings.work_dir / "workspaces", metrics=metrics)
     return local, local.sandboxed
 
 

@@ -213,9 +213,18 @@ class BuildRun:
     ) -> str | None:
         failed: str | None = None
         current: StepState | None = None
+        own = f"##conveyor:{script.nonce}:".encode()
         async for out in job.output():
+            data = out.data
             if out.stream == "stdout":
-                marker = script.parse_marker(out.data)
+                at = data.find(own, 1)
+                if at > 0:
+                    # Output without a final newline runs into the marker
+                    # the script prints next: split them.
+                    text = data[:at].decode("utf-8", errors="replace")
+                    await batcher.add(out.stream, masker.mask(text))
+                    data = data[at:]
+                marker = script.parse_marker(data)
                 if marker is not None:
                     now = datetime.now(UTC)
                     if marker.index >= len(self.steps):
@@ -243,7 +252,7 @@ class BuildRun:
                         )])  # fmt: skip
                         current = None
                     continue
-            text = out.data.decode("utf-8", errors="replace")
+            text = data.decode("utf-8", errors="replace")
             await batcher.add(out.stream, masker.mask(text))
         return failed
 

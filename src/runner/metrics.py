@@ -48,6 +48,12 @@ class RunnerMetrics:
             ["launcher"],
             registry=registry,
         )
+        self.sandbox_limit_hits = Counter(
+            "conveyor_runner_sandbox_limit_hits_total",
+            "Local builds that hit a sandbox limit, by limit (memory, processes, cpu, workspace).",
+            ["limit"],
+            registry=registry,
+        )
         self.reconnects = Counter(
             "conveyor_runner_reconnects_total",
             "Times the runner reconnected to the control plane.",

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import aiohttp
@@ -48,6 +51,20 @@ async def scrape(url: str) -> Scrape:
         assert response.status == 200, body
         assert response.headers["Content-Type"].startswith("text/plain"), response.headers
     return parse(body)
+
+
+async def scrape_until(url: str, ok: Callable[[Scrape], bool], timeout: float = 10) -> Scrape:
+    """Scrape until ``ok`` holds: a process records some metrics just after
+    the state a test waits for (a runner counts a build after its final
+    report was acknowledged)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        metrics = await scrape(url)
+        if ok(metrics):
+            return metrics
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{url} never matched: {metrics.samples}")
+        await asyncio.sleep(0.05)
 
 
 async def get_json(url: str) -> tuple[int, dict[str, object]]:

@@ -11,6 +11,7 @@ import re
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ from conveyor.v1 import config_service_pb2_grpc as cs_grpc
 from conveyor.v1 import types_pb2 as pb
 from tests.helpers import FINAL, git, github_headers, github_push, post_webhook
 from tests.observability.reflection import list_services
-from tests.observability.scrape import Scrape, get_json, scrape
+from tests.observability.scrape import Scrape, get_json, scrape_until
 
 CAPACITY = 2
 
@@ -102,6 +103,12 @@ async def wait_final(config: cs_grpc.ConfigServiceStub, metadata: Any, build_id:
     raise AssertionError(f"build {build_id} did not finish")
 
 
+def finished(count: int, name: str) -> Callable[[Scrape], bool]:
+    """The scrape shows ``count`` succeeded builds in ``name``."""
+    label = "result" if name.startswith("conveyor_runner_") else "status"
+    return lambda metrics: metrics.value(name, **{label: "succeeded"}) >= count
+
+
 async def test_a_build_through_conveyor_up_moves_both_metrics_and_tags_its_log_lines(
     tmp_path: Path, database_url: str
 ) -> None:
@@ -118,8 +125,8 @@ async def test_a_build_through_conveyor_up_moves_both_metrics_and_tags_its_log_l
 
         control_url = state["http_url"] + "/metrics"
         runner_url = state["runner_metrics_url"]
-        control_1 = await scrape(control_url)
-        runner_1 = await scrape(runner_url)
+        control_1 = await scrape_until(control_url, finished(1, "conveyor_builds_finished_total"))
+        runner_1 = await scrape_until(runner_url, finished(1, "conveyor_runner_builds_total"))
         # The demo build, from fresh processes: these started at zero.
         assert control_1.value("conveyor_builds_finished_total", status="succeeded") == 1
         assert control_1.value("conveyor_build_queue_seconds_count") == 1
@@ -153,8 +160,8 @@ async def test_a_build_through_conveyor_up_moves_both_metrics_and_tags_its_log_l
                 stored += len(message.lines)
             services = await asyncio.to_thread(list_services, state["grpc_address"])
 
-        control_2 = await scrape(control_url)
-        runner_2 = await scrape(runner_url)
+        control_2 = await scrape_until(control_url, finished(2, "conveyor_builds_finished_total"))
+        runner_2 = await scrape_until(runner_url, finished(2, "conveyor_runner_builds_total"))
         check_control_moved(control_1, control_2, stored)
         check_runner_moved(runner_1, runner_2)
         assert {
@@ -206,6 +213,11 @@ def check_control_moved(before: Scrape, after: Scrape, stored_lines: int) -> Non
     assert after.series("conveyor_queue_depth") == {}
     assert after.value("conveyor_oldest_queued_build_age_seconds") == 0
     assert after.value("conveyor_db_pool_connections") >= 1
+    assert after.value("conveyor_db_pool_connections") <= after.value(
+        "conveyor_db_pool_max_connections"
+    )
+    assert delta("conveyor_db_pool_requests_total") > 0
+    assert after.value("conveyor_db_pool_request_errors_total") == 0
 
 
 def check_runner_moved(before: Scrape, after: Scrape) -> None:

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
+from collections.abc import Iterable
 from dataclasses import asdict, fields, replace
+from typing import Any
 
 from control.api import convert
 from control.api.access_servicer import AccessRpcs
 from control.api.edge import Ctx, account_of_caller, principal
 from control.api.fields import required
+from control.api.forge_servicer import ForgeRpcs
 from control.builds.lifecycle import Lifecycle
 from control.domain import project as proj
 from control.domain.project import ProjectSettings
 from control.errors import FailedPrecondition, InvalidArgument
+from control.forge.links import Links
+from control.forge.remote import resolve_branch_head
 from control.storage.audit import AuditLog
 from control.storage.builds import BuildStore
 from control.storage.db import Database
@@ -39,41 +43,17 @@ def settings_from(msg: cs.CreateProjectRequest) -> ProjectSettings:
         cancel_in_progress=msg.cancel_in_progress,
         build_other_branches=msg.build_other_branches,
         root_directory=msg.root_directory,
+        branch_include=tuple(msg.branch_include),
+        branch_exclude=tuple(msg.branch_exclude),
+        watch_include=tuple(msg.watch_include),
+        watch_exclude=tuple(msg.watch_exclude),
+        forge=msg.forge,
+        forge_api_url=msg.forge_api_url,
+        forge_repo=msg.forge_repo,
     )
 
 
-async def resolve_branch_head(repo_url: str, branch: str) -> str:
-    """Return the commit at the tip of ``branch`` with ``git ls-remote``.
-
-    Raises ``InvalidArgument`` when the repository or branch cannot be read.
-    """
-    proc = await asyncio.create_subprocess_exec(
-        "git",
-        "-c",
-        "safe.directory=*",
-        "ls-remote",
-        "--",
-        repo_url,
-        f"refs/heads/{branch}",
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env={"GIT_TERMINAL_PROMPT": "0", "PATH": "/usr/bin:/bin:/usr/local/bin"},
-    )
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), timeout=20)
-    except TimeoutError:
-        proc.kill()
-        raise InvalidArgument("branch", "the repository did not answer within 20 s") from None
-    if proc.returncode != 0:
-        raise InvalidArgument("repo_url", f"cannot read the repository: {err.decode()[-300:]}")
-    for line in out.decode().splitlines():
-        sha, _, ref = line.partition("\t")
-        if ref == f"refs/heads/{branch}":
-            return sha
-    raise InvalidArgument("branch", f"branch {branch!r} does not exist in the repository")
-
-
-class ConfigServicer(AccessRpcs, cs_grpc.ConfigServiceServicer):
+class ConfigServicer(AccessRpcs, ForgeRpcs, cs_grpc.ConfigServiceServicer):
     def __init__(
         self,
         db: Database,
@@ -83,6 +63,7 @@ class ConfigServicer(AccessRpcs, cs_grpc.ConfigServiceServicer):
         env: EnvStore,
         audit: AuditLog,
         max_run_timeout: int,
+        links: Links | None = None,
     ) -> None:
         self.db = db
         self.projects = projects
@@ -91,6 +72,7 @@ class ConfigServicer(AccessRpcs, cs_grpc.ConfigServiceServicer):
         self.env = env
         self.audit = audit
         self.max_run_timeout = max_run_timeout
+        self.links = links or Links()
 
     async def CreateProject(
         self, request: cs.CreateProjectRequest, context: Ctx
@@ -134,7 +116,7 @@ class ConfigServicer(AccessRpcs, cs_grpc.ConfigServiceServicer):
         base = ProjectSettings(
             **{f.name: getattr(current, f.name) for f in fields(ProjectSettings)}
         )
-        values = {m: getattr(request.values, m) for m in request.update_mask}
+        values = {m: _plain(getattr(request.values, m)) for m in request.update_mask}
         updated = replace(base, **values)
         updated.validate(self.max_run_timeout)
         changes = {k: v for k, v in asdict(updated).items() if k in values}
@@ -184,7 +166,12 @@ class ConfigServicer(AccessRpcs, cs_grpc.ConfigServiceServicer):
         if request.project:
             project_id = (await self.projects.get(account, request.project)).id
         builds = await self.builds.list_for(account, project_id, request.limit or 50)
-        return cs.ListBuildsResponse(builds=[convert.build_to_pb(b) for b in builds])
+        skipped = []
+        if request.include_skipped:
+            skipped = await self.skipped_pushes(account, project_id, request.limit or 50)
+        return cs.ListBuildsResponse(
+            builds=[convert.build_to_pb(b) for b in builds], skipped=skipped
+        )
 
     async def GetBuild(self, request: cs.GetBuildRequest, context: Ctx) -> cs.GetBuildResponse:
         build = await self.builds.get(account_of_caller(), required("build_id", request.build_id))
@@ -211,3 +198,10 @@ class ConfigServicer(AccessRpcs, cs_grpc.ConfigServiceServicer):
         log.info("retry of %s by %s", old.id, principal().name, extra={"build_id": build_id})
         build = await self.builds.get(account, build_id)
         return cs.RetryBuildResponse(build=convert.build_to_pb(build))
+
+
+def _plain(value: Any) -> Any:
+    """A repeated protobuf field as a tuple, as ``ProjectSettings`` holds it."""
+    if isinstance(value, str | bytes) or not isinstance(value, Iterable):
+        return value
+    return tuple(value)

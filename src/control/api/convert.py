@@ -9,7 +9,10 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from control.domain.build import Build, BuildStatus, Step, StepStatus
 from control.domain.project import Project
+from control.storage.hooks import DeployHook
 from control.storage.logs import StoredLine
+from control.storage.pushes import SkippedPush
+from conveyor.v1 import config_service_pb2 as cs
 from conveyor.v1 import types_pb2 as pb
 
 BUILD_STATUS_TO_PB = {
@@ -69,6 +72,13 @@ def project_to_pb(project: Project, *, with_secret: bool) -> pb.Project:
         cancel_in_progress=project.cancel_in_progress,
         build_other_branches=project.build_other_branches,
         root_directory=project.root_directory,
+        branch_include=list(project.branch_include),
+        branch_exclude=list(project.branch_exclude),
+        watch_include=list(project.watch_include),
+        watch_exclude=list(project.watch_exclude),
+        forge=project.forge,
+        forge_api_url=project.forge_api_url,
+        forge_repo=project.forge_repo,
     )
     timestamp(project.created_at, msg.created_at)
     timestamp(project.updated_at, msg.updated_at)
@@ -113,4 +123,29 @@ def build_to_pb(build: Build) -> pb.Build:
 def line_to_pb(line: StoredLine) -> pb.LogLine:
     msg = pb.LogLine(number=line.number, stream=STREAM_TO_PB[line.stream], text=line.text)
     msg.time.FromMilliseconds(line.time_ms)
+    return msg
+
+
+def skipped_push_to_pb(push: SkippedPush) -> cs.SkippedPush:
+    msg = cs.SkippedPush(
+        id=push.id,
+        project_id=push.project_id,
+        project_name=push.project_name,
+        provider=push.provider,
+        event=push.event,
+        ref=push.ref,
+        branch=push.branch,
+        commit_sha=push.commit_sha,
+        reason=push.reason,
+        delivery_id=push.delivery_id,
+    )
+    timestamp(push.received_at, msg.received_at)
+    return msg
+
+
+def deploy_hook_to_pb(hook: DeployHook) -> cs.DeployHook:
+    msg = cs.DeployHook(id=hook.id, project_id=hook.project_id, name=hook.name, branch=hook.branch)
+    timestamp(hook.created_at, msg.created_at)
+    timestamp(hook.last_used_at, msg.last_used_at)
+    timestamp(hook.revoked_at, msg.revoked_at)
     return msg

@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 import secrets
 import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -89,8 +91,30 @@ class Lifecycle:
         # so a control-plane restart or a database outage never passes for
         # the loss of every runner.
         self._hearing_since: float | None = time.monotonic()
+        # Called with a build id after every committed change of that build
+        # (queued, superseded, each transition). A listener must return at
+        # once and never raise: it runs on the path of the change.
+        self.listeners: list[Callable[[str], None]] = []
+        # Builds queued inside a caller's ``transaction()``, told to the
+        # listeners once it commits.
+        self._untold: dict[Conn, list[str]] = {}
 
     # --- queueing ---------------------------------------------------------
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[Conn]:
+        """A transaction for callers that queue builds among writes of their
+        own (``queue(conn=...)``): the listeners hear of the builds it queued
+        or superseded once it commits, never before."""
+        changed: list[str] = []
+        async with self.db.transaction() as conn:
+            self._untold[conn] = changed
+            try:
+                yield conn
+            finally:
+                self._untold.pop(conn, None)
+        for build_id in changed:
+            self._tell(build_id)
 
     async def queue(
         self,
@@ -105,13 +129,16 @@ class Lifecycle:
         conn: Conn | None = None,
     ) -> str:
         """Queue a build; supersede the branch's older queued builds (and, with
-        ``cancel_in_progress``, stop its running ones). Returns the build id."""
+        ``cancel_in_progress``, stop its running ones). Returns the build id.
+
+        With ``conn`` the caller commits; take it from ``transaction()`` so
+        the listeners hear of the change after the commit."""
         if production is None:
             production = branch == project.production_branch
         names = ["clone"] + [name for name, _ in step_plan(project, production)]
         if conn is None:
             async with self.db.transaction() as own:
-                build_id = await self._queue_in(
+                build_id, ended = await self._queue_in(
                     own,
                     project,
                     branch,
@@ -123,7 +150,7 @@ class Lifecycle:
                     names,
                 )
         else:
-            build_id = await self._queue_in(
+            build_id, ended = await self._queue_in(
                 conn,
                 project,
                 branch,
@@ -137,6 +164,12 @@ class Lifecycle:
         self.metrics.builds_queued.labels(trigger).inc()
         self.notifier.publish_local("conveyor_queue", build_id)
         log.info("build queued", extra={"build_id": build_id, "project_id": project.id})
+        untold = self._untold.get(conn) if conn is not None else None
+        if untold is not None:
+            untold.extend((build_id, *ended))
+        else:
+            for changed in (build_id, *ended):
+                self._tell(changed)
         return build_id
 
     async def _queue_in(
@@ -150,7 +183,10 @@ class Lifecycle:
         retry_of: str | None,
         received_at: datetime | None,
         names: list[str],
-    ) -> str:
+    ) -> tuple[str, list[str]]:
+        """Insert the build; return its id and the builds it ended at once
+        (superseded, or canceled before any runner had them)."""
+        ended: list[str] = []
         build_id = await self.builds.insert(
             conn,
             project_id=project.id,
@@ -170,17 +206,18 @@ class Lifecycle:
             for old in superseded:
                 self.metrics.builds_finished.labels("superseded").inc()
                 log.info("build superseded", extra={"build_id": old, "project_id": project.id})
+            ended.extend(superseded)
             if project.cancel_in_progress:
                 for old in await self.builds.active_on_branch(conn, project.id, branch):
-                    if old != build_id:
-                        await self._request_stop(
-                            conn,
-                            old,
-                            BuildStatus.CANCELED,
-                            f"canceled: superseded by build {build_id}",
-                        )
+                    if old != build_id and await self._request_stop(
+                        conn,
+                        old,
+                        BuildStatus.CANCELED,
+                        f"canceled: superseded by build {build_id}",
+                    ):
+                        ended.append(old)
         await conn.execute("SELECT pg_notify('conveyor_queue', %s)", (build_id,))
-        return build_id
+        return build_id, ended
 
     # --- assignment -------------------------------------------------------
 
@@ -383,6 +420,21 @@ class Lifecycle:
         if status.final:
             # A slot is free: the scheduler may start the next build.
             self.notifier.publish_local("conveyor_queue", None)
+        self._tell(build.id)
+
+    def _tell(self, build_id: str) -> None:
+        for listener in self.listeners:
+            try:
+                listener(build_id)
+            except Exception:
+                log.exception("build listener failed", extra={"build_id": build_id})
+
+    async def warn(self, build_id: str, warnings: list[str]) -> None:
+        """Add warnings ``builds show`` prints (the same text once). Raises
+        ``NotFound`` for an unknown build and ``Unavailable`` unchanged."""
+        async with self.db.transaction() as conn:
+            await self.builds.get_in(conn, None, build_id)
+            await self.builds.add_warnings(conn, build_id, warnings)
 
     # --- cancel, deadlines, lost runners ---------------------------------
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from datetime import datetime
@@ -16,6 +17,14 @@ SHA_RE = re.compile(r"^[0-9a-f]{40}$")
 MAX_COMMAND_BYTES = 16 * 1024
 DEFAULT_RUN_TIMEOUT_SECONDS = 20 * 60
 ALLOWED_SCHEMES = ("https", "http", "ssh", "git", "file")
+FORGES = ("github", "gitlab")
+MAX_GLOBS = 50
+MAX_GLOB_CHARS = 256
+GITHUB_REPO_RE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,38})/[A-Za-z0-9._-]{1,100}$")
+# A numeric project id, or a "group/subgroup/project" path.
+GITLAB_REPO_RE = re.compile(
+    r"^(?:[0-9]{1,18}|[A-Za-z0-9_.][A-Za-z0-9_.-]*(?:/[A-Za-z0-9_.][A-Za-z0-9_.-]*)+)$"
+)
 
 
 @dataclass(frozen=True)
@@ -35,6 +44,13 @@ class Project:
     root_directory: str
     created_at: datetime
     updated_at: datetime
+    branch_include: tuple[str, ...] = ()
+    branch_exclude: tuple[str, ...] = ()
+    watch_include: tuple[str, ...] = ()
+    watch_exclude: tuple[str, ...] = ()
+    forge: str = ""
+    forge_api_url: str = ""
+    forge_repo: str = ""
 
 
 @dataclass(frozen=True)
@@ -51,6 +67,15 @@ class ProjectSettings:
     cancel_in_progress: bool = False
     build_other_branches: bool = True
     root_directory: str = ""
+    # Globs (see ``glob_regex``): branch lists apply to branches other than
+    # the production branch; watch lists to the files a push changed.
+    branch_include: tuple[str, ...] = ()
+    branch_exclude: tuple[str, ...] = ()
+    watch_include: tuple[str, ...] = ()
+    watch_exclude: tuple[str, ...] = ()
+    forge: str = ""
+    forge_api_url: str = ""
+    forge_repo: str = ""
 
     def validate(self, max_run_timeout_seconds: int) -> None:
         """Raise ``InvalidArgument`` naming the first wrong field."""
@@ -67,6 +92,9 @@ class ProjectSettings:
                 f"must be between 1 and {max_run_timeout_seconds} seconds",
             )
         validate_root_directory(self.root_directory)
+        for field_name in ("branch_include", "branch_exclude", "watch_include", "watch_exclude"):
+            validate_globs(field_name, getattr(self, field_name))
+        validate_forge(self.forge, self.forge_api_url, self.forge_repo)
 
 
 def validate_name(name: str) -> None:
@@ -126,3 +154,101 @@ def validate_root_directory(path: str) -> None:
         raise InvalidArgument(
             "root_directory", "must be a relative path inside the repository, without '..'"
         )
+
+
+def validate_globs(field_name: str, patterns: tuple[str, ...]) -> None:
+    """Raise ``InvalidArgument`` unless every pattern is a usable glob."""
+    if len(patterns) > MAX_GLOBS:
+        raise InvalidArgument(field_name, f"holds at most {MAX_GLOBS} patterns")
+    for pattern in patterns:
+        if not pattern or len(pattern) > MAX_GLOB_CHARS:
+            raise InvalidArgument(field_name, f"each pattern must be 1-{MAX_GLOB_CHARS} characters")
+        if any(ch in pattern for ch in "\n\r\t\0"):
+            raise InvalidArgument(field_name, f"{pattern!r} holds a control character")
+        if pattern.startswith("/"):
+            raise InvalidArgument(
+                field_name, f"{pattern!r}: patterns are relative to the repository root"
+            )
+        try:
+            glob_regex(pattern)
+        except ValueError as exc:
+            raise InvalidArgument(field_name, f"{pattern!r}: {exc}") from None
+
+
+def validate_forge(forge: str, api_url: str, repo: str) -> None:
+    """Raise ``InvalidArgument`` naming the wrong forge setting."""
+    if forge and forge not in FORGES:
+        raise InvalidArgument("forge", f"must be one of {', '.join(FORGES)} (or empty)")
+    if (api_url or repo) and not forge:
+        raise InvalidArgument("forge", "name the forge (github or gitlab) of forge_repo")
+    if api_url:
+        parsed = urlparse(api_url)
+        if (
+            parsed.scheme not in ("https", "http")
+            or not parsed.netloc
+            or len(api_url) > 2048
+            or any(ch.isspace() for ch in api_url)
+        ):
+            raise InvalidArgument(
+                "forge_api_url", "must be an http(s) URL such as https://api.github.com"
+            )
+    if repo:
+        pattern = GITHUB_REPO_RE if forge == "github" else GITLAB_REPO_RE
+        if not pattern.match(repo) or len(repo) > 255:
+            example = "owner/repo" if forge == "github" else "a project id or group/project"
+            raise InvalidArgument("forge_repo", f"{repo!r} is not {example}")
+
+
+@functools.lru_cache(maxsize=1024)
+def glob_regex(pattern: str) -> re.Pattern[str]:
+    """Compile a branch or path glob; match it with ``fullmatch``.
+
+    ``*`` matches within one path segment, ``**`` across segments (``**/``
+    also matches no directory at all), ``?`` one character other than
+    ``/``, ``[abc]``, ``[a-z]`` and ``[!abc]`` one character of a class; a
+    trailing ``/`` means everything below that directory. Everything else is
+    literal. Raises ``ValueError`` for an unclosed ``[``.
+    """
+    if pattern.endswith("/"):
+        pattern += "**"
+    out: list[str] = []
+    i, n = 0, len(pattern)
+    while i < n:
+        ch = pattern[i]
+        if pattern.startswith("**", i):
+            at_segment_start = i == 0 or pattern[i - 1] == "/"
+            i += 2
+            if i < n and pattern[i] == "/" and at_segment_start:
+                out.append("(?:.*/)?")
+                i += 1
+            else:
+                out.append(".*")
+            continue
+        if ch == "*":
+            out.append("[^/]*")
+        elif ch == "?":
+            out.append("[^/]")
+        elif ch == "[":
+            end = pattern.find("]", i + 2 if pattern.startswith("[!", i) else i + 1)
+            body = pattern[i + 1 : end] if end != -1 else ""
+            negate = body.startswith("!")
+            body = body.removeprefix("!")
+            if end == -1 or not body:
+                raise ValueError("a '[' class is not closed")
+            # Escape every member but '-' so the class means what it says.
+            members = "".join(c if c == "-" else re.escape(c) for c in body)
+            out.append(f"[{'^' if negate else ''}{members}]")
+            i = end + 1
+            continue
+        else:
+            out.append(re.escape(ch))
+        i += 1
+    return re.compile("".join(out), re.DOTALL)
+
+
+def matches_any(patterns: tuple[str, ...], value: str) -> str | None:
+    """The first of ``patterns`` that matches all of ``value``, or None."""
+    for pattern in patterns:
+        if glob_regex(pattern).fullmatch(value):
+            return pattern
+    return None

@@ -13,7 +13,9 @@ from control.storage.db import Conn, Database, Row
 _COLUMNS = (
     "id, account_id, name, repo_url, production_branch, build_command, deploy_command,"
     " preview_command, webhook_secret, run_timeout_seconds, cancel_in_progress,"
-    " build_other_branches, root_directory, created_at, updated_at"
+    " build_other_branches, root_directory, created_at, updated_at,"
+    " branch_include, branch_exclude, watch_include, watch_exclude,"
+    " forge, forge_api_url, forge_repo"
 )
 UPDATABLE = frozenset(ProjectSettings.__dataclass_fields__)
 
@@ -35,7 +37,19 @@ def _project(row: Row) -> Project:
         root_directory=row[12],
         created_at=row[13],
         updated_at=row[14],
+        branch_include=tuple(row[15]),
+        branch_exclude=tuple(row[16]),
+        watch_include=tuple(row[17]),
+        watch_exclude=tuple(row[18]),
+        forge=row[19],
+        forge_api_url=row[20],
+        forge_repo=row[21],
     )
+
+
+def _sql_value(value: object) -> object:
+    """psycopg adapts lists, not tuples, to arrays."""
+    return list(value) if isinstance(value, tuple) else value
 
 
 def _is_uuid(value: str) -> bool:
@@ -52,7 +66,7 @@ class ProjectStore:
 
     async def create(self, account_id: str, settings: ProjectSettings) -> Project:
         """Insert a project; raises ``AlreadyExists`` for a taken name."""
-        values = asdict(settings)
+        values = {k: _sql_value(v) for k, v in asdict(settings).items()}
         async with self.db.connection() as conn:
             cur = await conn.execute(
                 f"INSERT INTO projects (id, account_id, webhook_secret, {', '.join(values)})"
@@ -109,11 +123,26 @@ class ProjectStore:
             cur = await conn.execute(
                 f"UPDATE projects SET {assignments}, updated_at = now() WHERE id = %s"
                 f" RETURNING {_COLUMNS}",
-                (*changes.values(), project.id),
+                (*(_sql_value(v) for v in changes.values()), project.id),
             )
             row = await cur.fetchone()
         assert row is not None
         return _project(row)
+
+    async def connect_forge(
+        self, conn: Conn, project_id: str, forge: str, api_url: str, repo: str
+    ) -> None:
+        """Fill the project's empty forge settings from a signed webhook's
+        payload; settings a user chose are never overwritten, and a project
+        set to one forge is not moved to another."""
+        await conn.execute(
+            "UPDATE projects SET forge = %s,"
+            " forge_repo = CASE WHEN forge_repo = '' THEN %s ELSE forge_repo END,"
+            " forge_api_url = CASE WHEN forge_api_url = '' THEN %s ELSE forge_api_url END"
+            " WHERE id = %s AND forge IN ('', %s)"
+            " AND (forge = '' OR forge_repo = '' OR forge_api_url = '')",
+            (forge, repo, api_url, project_id, forge),
+        )
 
     async def delete(self, account_id: str, ref: str) -> Project:
         async with self.db.transaction() as conn:

@@ -51,12 +51,18 @@ class RunnerStore:
         """
         tried: list[str] = []
         for _ in range(8):
+            # The first pick waits for a runner that a concurrent start holds
+            # (a few milliseconds), so that a burst of starts fills a runner
+            # in one scheduler pass. Later picks, made while this transaction
+            # already holds a full runner, skip locked ones: waiting then
+            # could deadlock with a start doing the same the other way round.
+            lock = "FOR UPDATE OF r SKIP LOCKED" if tried else "FOR UPDATE OF r"
             cur = await conn.execute(
                 f"SELECT r.id FROM runners r WHERE r.connected"
                 f" AND r.last_seen_at > now() - make_interval(secs => %s)"
                 f" AND NOT r.id = ANY(%s::uuid[])"
                 f" AND r.capacity > {_BUSY} ORDER BY {_BUSY}, random()"
-                f" LIMIT 1 FOR UPDATE OF r SKIP LOCKED",
+                f" LIMIT 1 {lock}",
                 (alive_seconds, tried),
             )
             row = await cur.fetchone()

@@ -1,16 +1,33 @@
-"""GitHub webhooks: signature check and push payload parsing.
+"""GitHub webhooks: signature check and payload parsing.
 
 Follows GitHub's documented shapes: ``X-Hub-Signature-256: sha256=<hex>`` is
 the HMAC-SHA256 of the raw body with the webhook secret; ``X-GitHub-Event``
-names the event; ``X-GitHub-Delivery`` is unique per delivery.
+names the event (``push``, ``ping``, ``pull_request``...);
+``X-GitHub-Delivery`` is unique per delivery. A tag push and a branch
+deletion are ``push`` events too (``refs/tags/...``; ``after`` all zeros).
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+from urllib.parse import urlparse
 
-from control.webhooks.push import PayloadError, PushEvent, text_field
+from control.webhooks.push import (
+    ForgeRepo,
+    PayloadError,
+    PullRequestEvent,
+    PushEvent,
+    RequestAction,
+    api_base,
+    commit_files,
+    int_field,
+    object_field,
+    text_field,
+)
+
+PUBLIC_API = "https://api.github.com"
+BUILD_ACTIONS = frozenset({"opened", "synchronize", "reopened"})
 
 
 def signature(secret: str, body: bytes) -> str:
@@ -24,6 +41,19 @@ def verify(secret: str, body: bytes, header: str | None) -> bool:
     return hmac.compare_digest(signature(secret, body).encode(), header.strip().encode())
 
 
+def repository(payload: dict[str, object]) -> ForgeRepo | None:
+    """The repository an event comes from: ``repository.full_name``, and the
+    API of github.com or of the GitHub Enterprise server at ``html_url``."""
+    repo = payload.get("repository")
+    if not isinstance(repo, dict) or not isinstance(repo.get("full_name"), str):
+        return None
+    html_url = repo.get("html_url")
+    host = urlparse(html_url).hostname if isinstance(html_url, str) else None
+    full_name = repo["full_name"]
+    api = PUBLIC_API if host in (None, "github.com") else api_base(html_url, "/api/v3", full_name)
+    return ForgeRepo("github", full_name, api)
+
+
 def parse_push(payload: object) -> PushEvent:
     """Raises ``PayloadError`` naming the field that is missing or wrong."""
     if not isinstance(payload, dict):
@@ -34,4 +64,39 @@ def parse_push(payload: object) -> PushEvent:
     head = payload.get("head_commit")
     if isinstance(head, dict) and isinstance(head.get("message"), str):
         message = head["message"]
-    return PushEvent(ref=ref, commit_sha=after, head_message=message)
+    files, count = commit_files(payload.get("commits"))
+    return PushEvent(
+        ref=ref,
+        commit_sha=after,
+        head_message=message,
+        changed_files=files,
+        commit_count=count,
+        repo=repository(payload),
+    )
+
+
+def parse_pull_request(payload: object) -> PullRequestEvent:
+    """A ``pull_request`` event: opened, synchronize and reopened build the
+    head commit; closed (merged or not) cancels; other actions are ignored.
+    Raises ``PayloadError`` naming the field that is missing or wrong."""
+    if not isinstance(payload, dict):
+        raise PayloadError("the body must be a JSON object")
+    action = text_field(payload, "action")
+    pull = object_field(payload, "pull_request")
+    head = object_field(pull, "head")
+    number = int_field(payload, "number")
+    if action in BUILD_ACTIONS:
+        kind = RequestAction.BUILD
+    elif action == "closed":
+        kind = RequestAction.CLOSE
+    else:
+        kind = RequestAction.IGNORE
+    return PullRequestEvent(
+        number=number,
+        action=action,
+        kind=kind,
+        branch=text_field(head, "ref"),
+        commit_sha=text_field(head, "sha"),
+        repo=repository(payload),
+        ignore_reason=f"pull request action {action!r} does not build",
+    )

@@ -1,15 +1,34 @@
-"""GitLab webhooks: token check and push payload parsing.
+"""GitLab webhooks: token check and payload parsing.
 
 Follows GitLab's documented shapes: ``X-Gitlab-Token`` carries the secret as
-is; ``X-Gitlab-Event: Push Hook``; the commit is ``checkout_sha`` (null on a
-branch deletion, when ``after`` is all zeros).
+is; ``X-Gitlab-Event`` is ``Push Hook``, ``Tag Push Hook`` or ``Merge Request
+Hook``; ``X-Gitlab-Event-UUID`` identifies the delivery. A push's commit is
+``checkout_sha`` (null on a branch deletion, when ``after`` is all zeros);
+``commits`` lists the newest 20 and ``total_commits_count`` counts them all.
+A merge request's head is ``object_attributes.last_commit.id`` and its
+``oldrev`` is present only when an update brought new commits.
 """
 
 from __future__ import annotations
 
 import hmac
 
-from control.webhooks.push import ZERO_SHA, PayloadError, PushEvent, text_field
+from control.webhooks.push import (
+    ZERO_SHA,
+    ForgeRepo,
+    PayloadError,
+    PullRequestEvent,
+    PushEvent,
+    RequestAction,
+    api_base,
+    commit_files,
+    int_field,
+    object_field,
+    text_field,
+)
+
+BUILD_ACTIONS = frozenset({"open", "reopen", "update"})
+CLOSE_ACTIONS = frozenset({"close", "merge"})
 
 
 def verify(secret: str, header: str | None) -> bool:
@@ -18,7 +37,23 @@ def verify(secret: str, header: str | None) -> bool:
     return hmac.compare_digest(secret.encode(), header.encode())
 
 
+def repository(payload: dict[str, object]) -> ForgeRepo | None:
+    """The project an event comes from: its numeric id, and the API of the
+    GitLab server at ``project.web_url`` (which may live under a sub-path)."""
+    project = payload.get("project")
+    if not isinstance(project, dict):
+        return None
+    project_id = project.get("id", payload.get("project_id"))
+    if not isinstance(project_id, int) or isinstance(project_id, bool) or project_id <= 0:
+        return None
+    path = project.get("path_with_namespace")
+    api = api_base(project.get("web_url"), "/api/v4", path if isinstance(path, str) else "")
+    return ForgeRepo("gitlab", str(project_id), api)
+
+
 def parse_push(payload: object) -> PushEvent:
+    """A ``Push Hook`` or ``Tag Push Hook``. Raises ``PayloadError`` naming
+    the field that is missing or wrong."""
     if not isinstance(payload, dict):
         raise PayloadError("the body must be a JSON object")
     ref = text_field(payload, "ref")
@@ -34,4 +69,43 @@ def parse_push(payload: object) -> PushEvent:
             if isinstance(commit, dict) and commit.get("id") == sha:
                 msg = commit.get("message")
                 message = msg if isinstance(msg, str) else ""
-    return PushEvent(ref=ref, commit_sha=sha, head_message=message)
+    files, listed = commit_files(commits)
+    total = payload.get("total_commits_count")
+    count = max(total if isinstance(total, int) else 0, listed)
+    return PushEvent(
+        ref=ref,
+        commit_sha=sha,
+        head_message=message,
+        changed_files=files,
+        commit_count=count,
+        repo=repository(payload),
+    )
+
+
+def parse_merge_request(payload: object) -> PullRequestEvent:
+    """A ``Merge Request Hook``: open, reopen and an update that brought new
+    commits build the head commit; close and merge cancel; anything else
+    (approvals, title edits...) is ignored. Raises ``PayloadError`` naming
+    the field that is missing or wrong."""
+    if not isinstance(payload, dict):
+        raise PayloadError("the body must be a JSON object")
+    attrs = object_field(payload, "object_attributes")
+    action = text_field(attrs, "action")
+    last = object_field(attrs, "last_commit")
+    kind = RequestAction.IGNORE
+    reason = f"merge request action {action!r} does not build"
+    if action in CLOSE_ACTIONS:
+        kind = RequestAction.CLOSE
+    elif action == "update" and not attrs.get("oldrev"):
+        reason = "merge request updated without new commits"
+    elif action in BUILD_ACTIONS:
+        kind = RequestAction.BUILD
+    return PullRequestEvent(
+        number=int_field(attrs, "iid"),
+        action=action,
+        kind=kind,
+        branch=text_field(attrs, "source_branch"),
+        commit_sha=text_field(last, "id"),
+        repo=repository(payload),
+        ignore_reason=reason,
+    )

@@ -1,17 +1,41 @@
-"""What a forge push means to Conveyor, whichever forge sent it."""
+"""What a forge event means to Conveyor, whichever forge sent it."""
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
+from urllib.parse import urlparse
 
 ZERO_SHA = "0" * 40
+# Bounds on what a payload may make us hold (GitHub lists at most 2,048
+# commits and 3,000 files per commit; GitLab 20 commits).
+MAX_COMMITS = 2048
+MAX_FILES = 100_000
+
+
+@dataclass(frozen=True)
+class ForgeRepo:
+    """Where a payload says the repository lives: ``forge`` is "github" or
+    "gitlab", ``repo`` "owner/name" or a GitLab project id, ``api_url`` the
+    forge's REST API base ("" when the payload does not tell)."""
+
+    forge: str
+    repo: str
+    api_url: str = ""
 
 
 @dataclass(frozen=True)
 class PushEvent:
+    """A push. ``changed_files`` are the paths added, modified or removed by
+    the commits the payload lists; ``commit_count`` is how many commits the
+    push holds (GitLab lists only the newest 20 but counts them all)."""
+
     ref: str
     commit_sha: str
     head_message: str = ""
+    changed_files: tuple[str, ...] = ()
+    commit_count: int = 0
+    repo: ForgeRepo | None = None
 
     @property
     def branch(self) -> str | None:
@@ -26,9 +50,32 @@ class PushEvent:
         return self.commit_sha == ZERO_SHA
 
 
+class RequestAction(enum.StrEnum):
+    """What a pull/merge request event asks of us."""
+
+    BUILD = "build"
+    CLOSE = "close"
+    IGNORE = "ignore"
+
+
+@dataclass(frozen=True)
+class PullRequestEvent:
+    """A GitHub pull request or GitLab merge request event. ``number`` is
+    the request's number (GitLab: ``iid``); ``branch`` and ``commit_sha``
+    its head; ``action`` the forge's own word for what happened."""
+
+    number: int
+    action: str
+    kind: RequestAction
+    branch: str
+    commit_sha: str
+    repo: ForgeRepo | None = None
+    ignore_reason: str = ""
+
+
 class PayloadError(ValueError):
-    """The body is not a push payload of the documented shape; the message
-    names the field."""
+    """The body is not a payload of the documented shape; the message names
+    the field."""
 
 
 def text_field(payload: dict[str, object], name: str) -> str:
@@ -36,3 +83,53 @@ def text_field(payload: dict[str, object], name: str) -> str:
     if not isinstance(value, str) or not value:
         raise PayloadError(f"field {name!r} must be a non-empty string")
     return value
+
+
+def object_field(payload: dict[str, object], name: str) -> dict[str, object]:
+    value = payload.get(name)
+    if not isinstance(value, dict):
+        raise PayloadError(f"field {name!r} must be an object")
+    return value
+
+
+def int_field(payload: dict[str, object], name: str) -> int:
+    value = payload.get(name)
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 < value < 2**31:
+        raise PayloadError(f"field {name!r} must be a positive integer")
+    return value
+
+
+def commit_files(commits: object) -> tuple[tuple[str, ...], int]:
+    """The distinct paths the ``commits`` list touches, and how many commits
+    it holds. Both forges give each commit ``added``, ``modified`` and
+    ``removed`` lists of paths."""
+    if not isinstance(commits, list):
+        return (), 0
+    files: dict[str, None] = {}
+    for commit in commits[:MAX_COMMITS]:
+        if not isinstance(commit, dict):
+            raise PayloadError("each entry of 'commits' must be an object")
+        for key in ("added", "modified", "removed"):
+            paths = commit.get(key)
+            if isinstance(paths, list):
+                for path in paths:
+                    if isinstance(path, str) and path and len(files) < MAX_FILES:
+                        files[path] = None
+    return tuple(files), len(commits)
+
+
+def api_base(web_url: object, suffix: str, strip: str = "") -> str:
+    """The REST API base of the forge serving ``web_url``: its scheme and
+    host, any path prefix left after removing ``strip`` (a self-hosted forge
+    under a sub-path), then ``suffix``. "" when ``web_url`` is no URL."""
+    if not isinstance(web_url, str):
+        return ""
+    parsed = urlparse(web_url)
+    if parsed.scheme not in ("http", "https") or not parsed.netloc:
+        return ""
+    prefix = parsed.path.rstrip("/")
+    if strip and prefix.endswith("/" + strip):
+        prefix = prefix[: -len(strip) - 1]
+    elif strip:
+        prefix = ""
+    return f"{parsed.scheme}://{parsed.netloc}{prefix}{suffix}"

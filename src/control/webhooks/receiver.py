@@ -1,8 +1,12 @@
-"""Receives forge webhooks: verify, parse, dedupe, queue.
+"""Receives forge webhooks: verify, parse, dedupe, then queue or record why not.
 
-Answers: 202 queued, 200 nothing to do (ping, duplicate delivery, branch
-deletion, tag push), 202 ignored for other events, 400 malformed, 401 bad
-signature or token, 404 unknown project, 413 body over the limit.
+Answers: 202 queued (a push or a pull/merge request that builds), 200 with
+``result`` "skipped" and the reason (a push that does not build: tag, branch
+deletion, branch rules, ``[skip ci]``, watch paths; the reason is stored and
+``conveyor builds list --all`` shows it), 200 "canceled" (a closed request's
+builds), 200 "ping" or "duplicate", 202 "ignored" for other events and
+actions, 400 malformed, 401 bad signature or token, 404 unknown project, 413
+body over the limit, 503 database unavailable.
 """
 
 from __future__ import annotations
@@ -10,26 +14,55 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from aiohttp import web
 
 from control.builds.lifecycle import Lifecycle
-from control.domain.project import Project, validate_branch, validate_commit_sha
-from control.errors import InvalidArgument, NotFound, Unavailable
+from control.domain.project import (
+    Project,
+    validate_branch,
+    validate_commit_sha,
+    validate_forge,
+)
+from control.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from control.logging_setup import bind
 from control.metrics import ControlMetrics
 from control.storage.builds import is_uuid
-from control.storage.db import Database
+from control.storage.db import Conn, Database
 from control.storage.projects import ProjectStore
-from control.webhooks import github, gitlab
-from control.webhooks.push import PayloadError, PushEvent
+from control.storage.pushes import PushLog
+from control.webhooks import github, gitlab, rules
+from control.webhooks.push import (
+    ForgeRepo,
+    PayloadError,
+    PullRequestEvent,
+    PushEvent,
+    RequestAction,
+)
 
 log = logging.getLogger(__name__)
+
+MAX_DELIVERY_ID = 200
 
 
 def respond(code: int, **body: object) -> web.Response:
     return web.json_response(body, status=code)
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One webhook request, verified: whose, which event, which delivery."""
+
+    provider: str
+    event: str
+    delivery_id: str
+    project: Project
+    received_at: datetime
+
+
+Parser = Callable[[object], PushEvent | PullRequestEvent]
 
 
 class WebhookReceiver:
@@ -46,6 +79,7 @@ class WebhookReceiver:
         self.lifecycle = lifecycle
         self.metrics = metrics
         self.max_body = max_body
+        self.pushes = PushLog(db)
 
     async def github(self, request: web.Request) -> web.Response:
         async def check(project: Project, body: bytes) -> bool:
@@ -58,10 +92,9 @@ class WebhookReceiver:
             "github",
             check,
             event=request.headers.get("X-GitHub-Event", ""),
-            push_event="push",
             ping_event="ping",
             delivery=request.headers.get("X-GitHub-Delivery", ""),
-            parse=github.parse_push,
+            parsers={"push": github.parse_push, "pull_request": github.parse_pull_request},
         )
 
     async def gitlab(self, request: web.Request) -> web.Response:
@@ -73,11 +106,14 @@ class WebhookReceiver:
             "gitlab",
             check,
             event=request.headers.get("X-Gitlab-Event", ""),
-            push_event="Push Hook",
             ping_event="",
             delivery=request.headers.get("X-Gitlab-Event-UUID", "")
             or request.headers.get("Idempotency-Key", ""),
-            parse=gitlab.parse_push,
+            parsers={
+                "Push Hook": gitlab.parse_push,
+                "Tag Push Hook": gitlab.parse_push,
+                "Merge Request Hook": gitlab.parse_merge_request,
+            },
         )
 
     async def _handle(
@@ -87,15 +123,17 @@ class WebhookReceiver:
         check: Callable[[Project, bytes], Awaitable[bool]],
         *,
         event: str,
-        push_event: str,
         ping_event: str,
         delivery: str,
-        parse: Callable[[object], PushEvent],
+        parsers: dict[str, Parser],
     ) -> web.Response:
         received_at = datetime.now(UTC)
-        response = await self._process(
-            request, provider, check, event, push_event, ping_event, delivery, parse, received_at
-        )
+        try:
+            response = await self._process(
+                request, provider, check, event, ping_event, delivery, parsers, received_at
+            )
+        except Unavailable as exc:
+            response = respond(503, result="unavailable", error=str(exc))
         result = json.loads(response.text or "{}").get("result", str(response.status))
         self.metrics.webhooks.labels(provider, result).inc()
         return response
@@ -106,10 +144,9 @@ class WebhookReceiver:
         provider: str,
         check: Callable[[Project, bytes], Awaitable[bool]],
         event: str,
-        push_event: str,
         ping_event: str,
         delivery: str,
-        parse: Callable[[object], PushEvent],
+        parsers: dict[str, Parser],
         received_at: datetime,
     ) -> web.Response:
         project_id = request.match_info["project_id"]
@@ -122,8 +159,6 @@ class WebhookReceiver:
             project = await self.projects.get(None, project_id)
         except NotFound:
             return respond(404, result="unknown_project", error="no such project")
-        except Unavailable as exc:
-            return respond(503, result="unavailable", error=str(exc))
         # aiohttp runs each request in its own task: the tags end with it.
         bind(project_id=project.id, account_id=project.account_id)
         try:
@@ -133,54 +168,159 @@ class WebhookReceiver:
         if not await check(project, body):
             return respond(401, result="bad_signature", error="signature or token does not match")
         if ping_event and event == ping_event:
+            await self._ping(project, body)
             return respond(200, result="ping")
-        if event != push_event:
+        parse = parsers.get(event)
+        if parse is None:
             return respond(202, result="ignored", reason=f"event {event!r} is not handled")
         try:
-            push = parse(json.loads(body))
+            parsed = parse(json.loads(body))
         except (json.JSONDecodeError, UnicodeDecodeError):
             return respond(400, result="malformed", error="the body is not valid JSON")
         except PayloadError as exc:
             return respond(400, result="malformed", error=str(exc))
-        if push.is_tag:
-            return respond(200, result="skipped", reason="skipped: tag push")
-        if push.deletes_branch:
-            return respond(200, result="skipped", reason="skipped: branch deleted")
+        if len(delivery) > MAX_DELIVERY_ID:
+            return respond(400, result="malformed", error="delivery id is too long")
+        hook = Delivery(provider, event, delivery, project, received_at)
+        if isinstance(parsed, PushEvent):
+            return await self._push(hook, parsed)
+        return await self._request(hook, parsed)
+
+    async def _push(self, hook: Delivery, push: PushEvent) -> web.Response:
         branch = push.branch
         try:
-            if branch is None:
-                raise InvalidArgument("ref", f"{push.ref!r} is not a branch")
-            validate_branch("ref", branch)
-            validate_commit_sha("after", push.commit_sha)
+            if not push.is_tag:
+                if branch is None:
+                    raise InvalidArgument("ref", f"{push.ref!r} is not a branch")
+                validate_branch("ref", branch)
+                if not push.deletes_branch:
+                    validate_commit_sha("after", push.commit_sha)
         except InvalidArgument as exc:
             return respond(400, result="malformed", error=str(exc))
-        if len(delivery) > 200:
-            return respond(400, result="malformed", error="delivery id is too long")
-        async with self.db.transaction() as conn:
-            if delivery:
-                cur = await conn.execute(
-                    "INSERT INTO webhook_deliveries (provider, delivery_id, project_id)"
-                    " VALUES (%s, %s, %s) ON CONFLICT DO NOTHING RETURNING 1",
-                    (
-                        request.match_info.route.name or request.path.split("/")[2],
-                        delivery,
-                        project.id,
-                    ),
+        project = hook.project
+        async with self.lifecycle.transaction() as conn:
+            if not await self._first_delivery(conn, hook):
+                return respond(200, result="duplicate", reason="delivery already processed")
+            await self._connect(conn, project, push.repo)
+            reason = rules.skip_reason(project, push)
+            if reason is not None:
+                skip_id = await self.pushes.record_skip(
+                    conn,
+                    project_id=project.id,
+                    account_id=project.account_id,
+                    provider=hook.provider,
+                    event=hook.event,
+                    ref=push.ref,
+                    branch=branch or "",
+                    commit_sha="" if push.deletes_branch else push.commit_sha,
+                    reason=reason,
+                    delivery_id=hook.delivery_id,
                 )
-                if await cur.fetchone() is None:
-                    return respond(200, result="duplicate", reason="delivery already processed")
-            build_id = await self.lifecycle.queue(
-                project,
-                branch=branch,
-                commit_sha=push.commit_sha,
-                trigger="push",
-                received_at=received_at,
-                conn=conn,
-            )
-            if delivery:
-                await conn.execute(
-                    "UPDATE webhook_deliveries SET build_id = %s"
-                    " WHERE provider = %s AND delivery_id = %s",
-                    (build_id, provider, delivery),
+            else:
+                assert branch is not None
+                build_id = await self.lifecycle.queue(
+                    project,
+                    branch=branch,
+                    commit_sha=push.commit_sha,
+                    trigger="push",
+                    received_at=hook.received_at,
+                    conn=conn,
                 )
+                await self._delivered(conn, hook, build_id)
+        if reason is not None:
+            self.metrics.forge.pushes_skipped.labels(
+                hook.provider, rules.reason_label(reason)
+            ).inc()
+            log.info("push of %s not built: %s", push.ref, reason)
+            return respond(200, result="skipped", reason=reason, skip_id=skip_id)
         return respond(202, result="queued", build_id=build_id)
+
+    async def _request(self, hook: Delivery, pull: PullRequestEvent) -> web.Response:
+        if pull.kind == RequestAction.IGNORE:
+            return respond(202, result="ignored", reason=pull.ignore_reason)
+        try:
+            validate_branch("branch", pull.branch)
+            validate_commit_sha("sha", pull.commit_sha)
+        except InvalidArgument as exc:
+            return respond(400, result="malformed", error=str(exc))
+        project = hook.project
+        async with self.lifecycle.transaction() as conn:
+            if not await self._first_delivery(conn, hook):
+                return respond(200, result="duplicate", reason="delivery already processed")
+            await self._connect(conn, project, pull.repo)
+            if pull.kind == RequestAction.CLOSE:
+                open_builds = await self.pushes.open_pull_request_builds(
+                    conn, project.id, pull.number
+                )
+            else:
+                build_id = await self.lifecycle.queue(
+                    project,
+                    branch=pull.branch,
+                    commit_sha=pull.commit_sha,
+                    trigger="pull_request",
+                    production=False,
+                    received_at=hook.received_at,
+                    conn=conn,
+                )
+                await self.pushes.record_pull_request_build(conn, build_id, project.id, pull.number)
+                await self._delivered(conn, hook, build_id)
+        if pull.kind == RequestAction.BUILD:
+            return respond(202, result="queued", build_id=build_id)
+        what = (
+            f"pull request #{pull.number}"
+            if hook.provider == "github"
+            else f"merge request !{pull.number}"
+        )
+        verb = "merged" if pull.action == "merge" else "closed"
+        canceled = []
+        for build_id in open_builds:
+            try:
+                await self.lifecycle.cancel(None, build_id, f"{what} {verb}")
+                canceled.append(build_id)
+            except (FailedPrecondition, NotFound):
+                pass  # it ended meanwhile
+        log.info("%s %s: %d build(s) canceled", what, verb, len(canceled))
+        return respond(200, result="canceled", build_ids=canceled)
+
+    async def _ping(self, project: Project, body: bytes) -> None:
+        """GitHub pings a new webhook with its repository: connect the
+        project's forge then, before any push."""
+        try:
+            payload = json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return
+        if isinstance(payload, dict):
+            async with self.db.transaction() as conn:
+                await self._connect(conn, project, github.repository(payload))
+
+    async def _first_delivery(self, conn: Conn, hook: Delivery) -> bool:
+        """Record the delivery id; False when it was seen before."""
+        if not hook.delivery_id:
+            return True
+        cur = await conn.execute(
+            "INSERT INTO webhook_deliveries (provider, delivery_id, project_id)"
+            " VALUES (%s, %s, %s) ON CONFLICT DO NOTHING RETURNING 1",
+            (hook.provider, hook.delivery_id, hook.project.id),
+        )
+        return await cur.fetchone() is not None
+
+    async def _delivered(self, conn: Conn, hook: Delivery, build_id: str) -> None:
+        if hook.delivery_id:
+            await conn.execute(
+                "UPDATE webhook_deliveries SET build_id = %s"
+                " WHERE provider = %s AND delivery_id = %s",
+                (build_id, hook.provider, hook.delivery_id),
+            )
+
+    async def _connect(self, conn: Conn, project: Project, repo: ForgeRepo | None) -> None:
+        """Fill the project's empty forge settings from the signed payload."""
+        if repo is None or not repo.repo:
+            return
+        if project.forge == repo.forge and project.forge_repo and project.forge_api_url:
+            return
+        try:
+            validate_forge(repo.forge, repo.api_url, repo.repo)
+        except InvalidArgument as exc:
+            log.info("payload names no usable repository (%s); forge not connected", exc)
+            return
+        await self.projects.connect_forge(conn, project.id, repo.forge, repo.api_url, repo.repo)

@@ -34,6 +34,13 @@ class CreateProjectRequest(_message.Message):
     CANCEL_IN_PROGRESS_FIELD_NUMBER: _builtins.int
     BUILD_OTHER_BRANCHES_FIELD_NUMBER: _builtins.int
     ROOT_DIRECTORY_FIELD_NUMBER: _builtins.int
+    BRANCH_INCLUDE_FIELD_NUMBER: _builtins.int
+    BRANCH_EXCLUDE_FIELD_NUMBER: _builtins.int
+    WATCH_INCLUDE_FIELD_NUMBER: _builtins.int
+    WATCH_EXCLUDE_FIELD_NUMBER: _builtins.int
+    FORGE_FIELD_NUMBER: _builtins.int
+    FORGE_API_URL_FIELD_NUMBER: _builtins.int
+    FORGE_REPO_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     repo_url: _builtins.str
     production_branch: _builtins.str
@@ -44,6 +51,19 @@ class CreateProjectRequest(_message.Message):
     cancel_in_progress: _builtins.bool
     build_other_branches: _builtins.bool
     root_directory: _builtins.str
+    forge: _builtins.str
+    forge_api_url: _builtins.str
+    forge_repo: _builtins.str
+    @_builtins.property
+    def branch_include(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """See Project for the meaning of these."""
+
+    @_builtins.property
+    def branch_exclude(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def watch_include(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def watch_exclude(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
         self,
         *,
@@ -57,10 +77,17 @@ class CreateProjectRequest(_message.Message):
         cancel_in_progress: _builtins.bool = ...,
         build_other_branches: _builtins.bool = ...,
         root_directory: _builtins.str = ...,
+        branch_include: _abc.Iterable[_builtins.str] | None = ...,
+        branch_exclude: _abc.Iterable[_builtins.str] | None = ...,
+        watch_include: _abc.Iterable[_builtins.str] | None = ...,
+        watch_exclude: _abc.Iterable[_builtins.str] | None = ...,
+        forge: _builtins.str = ...,
+        forge_api_url: _builtins.str = ...,
+        forge_repo: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["build_command", b"build_command", "build_other_branches", b"build_other_branches", "cancel_in_progress", b"cancel_in_progress", "deploy_command", b"deploy_command", "name", b"name", "preview_command", b"preview_command", "production_branch", b"production_branch", "repo_url", b"repo_url", "root_directory", b"root_directory", "run_timeout_seconds", b"run_timeout_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["branch_exclude", b"branch_exclude", "branch_include", b"branch_include", "build_command", b"build_command", "build_other_branches", b"build_other_branches", "cancel_in_progress", b"cancel_in_progress", "deploy_command", b"deploy_command", "forge", b"forge", "forge_api_url", b"forge_api_url", "forge_repo", b"forge_repo", "name", b"name", "preview_command", b"preview_command", "production_branch", b"production_branch", "repo_url", b"repo_url", "root_directory", b"root_directory", "run_timeout_seconds", b"run_timeout_seconds", "watch_exclude", b"watch_exclude", "watch_include", b"watch_include"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -297,17 +324,23 @@ class ListBuildsRequest(_message.Message):
 
     PROJECT_FIELD_NUMBER: _builtins.int
     LIMIT_FIELD_NUMBER: _builtins.int
+    INCLUDE_SKIPPED_FIELD_NUMBER: _builtins.int
     project: _builtins.str
     limit: _builtins.int
+    include_skipped: _builtins.bool
+    """include_skipped also returns the pushes that did not build (at most
+    limit of them), each with its reason.
+    """
     def __init__(
         self,
         *,
         project: _builtins.str = ...,
         limit: _builtins.int = ...,
+        include_skipped: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["limit", b"limit", "project", b"project"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["include_skipped", b"include_skipped", "limit", b"limit", "project", b"project"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -318,20 +351,79 @@ class ListBuildsResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     BUILDS_FIELD_NUMBER: _builtins.int
+    SKIPPED_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def builds(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.Build]: ...
+    @_builtins.property
+    def skipped(self) -> _containers.RepeatedCompositeFieldContainer[Global___SkippedPush]: ...
     def __init__(
         self,
         *,
         builds: _abc.Iterable[_types_pb2.Build] | None = ...,
+        skipped: _abc.Iterable[Global___SkippedPush] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["builds", b"builds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["builds", b"builds", "skipped", b"skipped"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListBuildsResponse: _TypeAlias = ListBuildsResponse  # noqa: Y015
+
+@_typing.final
+class SkippedPush(_message.Message):
+    """SkippedPush is a forge event that queued nothing, and why
+    ("skipped: branch excluded", "skipped: no watched path changed"...).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    PROJECT_ID_FIELD_NUMBER: _builtins.int
+    PROJECT_NAME_FIELD_NUMBER: _builtins.int
+    PROVIDER_FIELD_NUMBER: _builtins.int
+    EVENT_FIELD_NUMBER: _builtins.int
+    REF_FIELD_NUMBER: _builtins.int
+    BRANCH_FIELD_NUMBER: _builtins.int
+    COMMIT_SHA_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    DELIVERY_ID_FIELD_NUMBER: _builtins.int
+    RECEIVED_AT_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    project_id: _builtins.str
+    project_name: _builtins.str
+    provider: _builtins.str
+    """provider is "github" or "gitlab"; event the forge's event name."""
+    event: _builtins.str
+    ref: _builtins.str
+    branch: _builtins.str
+    commit_sha: _builtins.str
+    reason: _builtins.str
+    delivery_id: _builtins.str
+    @_builtins.property
+    def received_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        project_id: _builtins.str = ...,
+        project_name: _builtins.str = ...,
+        provider: _builtins.str = ...,
+        event: _builtins.str = ...,
+        ref: _builtins.str = ...,
+        branch: _builtins.str = ...,
+        commit_sha: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        delivery_id: _builtins.str = ...,
+        received_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["received_at", b"received_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["branch", b"branch", "commit_sha", b"commit_sha", "delivery_id", b"delivery_id", "event", b"event", "id", b"id", "project_id", b"project_id", "project_name", b"project_name", "provider", b"provider", "reason", b"reason", "received_at", b"received_at", "ref", b"ref"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SkippedPush: _TypeAlias = SkippedPush  # noqa: Y015
 
 @_typing.final
 class GetBuildRequest(_message.Message):
@@ -905,3 +997,180 @@ class RotateSecretsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RotateSecretsResponse: _TypeAlias = RotateSecretsResponse  # noqa: Y015
+
+@_typing.final
+class DeployHook(_message.Message):
+    """DeployHook describes a deploy hook; its key is never stored."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    PROJECT_ID_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    BRANCH_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    LAST_USED_AT_FIELD_NUMBER: _builtins.int
+    REVOKED_AT_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    project_id: _builtins.str
+    name: _builtins.str
+    branch: _builtins.str
+    @_builtins.property
+    def created_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def last_used_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def revoked_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        project_id: _builtins.str = ...,
+        name: _builtins.str = ...,
+        branch: _builtins.str = ...,
+        created_at: _timestamp_pb2.Timestamp | None = ...,
+        last_used_at: _timestamp_pb2.Timestamp | None = ...,
+        revoked_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "last_used_at", b"last_used_at", "revoked_at", b"revoked_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["branch", b"branch", "created_at", b"created_at", "id", b"id", "last_used_at", b"last_used_at", "name", b"name", "project_id", b"project_id", "revoked_at", b"revoked_at"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeployHook: _TypeAlias = DeployHook  # noqa: Y015
+
+@_typing.final
+class CreateDeployHookRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROJECT_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    BRANCH_FIELD_NUMBER: _builtins.int
+    project: _builtins.str
+    name: _builtins.str
+    branch: _builtins.str
+    """branch defaults to the project's production branch."""
+    def __init__(
+        self,
+        *,
+        project: _builtins.str = ...,
+        name: _builtins.str = ...,
+        branch: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["branch", b"branch", "name", b"name", "project", b"project"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateDeployHookRequest: _TypeAlias = CreateDeployHookRequest  # noqa: Y015
+
+@_typing.final
+class CreateDeployHookResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HOOK_FIELD_NUMBER: _builtins.int
+    KEY_FIELD_NUMBER: _builtins.int
+    URL_FIELD_NUMBER: _builtins.int
+    key: _builtins.str
+    """key is shown once: the hook's URL is {http_url}/hooks/deploy/{key}."""
+    url: _builtins.str
+    """url is the whole URL when the control plane knows its public address."""
+    @_builtins.property
+    def hook(self) -> Global___DeployHook: ...
+    def __init__(
+        self,
+        *,
+        hook: Global___DeployHook | None = ...,
+        key: _builtins.str = ...,
+        url: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["hook", b"hook"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["hook", b"hook", "key", b"key", "url", b"url"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateDeployHookResponse: _TypeAlias = CreateDeployHookResponse  # noqa: Y015
+
+@_typing.final
+class ListDeployHooksRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROJECT_FIELD_NUMBER: _builtins.int
+    project: _builtins.str
+    def __init__(
+        self,
+        *,
+        project: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["project", b"project"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListDeployHooksRequest: _TypeAlias = ListDeployHooksRequest  # noqa: Y015
+
+@_typing.final
+class ListDeployHooksResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HOOKS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def hooks(self) -> _containers.RepeatedCompositeFieldContainer[Global___DeployHook]: ...
+    def __init__(
+        self,
+        *,
+        hooks: _abc.Iterable[Global___DeployHook] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["hooks", b"hooks"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListDeployHooksResponse: _TypeAlias = ListDeployHooksResponse  # noqa: Y015
+
+@_typing.final
+class RevokeDeployHookRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROJECT_FIELD_NUMBER: _builtins.int
+    HOOK_ID_FIELD_NUMBER: _builtins.int
+    project: _builtins.str
+    hook_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        project: _builtins.str = ...,
+        hook_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["hook_id", b"hook_id", "project", b"project"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevokeDeployHookRequest: _TypeAlias = RevokeDeployHookRequest  # noqa: Y015
+
+@_typing.final
+class RevokeDeployHookResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HOOK_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def hook(self) -> Global___DeployHook: ...
+    def __init__(
+        self,
+        *,
+        hook: Global___DeployHook | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["hook", b"hook"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["hook", b"hook"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevokeDeployHookResponse: _TypeAlias = RevokeDeployHookResponse  # noqa: Y015

@@ -126,6 +126,21 @@ class ConfigServiceStub:
                 request_serializer=conveyor_dot_v1_dot_config__service__pb2.RotateSecretsRequest.SerializeToString,
                 response_deserializer=conveyor_dot_v1_dot_config__service__pb2.RotateSecretsResponse.FromString,
                 _registered_method=True)
+        self.CreateDeployHook = channel.unary_unary(
+                '/conveyor.v1.ConfigService/CreateDeployHook',
+                request_serializer=conveyor_dot_v1_dot_config__service__pb2.CreateDeployHookRequest.SerializeToString,
+                response_deserializer=conveyor_dot_v1_dot_config__service__pb2.CreateDeployHookResponse.FromString,
+                _registered_method=True)
+        self.ListDeployHooks = channel.unary_unary(
+                '/conveyor.v1.ConfigService/ListDeployHooks',
+                request_serializer=conveyor_dot_v1_dot_config__service__pb2.ListDeployHooksRequest.SerializeToString,
+                response_deserializer=conveyor_dot_v1_dot_config__service__pb2.ListDeployHooksResponse.FromString,
+                _registered_method=True)
+        self.RevokeDeployHook = channel.unary_unary(
+                '/conveyor.v1.ConfigService/RevokeDeployHook',
+                request_serializer=conveyor_dot_v1_dot_config__service__pb2.RevokeDeployHookRequest.SerializeToString,
+                response_deserializer=conveyor_dot_v1_dot_config__service__pb2.RevokeDeployHookResponse.FromString,
+                _registered_method=True)
 
 
 class ConfigServiceServicer:
@@ -247,6 +262,26 @@ class ConfigServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateDeployHook(self, request, context):
+        """Deploy hooks: secret URLs (POST /hooks/deploy/{key}) that build a
+        configured branch of a project. The key is shown once, at creation.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListDeployHooks(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeDeployHook(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ConfigServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -339,6 +374,21 @@ def add_ConfigServiceServicer_to_server(servicer, server):
                     servicer.RotateSecrets,
                     request_deserializer=conveyor_dot_v1_dot_config__service__pb2.RotateSecretsRequest.FromString,
                     response_serializer=conveyor_dot_v1_dot_config__service__pb2.RotateSecretsResponse.SerializeToString,
+            ),
+            'CreateDeployHook': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateDeployHook,
+                    request_deserializer=conveyor_dot_v1_dot_config__service__pb2.CreateDeployHookRequest.FromString,
+                    response_serializer=conveyor_dot_v1_dot_config__service__pb2.CreateDeployHookResponse.SerializeToString,
+            ),
+            'ListDeployHooks': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListDeployHooks,
+                    request_deserializer=conveyor_dot_v1_dot_config__service__pb2.ListDeployHooksRequest.FromString,
+                    response_serializer=conveyor_dot_v1_dot_config__service__pb2.ListDeployHooksResponse.SerializeToString,
+            ),
+            'RevokeDeployHook': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeDeployHook,
+                    request_deserializer=conveyor_dot_v1_dot_config__service__pb2.RevokeDeployHookRequest.FromString,
+                    response_serializer=conveyor_dot_v1_dot_config__service__pb2.RevokeDeployHookResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -829,6 +879,87 @@ class ConfigService:
             '/conveyor.v1.ConfigService/RotateSecrets',
             conveyor_dot_v1_dot_config__service__pb2.RotateSecretsRequest.SerializeToString,
             conveyor_dot_v1_dot_config__service__pb2.RotateSecretsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateDeployHook(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/conveyor.v1.ConfigService/CreateDeployHook',
+            conveyor_dot_v1_dot_config__service__pb2.CreateDeployHookRequest.SerializeToString,
+            conveyor_dot_v1_dot_config__service__pb2.CreateDeployHookResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListDeployHooks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/conveyor.v1.ConfigService/ListDeployHooks',
+            conveyor_dot_v1_dot_config__service__pb2.ListDeployHooksRequest.SerializeToString,
+            conveyor_dot_v1_dot_config__service__pb2.ListDeployHooksResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeDeployHook(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/conveyor.v1.ConfigService/RevokeDeployHook',
+            conveyor_dot_v1_dot_config__service__pb2.RevokeDeployHookRequest.SerializeToString,
+            conveyor_dot_v1_dot_config__service__pb2.RevokeDeployHookResponse.FromString,
             options,
             channel_credentials,
             insecure,

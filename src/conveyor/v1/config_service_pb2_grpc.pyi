@@ -61,6 +61,12 @@ class ConfigServiceStub:
     """RotateSecrets re-encrypts every stored secret under the current key
     (system scope).
     """
+    CreateDeployHook: _grpc.UnaryUnaryMultiCallable[_config_service_pb2.CreateDeployHookRequest, _config_service_pb2.CreateDeployHookResponse]
+    """Deploy hooks: secret URLs (POST /hooks/deploy/{key}) that build a
+    configured branch of a project. The key is shown once, at creation.
+    """
+    ListDeployHooks: _grpc.UnaryUnaryMultiCallable[_config_service_pb2.ListDeployHooksRequest, _config_service_pb2.ListDeployHooksResponse]
+    RevokeDeployHook: _grpc.UnaryUnaryMultiCallable[_config_service_pb2.RevokeDeployHookRequest, _config_service_pb2.RevokeDeployHookResponse]
 
 @_typing.type_check_only
 class ConfigServiceAsyncStub(ConfigServiceStub):
@@ -95,6 +101,12 @@ class ConfigServiceAsyncStub(ConfigServiceStub):
     """RotateSecrets re-encrypts every stored secret under the current key
     (system scope).
     """
+    CreateDeployHook: _aio.UnaryUnaryMultiCallable[_config_service_pb2.CreateDeployHookRequest, _config_service_pb2.CreateDeployHookResponse]  # type: ignore[assignment]
+    """Deploy hooks: secret URLs (POST /hooks/deploy/{key}) that build a
+    configured branch of a project. The key is shown once, at creation.
+    """
+    ListDeployHooks: _aio.UnaryUnaryMultiCallable[_config_service_pb2.ListDeployHooksRequest, _config_service_pb2.ListDeployHooksResponse]  # type: ignore[assignment]
+    RevokeDeployHook: _aio.UnaryUnaryMultiCallable[_config_service_pb2.RevokeDeployHookRequest, _config_service_pb2.RevokeDeployHookResponse]  # type: ignore[assignment]
 
 class ConfigServiceServicer(metaclass=_abc_1.ABCMeta):
     """ConfigService is the configuration plane: projects and the build views a
@@ -234,5 +246,29 @@ class ConfigServiceServicer(metaclass=_abc_1.ABCMeta):
         """RotateSecrets re-encrypts every stored secret under the current key
         (system scope).
         """
+
+    @_abc_1.abstractmethod
+    def CreateDeployHook(
+        self,
+        request: _config_service_pb2.CreateDeployHookRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_config_service_pb2.CreateDeployHookResponse, _abc.Awaitable[_config_service_pb2.CreateDeployHookResponse]]:
+        """Deploy hooks: secret URLs (POST /hooks/deploy/{key}) that build a
+        configured branch of a project. The key is shown once, at creation.
+        """
+
+    @_abc_1.abstractmethod
+    def ListDeployHooks(
+        self,
+        request: _config_service_pb2.ListDeployHooksRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_config_service_pb2.ListDeployHooksResponse, _abc.Awaitable[_config_service_pb2.ListDeployHooksResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def RevokeDeployHook(
+        self,
+        request: _config_service_pb2.RevokeDeployHookRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_config_service_pb2.RevokeDeployHookResponse, _abc.Awaitable[_config_service_pb2.RevokeDeployHookResponse]]: ...
 
 def add_ConfigServiceServicer_to_server(servicer: ConfigServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

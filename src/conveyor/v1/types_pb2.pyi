@@ -123,6 +123,13 @@ class Project(_message.Message):
     ROOT_DIRECTORY_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
     UPDATED_AT_FIELD_NUMBER: _builtins.int
+    BRANCH_INCLUDE_FIELD_NUMBER: _builtins.int
+    BRANCH_EXCLUDE_FIELD_NUMBER: _builtins.int
+    WATCH_INCLUDE_FIELD_NUMBER: _builtins.int
+    WATCH_EXCLUDE_FIELD_NUMBER: _builtins.int
+    FORGE_FIELD_NUMBER: _builtins.int
+    FORGE_API_URL_FIELD_NUMBER: _builtins.int
+    FORGE_REPO_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     account_id: _builtins.str
     name: _builtins.str
@@ -137,10 +144,35 @@ class Project(_message.Message):
     cancel_in_progress: _builtins.bool
     build_other_branches: _builtins.bool
     root_directory: _builtins.str
+    forge: _builtins.str
+    """forge is "github", "gitlab" or empty (not connected); with forge_repo
+    ("owner/repo" on GitHub, a project id or path on GitLab) and
+    forge_api_url, it says where commit statuses go. The first signed
+    webhook fills the empty ones from its payload.
+    """
+    forge_api_url: _builtins.str
+    forge_repo: _builtins.str
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def updated_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def branch_include(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Which pushes build. Globs: `*` within one path segment, `**` across
+        segments, `?` one character, `[a-z]` a class. The production branch
+        always passes the branch lists; an exclude wins over an include.
+        """
+
+    @_builtins.property
+    def branch_exclude(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def watch_include(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Watch paths, relative to the repository root: a push that changes no
+        watched file does not build.
+        """
+
+    @_builtins.property
+    def watch_exclude(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
         self,
         *,
@@ -159,10 +191,17 @@ class Project(_message.Message):
         root_directory: _builtins.str = ...,
         created_at: _timestamp_pb2.Timestamp | None = ...,
         updated_at: _timestamp_pb2.Timestamp | None = ...,
+        branch_include: _abc.Iterable[_builtins.str] | None = ...,
+        branch_exclude: _abc.Iterable[_builtins.str] | None = ...,
+        watch_include: _abc.Iterable[_builtins.str] | None = ...,
+        watch_exclude: _abc.Iterable[_builtins.str] | None = ...,
+        forge: _builtins.str = ...,
+        forge_api_url: _builtins.str = ...,
+        forge_repo: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "build_command", b"build_command", "build_other_branches", b"build_other_branches", "cancel_in_progress", b"cancel_in_progress", "created_at", b"created_at", "deploy_command", b"deploy_command", "id", b"id", "name", b"name", "preview_command", b"preview_command", "production_branch", b"production_branch", "repo_url", b"repo_url", "root_directory", b"root_directory", "run_timeout_seconds", b"run_timeout_seconds", "updated_at", b"updated_at", "webhook_secret", b"webhook_secret"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "branch_exclude", b"branch_exclude", "branch_include", b"branch_include", "build_command", b"build_command", "build_other_branches", b"build_other_branches", "cancel_in_progress", b"cancel_in_progress", "created_at", b"created_at", "deploy_command", b"deploy_command", "forge", b"forge", "forge_api_url", b"forge_api_url", "forge_repo", b"forge_repo", "id", b"id", "name", b"name", "preview_command", b"preview_command", "production_branch", b"production_branch", "repo_url", b"repo_url", "root_directory", b"root_directory", "run_timeout_seconds", b"run_timeout_seconds", "updated_at", b"updated_at", "watch_exclude", b"watch_exclude", "watch_include", b"watch_include", "webhook_secret", b"webhook_secret"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

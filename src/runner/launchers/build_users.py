@@ -62,6 +62,12 @@ class BuildUsers:
         self._held: dict[int, int] = {}  # slot -> fd holding its flock
         self._mutex = threading.Lock()
 
+    @property
+    def held(self) -> int:
+        """How many slots this process holds now."""
+        with self._mutex:
+            return len(self._held)
+
     def acquire(self) -> BuildUser:
         """Take the lowest free slot and return its user, creating the user
         on first use. Raises ``LaunchError`` when every slot is taken or the
@@ -86,12 +92,12 @@ class BuildUsers:
         # A process left behind by an earlier holder of the slot (a runner
         # that died between its build ending and its cleanup) must not meet
         # the next build under the same uid.
-        _kill_processes_of(user.uid)
+        kill_processes_of(user.uid)
         return user
 
     def release(self, user: BuildUser) -> None:
         """Kill whatever still runs as ``user`` and free its slot."""
-        _kill_processes_of(user.uid)
+        kill_processes_of(user.uid)
         self._unlock(user.slot)
 
     def _try_lock(self, slot: int) -> int | None:
@@ -141,11 +147,14 @@ def _create_user(name: str, slot: int) -> pwd.struct_passwd:
         raise LaunchError(f"could not create the build user {name}: {why}") from None
 
 
-def _kill_processes_of(uid: int) -> None:
-    """SIGKILL every process whose real or effective uid is ``uid``."""
-    for proc in psutil.process_iter(["uids"]):
+def kill_processes_of(uid: int) -> None:
+    """SIGKILL every live process whose real or effective uid is ``uid``."""
+    for proc in psutil.process_iter(["uids", "status"]):
         uids = proc.info["uids"]
-        if uids is not None and uid in (uids.real, uids.effective):
-            log.info("killing process %d left behind by uid %d", proc.pid, uid)
-            with contextlib.suppress(psutil.Error):
-                proc.kill()
+        if uids is None or uid not in (uids.real, uids.effective):
+            continue
+        if proc.info["status"] == psutil.STATUS_ZOMBIE:
+            continue  # dead already, its parent has yet to reap it
+        log.info("killing process %d left behind by uid %d", proc.pid, uid)
+        with contextlib.suppress(psutil.Error):
+            proc.kill()

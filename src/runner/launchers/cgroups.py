@@ -12,10 +12,10 @@ controllers are mounted as cgroup v1 hierarchies. A build's cgroup is
 the runner's own limits still cover its builds. cgroup v2 (the unified
 hierarchy) is not supported yet: there the launcher falls back to rlimits.
 
-The build joins its cgroups itself, as its first act on the host and before
-it forks (a shell writes ``0`` to each ``cgroup.procs``), which is why
-those files are handed to the build's uid. The sandbox has no /sys, so the
-build cannot reach them afterwards.
+The job joins its cgroups itself, before it forks and before it drops root
+for the build's uid (its first shell writes ``0`` to each
+``cgroup.procs``; see ``local._SHIM``). The cgroups stay root's, and the
+sandbox has no /sys anyway.
 """
 
 from __future__ import annotations
@@ -76,27 +76,28 @@ class CgroupRoot:
             parents[name] = parent
         return cls(parents)
 
-    def create(self, build_id: str, limits: Limits, uid: int | None) -> BuildCgroup:
-        """Make the cgroups of one build with ``limits`` applied; hand their
-        ``cgroup.procs`` to ``uid``. Raises ``OSError`` when the kernel
-        refuses; the caller then removes what was made."""
+    def create(self, build_id: str, limits: Limits) -> BuildCgroup:
+        """Make the cgroups of one build with ``limits`` applied. Raises
+        ``OSError`` when the kernel refuses, having removed what it made."""
         group = BuildCgroup({name: parent / build_id for name, parent in self.parents.items()})
-        for path in group.unique_dirs:
-            if path.exists():
-                group.kill_all()
-                group.remove()
-            path.mkdir()
-            if uid is not None:
-                os.chown(path / "cgroup.procs", uid, -1)
-        memory = group.dirs["memory"]
-        if limits.memory_mb:
-            (memory / "memory.limit_in_bytes").write_text(str(limits.memory_mb * _MiB))
-            # Not one byte more with swap: memsw is memory plus swap.
-            memsw = memory / "memory.memsw.limit_in_bytes"
-            if memsw.exists():
-                memsw.write_text(str(limits.memory_mb * _MiB))
-        if limits.max_processes:
-            (group.dirs["pids"] / "pids.max").write_text(str(limits.max_processes))
+        try:
+            for path in group.unique_dirs:
+                if path.exists():  # a retry of a build whose clean-up failed
+                    group.kill_all()
+                    group.remove()
+                path.mkdir()
+            memory = group.dirs["memory"]
+            if limits.memory_mb:
+                (memory / "memory.limit_in_bytes").write_text(str(limits.memory_mb * _MiB))
+                # Not one byte more with swap: memsw is memory plus swap.
+                memsw = memory / "memory.memsw.limit_in_bytes"
+                if memsw.exists():
+                    memsw.write_text(str(limits.memory_mb * _MiB))
+            if limits.max_processes:
+                (group.dirs["pids"] / "pids.max").write_text(str(limits.max_processes))
+        except OSError:
+            group.remove(timeout=0.5)
+            raise
         return group
 
     def sweep(self) -> None:

@@ -1,11 +1,41 @@
 """The local launcher: each build in a bubblewrap sandbox on this host.
 
-The sandbox runs as an unprivileged host uid (root inside is not root
-outside), sees the host's /usr and /etc read-only, a private /tmp, and its
-own workspace as the only writable path; other workspaces, the runner's work
-directory and the control plane's data directory are simply not mounted.
-Resource limits are rlimits set before exec, plus a workspace-size watchdog.
-Without bubblewrap it falls back to a plain subprocess, with a loud warning.
+What a build gets, and what stands between it and the host:
+
+- Identity: as root, the runner runs every build as a uid of its own,
+  ``conveyor-build-<slot>`` (``build_users``): not root, and not shared with
+  any other build that runs at the same time. Run unprivileged, the runner
+  runs builds as itself.
+- Files (bubblewrap, new user/mount/pid/ipc/uts/cgroup namespaces, no new
+  user namespaces inside): /usr and /etc read-only (minus directories that
+  hold host secrets, see ``HIDDEN_ETC``), its workspace at /workspace as the
+  only writable disk path, /tmp and /var/tmp inside the workspace, a fresh
+  /proc, a minimal /dev; everything else, including the runner's work
+  directory, other workspaces and the control plane's data directory, is
+  simply not there. The root of the sandbox is read-only.
+- Environment: the job's variables (secrets included) reach the build
+  through a pipe read inside the sandbox; the host-side processes (the
+  shim, ``setpriv``, ``prlimit``, ``bwrap``) run with a fixed environment,
+  so neither a secret nor a variable such as LD_PRELOAD ever touches the
+  host side, and no secret appears on a command line.
+- Network: the host's when ``JobSpec.network`` is true (so also the host's
+  loopback services); none but a private loopback when it is false.
+- Limits: per-build cgroups where available (``cgroups``: memory, process
+  count and CPU time of the build as a whole); rlimits otherwise and as a
+  backstop (memory per process only without cgroups, CPU time per process,
+  processes per uid, file size); the workspace size by a filesystem of its
+  own where available (``workspace``), else by measuring. Wall-clock time is
+  not the launcher's business: the control plane's run deadline stops the
+  build, and the runner's ``BuildRun`` has a backstop for when the control
+  plane is unreachable.
+
+Without bubblewrap the build runs as a plain subprocess (still as its own
+uid, with the same limits) and every build's log starts with a warning.
+
+As root, a job starts as a small shim (``_SHIM``, root, in a mount namespace
+of its own when the workspace has a filesystem of its own): it mounts the
+workspace, joins the build's cgroups, then ``setpriv`` drops to the build
+uid for good before ``prlimit`` and ``bwrap`` run.
 """
 
 from __future__ import annotations
@@ -14,195 +44,94 @@ import asyncio
 import contextlib
 import logging
 import os
-import pwd
 import shutil
 import signal
 import time
-from collections.abc import AsyncIterator
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import psutil
-
-from runner.launchers.base import JobResult, JobSpec, LaunchError, Limits, OutputLine, Stream
+from runner.launchers.base import JobSpec, LaunchError, Limits
+from runner.launchers.build_users import BuildUsers
+from runner.launchers.cgroups import CgroupRoot
+from runner.launchers.local_job import Grant, LocalJob
+from runner.launchers.workspace import Workspace, hard_limits_available, sweep
+from runner.metrics import RunnerMetrics
 
 log = logging.getLogger(__name__)
 
-BUILD_USER = "conveyor-build"
-READ_CHUNK = 64 * 1024
-MAX_LINE = 64 * 1024
 FALLBACK_WARNING = (
     "bubblewrap (bwrap) is not installed: this build ran as a plain subprocess"
     " WITHOUT a sandbox; install bubblewrap on the build host"
 )
-_WATCH_INTERVAL = 2.0
+DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
+# Host-side processes of a build see only this, never the job's variables.
+HOST_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
+# /etc directories that hold secrets of services a build host commonly runs
+# (this runner's own configuration among them). Their modes should already
+# keep a build out; an empty directory in their place makes sure.
+HIDDEN_ETC = ("conveyor", "nomad.d", "consul.d", "vault.d", "docker", "ssl/private")
+_MiB = 1024 * 1024
+_CPU_SLACK = 2
+_SET_UP_TIMEOUT = 60.0
+
+# As root, on the host, before anything forks: mount the workspace
+# filesystem ($1, if any) on the workspace ($2), join the build's cgroups
+# (the $4 files that follow), tell the runner on fd $3, and become the rest
+# of the command line (setpriv first: root ends here).
+_SHIM = """
+img=$1 ws=$2 ready=$3 n=$4; shift 4
+if [ -n "$img" ]; then
+  mount -t ext4 -o loop,nosuid,nodev,noatime "$img" "$ws" \\
+    || { echo "conveyor: could not mount the workspace filesystem" >&2; exit 125; }
+  rm -f -- "$img"; chmod 0700 -- "$ws"; rmdir -- "$ws/lost+found" 2>/dev/null
+fi
+cd -- "$ws" || exit 125
+while [ "$n" -gt 0 ]; do
+  echo 0 > "$1" || { echo "conveyor: could not join the cgroup $1" >&2; exit 125; }
+  shift; n=$((n - 1))
+done
+printf ready >&"$ready"; exec {ready}>&-
+exec "$@"
+"""
+# Inside the sandbox: export the job's variables, read NUL-separated from
+# the pipe whose number is $1, then become the build script.
+_LOAD_ENV = (
+    "fd=$1; shift; while IFS= read -r -d '' -u \"$fd\" kv; do"
+    ' export -- "$kv" 2>/dev/null'
+    " || printf 'conveyor: ignored the environment variable %s (not a valid name)\\n'"
+    ' "${kv%%=*}" >&2; done; exec {fd}<&-; exec "$@"'
+)
 
 
-def _build_identity() -> tuple[int, int] | None:
-    """The uid/gid builds run as when the runner is root: a dedicated user,
-    created on first use. None when the runner is already unprivileged."""
-    if os.geteuid() != 0:
-        return None
-    try:
-        entry = pwd.getpwnam(BUILD_USER)
-    except KeyError:
-        import subprocess
-
-        subprocess.run(
-            ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", BUILD_USER],
-            check=False,
-            capture_output=True,
-        )
-        try:
-            entry = pwd.getpwnam(BUILD_USER)
-        except KeyError:
-            entry = pwd.getpwnam("nobody")
-    return entry.pw_uid, entry.pw_gid
-
-
-def _prlimit(limits: Limits) -> list[str]:
+def _prlimit(limits: Limits, *, cgroup: bool) -> list[str]:
     """The ``prlimit`` prefix that applies ``limits`` to the job.
 
     rlimits are set by prlimit(1) rather than a ``preexec_fn``: Python code
     between fork and exec is unsafe in a process with gRPC's threads.
+
+    With cgroups, the cgroup limits memory and processes, so there is no
+    RLIMIT_AS (it limits address space, not memory, and breaks runtimes
+    that reserve large ranges up front: JVM, V8, Go) and no RLIMIT_NPROC
+    (it also counts the uid's exited processes that init has yet to reap);
+    RLIMIT_CPU stays as a backstop a little above the limit the launcher
+    enforces on the whole build, so that the build is told which limit it
+    hit.
     """
-    mb = 1024 * 1024
     argv = ["prlimit", "--core=0"]
-    if limits.memory_mb:
-        argv.append(f"--as={limits.memory_mb * mb}")
+    if limits.memory_mb and not cgroup:
+        argv.append(f"--as={limits.memory_mb * _MiB}")
     if limits.cpu_seconds:
-        argv.append(f"--cpu={limits.cpu_seconds}")
-    if limits.max_processes:
+        argv.append(f"--cpu={limits.cpu_seconds + (_CPU_SLACK if cgroup else 0)}")
+    if limits.max_processes and not cgroup:
         argv.append(f"--nproc={limits.max_processes}")
     if limits.workspace_mb:
-        argv.append(f"--fsize={limits.workspace_mb * mb}")
+        argv.append(f"--fsize={limits.workspace_mb * _MiB}")
     return [*argv, "--"]
 
 
-class LocalJob:
-    def __init__(
-        self,
-        proc: asyncio.subprocess.Process,
-        workspace: Path,
-        limits: Limits,
-        keep_workspace: bool,
-        warning: str | None,
-    ) -> None:
-        self.proc = proc
-        self.sandboxed = warning is None
-        self.workspace = workspace
-        self.limits = limits
-        self.keep_workspace = keep_workspace
-        self.warning = warning
-        self._queue: asyncio.Queue[OutputLine | None] = asyncio.Queue(maxsize=10_000)
-        self._pumps = [
-            asyncio.create_task(self._pump(proc.stdout, "stdout")),
-            asyncio.create_task(self._pump(proc.stderr, "stderr")),
-        ]
-        self._watchdog = asyncio.create_task(self._watch_workspace())
-        self._killed = False
-        self._limit_error: str | None = None
-        self._stopping: asyncio.Task[None] | None = None
-
-    async def _pump(self, stream: asyncio.StreamReader | None, name: Stream) -> None:
-        assert stream is not None
-        pending = b""
-        try:
-            while True:
-                chunk = await stream.read(READ_CHUNK)
-                if not chunk:
-                    break
-                pending += chunk
-                *lines, pending = pending.split(b"\n")
-                for line in lines:
-                    await self._queue.put(OutputLine(name, line))
-                while len(pending) > MAX_LINE:
-                    await self._queue.put(OutputLine(name, pending[:MAX_LINE]))
-                    pending = pending[MAX_LINE:]
-            if pending:
-                await self._queue.put(OutputLine(name, pending))
-        finally:
-            await self._queue.put(None)
-
-    async def output(self) -> AsyncIterator[OutputLine]:
-        if self.warning:
-            yield OutputLine("system", self.warning.encode())
-        done = 0
-        while done < len(self._pumps):
-            item = await self._queue.get()
-            if item is None:
-                done += 1
-                continue
-            yield item
-
-    async def wait(self) -> JobResult:
-        code = await self.proc.wait()
-        await asyncio.gather(*self._pumps, return_exceptions=True)
-        self._watchdog.cancel()
-        if self._stopping:
-            with contextlib.suppress(asyncio.CancelledError):
-                self._stopping.cancel()
-                await self._stopping
-        if not self.keep_workspace:
-            await asyncio.to_thread(shutil.rmtree, self.workspace, True)
-        if self._limit_error:
-            return JobResult(exit_code=None, error=self._limit_error, killed=True)
-        if code < 0:
-            return JobResult(exit_code=128 - code, killed=True)
-        return JobResult(exit_code=code, killed=self._killed)
-
-    async def stop(self, grace_seconds: float) -> None:
-        if self.proc.returncode is not None:
-            return
-        self._killed = True
-        self._signal(signal.SIGTERM)
-        if self._stopping is None:
-            self._stopping = asyncio.create_task(self._kill_after(grace_seconds))
-
-    async def _kill_after(self, grace: float) -> None:
-        try:
-            await asyncio.wait_for(self.proc.wait(), grace)
-        except TimeoutError:
-            log.info("job ignored SIGTERM for %.1f s; killing it", grace)
-            self._signal(signal.SIGKILL)
-
-    def _signal(self, sig: signal.Signals) -> None:
-        """SIGTERM goes to every process of the build but bubblewrap's own
-        (bwrap dies of it at once, and its --die-with-parent would then
-        SIGKILL the build before it could clean up). SIGKILL goes to the
-        whole process group: the sandbox's init dies, and with it its pid
-        namespace, including processes that left the group with setsid."""
-        if sig != signal.SIGKILL and self.sandboxed:
-            try:
-                children = psutil.Process(self.proc.pid).children(recursive=True)
-            except psutil.Error:
-                children = []
-            for child in children:
-                with contextlib.suppress(psutil.Error):
-                    if child.name() != "bwrap":
-                        child.send_signal(sig)
-            return
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.proc.pid, sig)
-
-    async def _watch_workspace(self) -> None:
-        limit = self.limits.workspace_mb * 1024 * 1024
-        if not limit:
-            return
-        while self.proc.returncode is None:
-            await asyncio.sleep(_WATCH_INTERVAL)
-            used = await asyncio.to_thread(_tree_size, self.workspace)
-            if used > limit:
-                self._limit_error = (
-                    f"workspace size limit of {self.limits.workspace_mb} MiB exceeded"
-                )
-                log.warning(self._limit_error)
-                self._signal(signal.SIGKILL)
-                return
-
-
 def _ensure_traversable(path: Path) -> None:
-    """Let the build user reach ``path`` (search bit only: it cannot list
-    the directories on the way, so it learns nothing of their contents)."""
+    """Let build users reach ``path`` (search bit only: they cannot list
+    the directories on the way, so they learn nothing of their contents)."""
     for parent in path.parents:
         mode = parent.stat().st_mode
         if not mode & 0o001:
@@ -210,19 +139,40 @@ def _ensure_traversable(path: Path) -> None:
             parent.chmod(mode | 0o001)
 
 
-def _tree_size(root: Path) -> int:
-    total = 0
-    for dirpath, _dirs, files in os.walk(root):
-        for name in files:
-            with contextlib.suppress(OSError):
-                total += os.lstat(os.path.join(dirpath, name)).st_blocks * 512
-    return total
+def _write_env(fd: int, env: Mapping[str, str]) -> None:
+    """Blocking: write ``env`` NUL-separated to the pipe ``fd``, close it."""
+    data = b"".join(f"{name}={value}".encode() + b"\0" for name, value in env.items())
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+    except BrokenPipeError:
+        pass  # the job ended before reading it all; its result says why
+    finally:
+        os.close(fd)
+
+
+def _read_ready(fd: int) -> bool:
+    """Blocking: whether the shim on the other end of ``fd`` said "ready"
+    before it closed the pipe or died."""
+    try:
+        return os.read(fd, 16) == b"ready"
+    finally:
+        os.close(fd)
 
 
 class LocalLauncher:
-    """Runs jobs under ``work_root/<build id>``. ``sandbox=None`` uses
-    bubblewrap when it is installed; ``sandbox=False`` forces the plain
-    subprocess (tests of the fallback only)."""
+    """Runs jobs under ``work_root/<build id>``; one runner per work root.
+
+    ``sandbox=None`` uses bubblewrap when it is installed; ``sandbox=False``
+    forces the plain subprocess (tests of the fallback only); ``sandbox=True``
+    raises ``LaunchError`` when bubblewrap is missing. ``cgroups`` and
+    ``hard_workspace_limit`` likewise: None uses them when the host allows,
+    False never (tests of the fallbacks), True requires them.
+    ``keep_workspaces`` (debugging) leaves workspaces behind after their
+    jobs; they then have no hard size limit, as theirs would vanish.
+    ``metrics``, when given, counts the limits builds hit.
+    """
 
     name = "local"
 
@@ -232,18 +182,48 @@ class LocalLauncher:
         *,
         sandbox: bool | None = None,
         keep_workspaces: bool = False,
+        cgroups: bool | None = None,
+        hard_workspace_limit: bool | None = None,
+        metrics: RunnerMetrics | None = None,
     ) -> None:
         self.work_root = work_root
+        self.metrics = metrics
         self.bwrap = shutil.which("bwrap") if sandbox is not False else None
         if sandbox and not self.bwrap:
             raise LaunchError("bubblewrap (bwrap) is required but not installed")
         if not self.bwrap:
             log.warning(FALLBACK_WARNING)
         self.keep_workspaces = keep_workspaces
-        self.identity = _build_identity()
+        self.users: BuildUsers | None = None
+        self.setpriv: str | None = None
+        if os.geteuid() == 0:
+            self.setpriv = shutil.which("setpriv")
+            if not self.setpriv:
+                raise LaunchError("a root runner needs setpriv (util-linux) to drop privileges")
+            self.users = BuildUsers()
+        self.cgroup_root = CgroupRoot.detect() if cgroups is not False else None
+        if cgroups and self.cgroup_root is None:
+            raise LaunchError("per-build cgroups are required but not available on this host")
+        self.hard_workspace_limit = (
+            hard_workspace_limit is not False and not keep_workspaces and hard_limits_available()
+        )
+        if hard_workspace_limit and not self.hard_workspace_limit:
+            raise LaunchError("hard workspace limits need root, loop devices and mkfs.ext4")
         self.prlimit = shutil.which("prlimit")
         if not self.prlimit:
             log.warning("prlimit (util-linux) is missing: builds run without rlimits")
+        self.bash = shutil.which("bash") or "/bin/bash"
+        self.unshare = shutil.which("unshare") or "unshare"
+        sweep(work_root)
+        if self.cgroup_root is not None:
+            self.cgroup_root.sweep()
+        log.info(
+            "local launcher: sandbox %s, build users %s, cgroups %s, workspace limit %s",
+            "bubblewrap" if self.bwrap else "NONE",
+            "one uid per build" if self.users else "the runner's own uid",
+            "v1 (memory, pids, cpuacct)" if self.cgroup_root else "none (rlimits only)",
+            "hard (own filesystem)" if self.hard_workspace_limit else "measured",
+        )
 
     @property
     def sandboxed(self) -> bool:
@@ -251,87 +231,227 @@ class LocalLauncher:
 
     async def launch(self, spec: JobSpec) -> LocalJob:
         began = time.perf_counter()
-        workspace = self.work_root / spec.build_id
+        self._check_local_paths(spec.local_paths)
+        setup = asyncio.ensure_future(asyncio.to_thread(self._set_up, spec))
         try:
-            await asyncio.to_thread(self._prepare, workspace, spec.script)
-            argv = self._argv(spec, workspace)
-            env = {**spec.env, **spec.secret_env}
+            grant = await asyncio.shield(setup)
+        except asyncio.CancelledError:
+            setup.add_done_callback(self._release_later)
+            raise
+        try:
+            proc, writer = await self._start(spec, grant)
+        except BaseException:
+            self._release_soon(grant)
+            raise
+        log.debug(
+            "job started in %.1f ms", (time.perf_counter() - began) * 1000,
+            extra={"build_id": spec.build_id},
+        )  # fmt: skip
+        return LocalJob(
+            proc,
+            build_id=spec.build_id,
+            limits=spec.limits,
+            grant=grant,
+            keep_workspace=self.keep_workspaces,
+            warning=None if self.bwrap else FALLBACK_WARNING,
+            env_writer=writer,
+            metrics=self.metrics,
+        )
+
+    def _set_up(self, spec: JobSpec) -> Grant:
+        """Blocking: take a build user, make the workspace and the cgroups.
+        Undoes its own work and raises ``LaunchError`` on failure."""
+        user = self.users.acquire() if self.users else None
+        grant = Grant(
+            Workspace(
+                self.work_root,
+                spec.build_id,
+                limit_mb=spec.limits.workspace_mb,
+                owner=(user.uid, user.gid) if user else None,
+                hard_limit=self.hard_workspace_limit,
+            ),
+            None,
+            user,
+            self.users,
+        )
+        try:
+            self.work_root.mkdir(parents=True, exist_ok=True)
+            if user is not None:
+                _ensure_traversable(self.work_root)
+            grant.workspace.create(spec.script)
+            if self.cgroup_root is not None:
+                cgroup = self.cgroup_root.create(spec.build_id, spec.limits)
+                grant = Grant(grant.workspace, cgroup, user, self.users)
+        except BaseException as exc:
+            grant.release(keep_workspace=False)
+            if isinstance(exc, OSError):
+                raise LaunchError(f"could not prepare the sandbox: {exc}") from exc
+            raise
+        return grant
+
+    async def _start(
+        self, spec: JobSpec, grant: Grant
+    ) -> tuple[asyncio.subprocess.Process, asyncio.Task[None]]:
+        """Start the job, wait for its shim to have set it up, hand it its
+        environment. Raises ``LaunchError``; the caller releases ``grant``."""
+        workspace, user = grant.workspace, grant.user
+        env_read, env_write = os.pipe()
+        ready_read, ready_write = os.pipe() if user else (-1, -1)
+        fds = (env_read, ready_write) if user else (env_read,)
+        try:
             proc = await asyncio.create_subprocess_exec(
-                *argv,
-                cwd=workspace,
-                env=env,
+                *self._argv(spec, grant, env_read, ready_write),
+                cwd=workspace.path,
+                env=HOST_ENV,
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
+                pass_fds=fds,
                 start_new_session=True,
-                user=self.identity[0] if self.identity else None,
-                group=self.identity[1] if self.identity else None,
-                extra_groups=[] if self.identity else None,
             )
-        except OSError as exc:
-            raise LaunchError(f"could not start the sandbox: {exc}") from exc
-        log.debug("job started in %.1f ms", (time.perf_counter() - began) * 1000)
-        return LocalJob(
-            proc,
-            workspace,
-            spec.limits,
-            self.keep_workspaces,
-            None if self.bwrap else FALLBACK_WARNING,
-        )
+        except BaseException as exc:
+            for fd in (env_write, ready_read):
+                if fd >= 0:
+                    os.close(fd)
+            if isinstance(exc, OSError):
+                raise LaunchError(f"could not start the sandbox: {exc}") from exc
+            raise
+        finally:
+            for fd in fds:
+                os.close(fd)
+        try:
+            if user is not None:
+                await self._await_shim(proc, ready_read, workspace)
+        except BaseException:
+            os.close(env_write)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            raise
+        env = {"PATH": DEFAULT_PATH, **spec.env, **spec.secret_env, **self._forced_env(workspace)}
+        return proc, asyncio.create_task(asyncio.to_thread(_write_env, env_write, env))
 
-    def _prepare(self, workspace: Path, script: str) -> None:
-        self.work_root.mkdir(parents=True, exist_ok=True)
-        if self.identity:
-            _ensure_traversable(self.work_root)
-        # Others may traverse the root (the build uid must reach its own
-        # workspace) but not list it, so builds cannot find each other.
-        self.work_root.chmod(0o711)
-        if workspace.exists():
-            shutil.rmtree(workspace)
-        workspace.mkdir(mode=0o700)
-        (workspace / ".conveyor").mkdir(mode=0o700)
-        script_path = workspace / ".conveyor" / "build.sh"
-        script_path.write_text(script)
-        if self.identity:
-            uid, gid = self.identity
-            for path in (workspace, workspace / ".conveyor", script_path):
-                os.chown(path, uid, gid)
+    async def _await_shim(
+        self, proc: asyncio.subprocess.Process, ready_read: int, workspace: Workspace
+    ) -> None:
+        """Wait for the shim's word; then hold the workspace filesystem it
+        mounted. The job cannot end before: it waits for its environment."""
+        try:
+            ready = await asyncio.wait_for(
+                asyncio.to_thread(_read_ready, ready_read), _SET_UP_TIMEOUT
+            )
+        except TimeoutError:
+            raise LaunchError(
+                f"the sandbox was not set up within {_SET_UP_TIMEOUT:.0f} s"
+            ) from None
+        if not ready:
+            assert proc.stderr is not None
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(proc.wait(), 5)
+            why = (await proc.stderr.read(4096)).decode(errors="replace").strip()
+            raise LaunchError(f"could not set up the sandbox: {why or 'the shim failed'}")
+        if workspace.image is not None:
+            await asyncio.to_thread(workspace.attach, proc.pid)
 
-    def _argv(self, spec: JobSpec, workspace: Path) -> list[str]:
-        script = ".conveyor/build.sh"
-        limits = _prlimit(spec.limits) if self.prlimit else []
+    def _release_soon(self, grant: Grant) -> None:
+        """Release a failed launch's grant in a thread, without waiting."""
+        loop = asyncio.get_running_loop()
+        loop.run_in_executor(None, lambda: grant.release(keep_workspace=False))
+
+    def _release_later(self, setup: asyncio.Future[Grant]) -> None:
+        """The launch was cancelled while its set-up ran in a thread, which
+        carried on: release what it made once it is done."""
+        if not setup.cancelled() and setup.exception() is None:
+            self._release_soon(setup.result())
+
+    def _check_local_paths(self, paths: Sequence[str]) -> None:
+        """A local repository path must not expose the runner's work
+        directory (other builds' workspaces) or anything above it, such as
+        the data directory of `conveyor up`. Raises ``LaunchError``."""
+        root = self.work_root.resolve()
+        for raw in paths:
+            real = Path(raw).resolve()
+            if real == root or root in real.parents or real in root.parents:
+                raise LaunchError(
+                    f"the repository path {raw} overlaps the runner's work directory {root};"
+                    " builds may not read it"
+                )
+
+    def _forced_env(self, workspace: Workspace) -> dict[str, str]:
+        if self.bwrap:
+            return {"HOME": "/workspace/.conveyor", "TMPDIR": "/tmp"}
+        return {"HOME": str(workspace.path / ".conveyor"), "TMPDIR": str(workspace.tmp)}
+
+    def _argv(self, spec: JobSpec, grant: Grant, env_fd: int, ready_fd: int) -> list[str]:
+        prefix: list[str] = []
+        workspace, cgroup, user = grant.workspace, grant.cgroup, grant.user
+        if user is not None:
+            assert self.setpriv is not None
+            image = str(workspace.image) if workspace.image else ""
+            files = [str(path) for path in cgroup.procs_files] if cgroup else []
+            if image:
+                prefix = [self.unshare, "--mount", "--propagation", "private", "--"]
+            prefix += [
+                self.bash, "--noprofile", "--norc", "-c", _SHIM, "shim",
+                image, str(workspace.path), str(ready_fd), str(len(files)), *files,
+                self.setpriv, f"--reuid={user.uid}", f"--regid={user.gid}",
+                "--clear-groups", "--inh-caps=-all", "--",
+            ]  # fmt: skip
+        if self.prlimit:
+            prefix += _prlimit(spec.limits, cgroup=cgroup is not None)
+        script = [self.bash, ".conveyor/build.sh"]
+        load_env = [self.bash, "--noprofile", "--norc", "-c", _LOAD_ENV, "load-env", str(env_fd)]
         if not self.bwrap:
-            return [*limits, "bash", script]
+            return [*prefix, *load_env, *script]
+        return [*prefix, *self._bwrap(spec, workspace), "--", *load_env, *script]
+
+    def _bwrap(self, spec: JobSpec, workspace: Workspace) -> list[str]:
+        assert self.bwrap is not None
+        # As Docker does, 64 MiB; less with a small memory limit, which
+        # /dev/shm counts against, so that a full /dev/shm leaves room to run.
+        shm_mb = min(64, spec.limits.memory_mb // 2) if spec.limits.memory_mb else 64
         argv = [
             self.bwrap,
             "--unshare-all",
+            "--unshare-user",
+            "--disable-userns",  # nested user namespaces: much kernel surface
             "--die-with-parent",
             "--ro-bind", "/usr", "/usr",
             "--ro-bind", "/etc", "/etc",
+        ]  # fmt: skip
+        for hidden in HIDDEN_ETC:
+            if Path("/etc", hidden).is_dir():
+                argv += ["--tmpfs", f"/etc/{hidden}", "--remount-ro", f"/etc/{hidden}"]
+        argv += [
             "--symlink", "usr/bin", "/bin",
             "--symlink", "usr/sbin", "/sbin",
             "--symlink", "usr/lib", "/lib",
             "--proc", "/proc",
             "--dev", "/dev",
-            "--tmpfs", "/tmp",
-            "--tmpfs", "/run",
-            "--dir", "/var/tmp",
-            "--bind", str(workspace), "/workspace",
+            "--size", str(shm_mb * _MiB), "--tmpfs", "/dev/shm",
+            "--size", str(16 * _MiB), "--tmpfs", "/run",
+            "--bind", str(workspace.path), "/workspace",
+            "--bind", str(workspace.tmp), "/tmp",
+            "--bind", str(workspace.var_tmp), "/var/tmp",
             "--chdir", "/workspace",
             "--hostname", "conveyor-build",
-            "--setenv", "HOME", "/workspace/.conveyor",
-            "--setenv", "TMPDIR", "/tmp",
-            "--setenv", "PATH", "/usr/local/bin:/usr/bin:/bin",
         ]  # fmt: skip
         for lib in ("/lib64", "/lib32", "/libx32"):
             if Path(lib).exists():
                 argv += ["--symlink", f"usr{lib}", lib]
+        resolv = Path("/etc/resolv.conf").resolve()
         if spec.network:
             argv += ["--share-net"]
+            # systemd-resolved: the real file lives under /run, which the
+            # sandbox replaces; without it the build has no DNS.
+            if resolv.is_relative_to("/run") and resolv.exists():
+                argv += ["--ro-bind", str(resolv), str(resolv)]
         for path in spec.local_paths:
-            if Path(path).exists():
-                argv += ["--ro-bind", path, path]
-        return [*limits, *argv, "--", "bash", script]
+            real = Path(path).resolve()
+            if real.exists():
+                argv += ["--ro-bind", str(real), path]
+        # Last: everything above is mounted, nothing else may be created.
+        argv += ["--remount-ro", "/dev", "--remount-ro", "/"]
+        return argv
 
     async def close(self) -> None:
         return None

@@ -12,11 +12,15 @@ to reach its own workspace, but nobody but root may list it)::
 rather than the host's memory (a tmpfs would).
 
 The limit is hard when the runner is root and has loop devices: the
-workspace is then a filesystem of its own (ext4 in a sparse file of exactly
-the limit, unlinked as soon as it is mounted, so its space comes back when
-it is unmounted) and a write past the limit fails with ENOSPC. Otherwise the
-launcher measures the tree now and then and kills a build over the limit,
-which can overshoot by whatever the build writes between two measurements.
+workspace is then a filesystem of its own, ext4 in a sparse file of exactly
+the limit, and a write past it fails with ENOSPC. The job mounts it in a
+mount namespace of its own (see ``local._SHIM``) and unlinks the file, so
+the mount and its space vanish with the job's last process, whatever
+happens to the runner: nothing is ever left mounted on the host. The runner
+keeps a descriptor of the filesystem's root (``attach``) to look inside and
+measure it, also after the job ended. Without a hard limit, the launcher
+measures the tree now and then and kills a build over the limit, which can
+overshoot by whatever the build writes between two measurements.
 """
 
 from __future__ import annotations
@@ -42,15 +46,13 @@ def hard_limits_available() -> bool:
     return (
         os.geteuid() == 0
         and os.path.exists("/dev/loop-control")
-        and shutil.which("mkfs.ext4") is not None
-        and shutil.which("mount") is not None
-        and shutil.which("umount") is not None
+        and all(shutil.which(tool) for tool in ("mkfs.ext4", "mount", "unshare"))
     )
 
 
 class Workspace:
-    """One build's workspace. Every method blocks (file system work,
-    ``mount``): call them in a thread."""
+    """One build's workspace. Methods block (file system work, mkfs): call
+    them in a thread. The caller must ``remove`` it after the job."""
 
     def __init__(
         self,
@@ -65,8 +67,9 @@ class Workspace:
         self.path = work_root / build_id
         self.limit_mb = limit_mb
         self.owner = owner
+        self.image: Path | None = None
         self.hard_limit = hard_limit and limit_mb > 0
-        self.mounted = False
+        self._root_fd: int | None = None
 
     @property
     def tmp(self) -> Path:
@@ -76,18 +79,29 @@ class Workspace:
     def var_tmp(self) -> Path:
         return self.path / ".conveyor" / "var-tmp"
 
+    @property
+    def mounted(self) -> bool:
+        """Whether the runner holds the job's workspace filesystem."""
+        return self._root_fd is not None
+
+    @property
+    def view(self) -> Path:
+        """Where the runner sees the workspace's contents: the job's own
+        filesystem once attached, else the directory on the host."""
+        if self._root_fd is not None:
+            return Path(f"/proc/self/fd/{self._root_fd}")
+        return self.path
+
     def create(self, script: str) -> None:
         """Make the workspace afresh (a retry reuses the build id) with the
-        build script in ``.conveyor/build.sh``. Raises ``OSError``."""
+        build script in ``.conveyor/build.sh``; with a hard limit, as the
+        content of a new filesystem image (``self.image``) for the job to
+        mount, leaving an empty directory to mount it on. Raises ``OSError``."""
         self.work_root.mkdir(parents=True, exist_ok=True)
         self.work_root.chmod(0o711)
         if self.path.exists() or self.path.is_symlink():
-            _unmount(self.path)
             _remove_tree(self.path)
         self.path.mkdir(mode=0o700)
-        if self.hard_limit:
-            self.mounted = self._mount_filesystem()
-        self.path.chmod(0o700)
         conveyor = self.path / ".conveyor"
         conveyor.mkdir(mode=0o700)
         self.tmp.mkdir(mode=0o700)
@@ -98,101 +112,86 @@ class Workspace:
             uid, gid = self.owner
             for path in (self.path, conveyor, self.tmp, self.var_tmp, script_path):
                 os.chown(path, uid, gid, follow_symlinks=False)
+        if self.hard_limit:
+            self.image = self._make_image()
+            if self.image is not None:
+                for child in self.path.iterdir():
+                    _remove_tree(child)
 
-    def _mount_filesystem(self) -> bool:
-        """Mount a fresh filesystem of ``limit_mb`` on the workspace.
-        Returns False, with a warning, when the host refuses."""
+    def _make_image(self) -> Path | None:
+        """A filesystem image of ``limit_mb`` holding the workspace as it is
+        now. None, with a warning, when the host refuses."""
         image = self.work_root / f".{self.path.name}.img"
+        owner = f"{self.owner[0]}:{self.owner[1]}" if self.owner else "0:0"
         try:
-            with open(image, "wb") as handle:
-                handle.truncate(self.limit_mb * _MiB)
-            owner = f"{self.owner[0]}:{self.owner[1]}" if self.owner else "0:0"
+            fd = os.open(image, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            try:
+                os.ftruncate(fd, self.limit_mb * _MiB)
+            finally:
+                os.close(fd)
             _run(
                 "mkfs.ext4", "-q", "-F", "-m", "0", "-O", "^has_journal",
-                "-E", f"nodiscard,root_owner={owner}", "-L", "workspace", str(image),
-            )  # fmt: skip
-            _run(
-                "mount", "-t", "ext4", "-o", "loop,nosuid,nodev,noatime",
-                str(image), str(self.path),
+                "-E", f"nodiscard,root_owner={owner}", "-L", "workspace",
+                "-d", str(self.path), str(image),
             )  # fmt: skip
         except (OSError, subprocess.SubprocessError) as exc:
             log.warning(
                 "workspace %s gets no hard size limit (%s); measuring its size instead",
                 self.path, exc,
             )  # fmt: skip
-            return False
-        finally:
-            # Mounted, the loop device holds the file; unlinked, its space
-            # is freed with the last reference, whatever happens to us.
             with contextlib.suppress(FileNotFoundError):
                 image.unlink()
-        with contextlib.suppress(OSError):
-            (self.path / "lost+found").rmdir()
-        return True
+            self.hard_limit = False
+            return None
+        return image
+
+    def attach(self, pid: int) -> None:
+        """Hold the root of the filesystem the job ``pid`` mounted on the
+        workspace. Raises ``OSError`` when there is none (the job is gone)."""
+        fd = os.open(f"/proc/{pid}/root{self.path}", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        if os.fstat(fd).st_dev == os.stat(self.path).st_dev:
+            os.close(fd)
+            raise OSError(f"no filesystem is mounted on {self.path} in process {pid}")
+        self._root_fd = fd
 
     def used_bytes(self) -> int:
         """Bytes the workspace uses now."""
-        if self.mounted:
-            st = os.statvfs(self.path)
+        if self._root_fd is not None:
+            st = os.fstatvfs(self._root_fd)
             return (st.f_blocks - st.f_bfree) * st.f_frsize
         return _tree_size(self.path)
 
     def is_full(self) -> bool:
         """Whether a hard-limited workspace has no room left."""
-        if not self.mounted:
+        if self._root_fd is None:
             return False
-        try:
-            st = os.statvfs(self.path)
-        except OSError:
-            return False
+        st = os.fstatvfs(self._root_fd)
         return st.f_bavail * st.f_frsize < _FULL_MARGIN
 
     def remove(self, *, keep: bool) -> None:
-        """Unmount and delete the workspace; with ``keep``, leave it (and
-        its mount) for inspection until this build id is launched again or
-        the launcher starts anew."""
-        if keep:
-            return
-        if self.mounted:
-            _unmount(self.path)
-            self.mounted = False
-        _remove_tree(self.path)
+        """Let go of the workspace: its filesystem (freed once the job's
+        processes are gone too) and, unless ``keep``, the directory."""
+        if self._root_fd is not None:
+            os.close(self._root_fd)
+            self._root_fd = None
+        if self.image is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self.image.unlink()  # the job never mounted it
+        if not keep:
+            _remove_tree(self.path)
 
 
 def sweep(work_root: Path) -> None:
-    """Unmount and delete workspaces a previous runner left mounted under
-    ``work_root`` (it died before cleaning up). Call it before the first
-    launch; one runner per work root."""
-    root = work_root.resolve()
-    try:
-        mountinfo = Path("/proc/self/mountinfo").read_text()
-    except OSError:
-        return
-    for line in mountinfo.splitlines():
-        fields = line.split()
-        if len(fields) < 5:
-            continue
-        point = Path(fields[4].replace("\\040", " "))
-        if point.parent == root:
-            log.info("removing workspace %s left mounted by an earlier runner", point)
-            _unmount(point)
-            _remove_tree(point)
-
-
-def _unmount(path: Path) -> None:
-    if not os.path.ismount(path):
-        return
-    try:
-        _run("umount", str(path))
-    except (OSError, subprocess.SubprocessError):
-        # Busy (a process not yet reaped): detach it now, the kernel
-        # finishes the unmount when the last user is gone.
-        with contextlib.suppress(OSError, subprocess.SubprocessError):
-            _run("umount", "-l", str(path))
+    """Delete filesystem images a runner that died left behind between
+    making them and its job mounting them. One runner per work root."""
+    with contextlib.suppress(OSError):
+        for image in work_root.glob(".*.img"):
+            log.info("removing workspace image %s left by an earlier runner", image)
+            image.unlink()
 
 
 def _remove_tree(path: Path) -> None:
-    if path.is_symlink():
+    if path.is_symlink() or path.is_file():
         path.unlink()
         return
     shutil.rmtree(path, ignore_errors=True)

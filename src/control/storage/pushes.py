@@ -1,0 +1,116 @@
+"""Forge events that queued nothing, and the pull-request builds to cancel
+when a request closes: every SQL statement about them."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+
+from control.storage.db import Conn, Database
+
+# Skipped pushes kept per project: enough to explain a busy day, bounded so
+# a noisy repository cannot grow the table without end.
+KEEP_PER_PROJECT = 1000
+
+
+@dataclass(frozen=True)
+class SkippedPush:
+    id: str
+    project_id: str
+    project_name: str
+    provider: str
+    event: str
+    ref: str
+    branch: str
+    commit_sha: str
+    reason: str
+    delivery_id: str
+    received_at: datetime
+
+
+class PushLog:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    async def record_skip(
+        self,
+        conn: Conn,
+        *,
+        project_id: str,
+        account_id: str,
+        provider: str,
+        event: str,
+        ref: str,
+        branch: str,
+        commit_sha: str,
+        reason: str,
+        delivery_id: str,
+    ) -> str:
+        """Record a push that did not build (in the caller's transaction);
+        return its id. Drops the project's oldest records past
+        ``KEEP_PER_PROJECT``."""
+        skip_id = str(uuid.uuid4())
+        await conn.execute(
+            "INSERT INTO skipped_pushes (id, project_id, account_id, provider, event, ref,"
+            " branch, commit_sha, reason, delivery_id)"
+            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+            (
+                skip_id,
+                project_id,
+                account_id,
+                provider,
+                event,
+                ref[:512],
+                branch,
+                commit_sha,
+                reason,
+                delivery_id,
+            ),
+        )
+        await conn.execute(
+            "DELETE FROM skipped_pushes WHERE id IN (SELECT id FROM skipped_pushes"
+            " WHERE project_id = %s ORDER BY received_at DESC OFFSET %s)",
+            (project_id, KEEP_PER_PROJECT),
+        )
+        return skip_id
+
+    async def skipped(
+        self, account_id: str, project_id: str | None, limit: int
+    ) -> list[SkippedPush]:
+        """The account's newest skipped pushes (of one project, or all)."""
+        sql = (
+            "SELECT s.id, s.project_id, p.name, s.provider, s.event, s.ref, s.branch,"
+            " s.commit_sha, s.reason, s.delivery_id, s.received_at"
+            " FROM skipped_pushes s JOIN projects p ON p.id = s.project_id"
+            " WHERE s.account_id = %s"
+        )
+        params: list[object] = [account_id]
+        if project_id:
+            sql += " AND s.project_id = %s"
+            params.append(project_id)
+        sql += " ORDER BY s.received_at DESC LIMIT %s"
+        params.append(limit)
+        async with self.db.connection() as conn:
+            cur = await conn.execute(sql, params)
+            return [SkippedPush(str(r[0]), str(r[1]), *r[2:]) for r in await cur.fetchall()]
+
+    async def record_pull_request_build(
+        self, conn: Conn, build_id: str, project_id: str, number: int
+    ) -> None:
+        """Remember that ``build_id`` builds request ``number`` (in the
+        transaction that queued it)."""
+        await conn.execute(
+            "INSERT INTO pull_request_builds (build_id, project_id, number) VALUES (%s, %s, %s)",
+            (build_id, project_id, number),
+        )
+
+    async def open_pull_request_builds(self, conn: Conn, project_id: str, number: int) -> list[str]:
+        """Builds of request ``number`` that are queued or running."""
+        cur = await conn.execute(
+            "SELECT b.id FROM pull_request_builds r JOIN builds b ON b.id = r.build_id"
+            " WHERE r.project_id = %s AND r.number = %s"
+            " AND b.status IN ('queued', 'initializing', 'running') ORDER BY b.created_at",
+            (project_id, number),
+        )
+        return [str(r[0]) for r in await cur.fetchall()]

@@ -1,0 +1,49 @@
+"""Fixtures of the forge tests: a control plane whose commit-status retries
+are fast, and the GitHub and GitLab API fakes."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest_asyncio
+
+from control.forge.reporter import RetryPolicy
+from tests.fakes.github import FakeGitHub
+from tests.fakes.gitlab import FakeGitLab
+from tests.helpers import ControlHandle
+
+FAST_RETRY = RetryPolicy(first_delay=0.05, max_delay=0.2, attempts=4, request_timeout=2.0)
+TOKEN = "ghp_test_token_0123456789"
+
+
+@pytest_asyncio.fixture
+async def control(database_url: str) -> AsyncIterator[ControlHandle]:
+    """The shared ``control`` fixture, with commit-status retries that take
+    a fraction of a second."""
+    handle = ControlHandle(database_url)
+    handle.plane.forge_retry = FAST_RETRY
+    await handle.start()
+    try:
+        yield handle
+    finally:
+        await handle.stop()
+
+
+@pytest_asyncio.fixture
+async def github_api() -> AsyncIterator[FakeGitHub]:
+    fake = FakeGitHub(tokens={TOKEN}, repos={"acme/web"})
+    await fake.start()
+    try:
+        yield fake
+    finally:
+        await fake.stop()
+
+
+@pytest_asyncio.fixture
+async def gitlab_api() -> AsyncIterator[FakeGitLab]:
+    fake = FakeGitLab(tokens={TOKEN}, projects={"15", "1", "mike/diaspora"})
+    await fake.start()
+    try:
+        yield fake
+    finally:
+        await fake.stop()

@@ -1,0 +1,311 @@
+"""The local launcher's own behaviour beyond the launcher contract: the
+warning without bubblewrap (down to `conveyor builds show`), one uid per
+running build, the job's environment, and that a job leaves nothing behind
+on the host (cgroups, mounts, loop devices, images, slots)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+
+from conveyor.v1 import types_pb2 as pb
+from runner.launchers.base import JobResult, JobSpec, Limits, OutputLine
+from runner.launchers.local import FALLBACK_WARNING, LocalLauncher
+from runner.launchers.local_job import LocalJob
+from tests.helpers import Api, ControlHandle, RunnerProcess
+
+pytestmark = pytest.mark.timeout(60)
+
+ROOT = os.geteuid() == 0
+needs_root = pytest.mark.skipif(not ROOT, reason="needs a root runner")
+needs_bwrap = pytest.mark.skipif(shutil.which("bwrap") is None, reason="needs bubblewrap")
+
+
+def job_spec(script: str, **fields: object) -> JobSpec:
+    return JobSpec(build_id=uuid.uuid4().hex[:16], script=script, env={}, **fields)  # type: ignore[arg-type]
+
+
+async def run(launcher: LocalLauncher, spec: JobSpec) -> tuple[list[OutputLine], JobResult]:
+    job = await launcher.launch(spec)
+    lines = [line async for line in job.output()]
+    return lines, await job.wait()
+
+
+def of(lines: list[OutputLine], stream: str) -> list[str]:
+    return [line.data.decode(errors="replace") for line in lines if line.stream == stream]
+
+
+async def until_ready(job: LocalJob) -> None:
+    async for line in job.output():
+        if line.stream == "stdout" and line.data == b"ready":
+            return
+    raise AssertionError("the job ended before it was ready")
+
+
+@pytest_asyncio.fixture
+async def launcher(tmp_path: Path) -> AsyncIterator[LocalLauncher]:
+    local = LocalLauncher(tmp_path / "workspaces")
+    try:
+        yield local
+    finally:
+        await local.close()
+
+
+# ---------------------------------------------------------- without bubblewrap
+
+
+async def test_without_bubblewrap_every_log_starts_with_a_warning(tmp_path: Path) -> None:
+    launcher = LocalLauncher(tmp_path / "workspaces", sandbox=False)
+    assert not launcher.sandboxed
+    lines, result = await run(launcher, job_spec("echo built"))
+    assert lines[0] == OutputLine("system", FALLBACK_WARNING.encode())
+    assert of(lines, "stdout") == ["built"]
+    assert result == JobResult(exit_code=0)
+
+
+def _path_without_bwrap(bin_dir: Path) -> str:
+    """A PATH with every program of this host but bubblewrap."""
+    bin_dir.mkdir()
+    for directory in ("/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin"):
+        if not os.path.isdir(directory):
+            continue
+        for entry in os.scandir(directory):
+            link = bin_dir / entry.name
+            if entry.name != "bwrap" and not link.exists():
+                link.symlink_to(entry.path)
+    return str(bin_dir)
+
+
+async def test_builds_show_warns_when_the_runner_has_no_bubblewrap(
+    control: ControlHandle,
+    api: Api,
+    repo: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("PATH", await asyncio.to_thread(_path_without_bwrap, tmp_path / "bin"))
+    runner = RunnerProcess(control.plane.grpc_address, control.runner_token, tmp_path / "runner")
+    await runner.start()
+    try:
+        await control.wait_runners(1)
+        await api.create_project("unsandboxed", repo)
+        build = await api.trigger("unsandboxed")
+        done = await api.wait_status(build.id)
+    finally:
+        await runner.stop()
+    assert done.status == pb.BUILD_STATUS_SUCCEEDED, done.status_reason
+    assert list(done.warnings) == ["build ran WITHOUT a sandbox (bubblewrap missing)"]
+    texts = [line.text for line in await api.logs(build.id)]
+    assert FALLBACK_WARNING in texts
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "conveyor_cli.main", "builds", "show", build.id,
+        env={**os.environ, "CONVEYOR_ADDR": control.plane.grpc_address,
+             "CONVEYOR_TOKEN": control.admin_token},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 0, err.decode()
+    assert "WARNING    build ran WITHOUT a sandbox (bubblewrap missing)" in out.decode()
+
+
+# ------------------------------------------------------------------ build uids
+
+
+@needs_root
+async def test_running_builds_never_share_a_uid_and_slots_are_reused(
+    launcher: LocalLauncher,
+) -> None:
+    hold = "id -u; echo ready; exec sleep 30"
+    jobs = [await launcher.launch(job_spec(hold)) for _ in range(3)]
+    for job in jobs:
+        await until_ready(job)
+    uids = [job.uid for job in jobs]
+    assert None not in uids
+    assert len(set(uids)) == 3
+    for job in jobs:
+        await job.stop(grace_seconds=0.2)
+        async for _line in job.output():
+            pass
+        await job.wait()
+    # Freed slots are handed out again (lowest first), not leaked.
+    lines, _result = await run(launcher, job_spec("id -u"))
+    assert int(of(lines, "stdout")[0]) in uids
+
+
+# ------------------------------------------------------------- environment
+
+
+@needs_bwrap
+async def test_the_environment_arrives_intact_and_bad_names_are_reported(
+    launcher: LocalLauncher,
+) -> None:
+    # More than a pipe holds at once, less than one variable may hold
+    # (MAX_ARG_STRLEN, 128 KiB).
+    big = "x" * 100_000
+    spec = JobSpec(
+        build_id=uuid.uuid4().hex[:16],
+        script='printf "%s|%s|%s\\n" "${#BIG}" "$MULTI" "$HOME"; echo "PATH=$PATH"',
+        env={"BIG": big, "MULTI": "a b\nc=d", "1NVALID": "x"},
+        secret_env={"TOKEN": "t"},
+    )
+    lines, result = await run(launcher, spec)
+    assert result == JobResult(exit_code=0)
+    assert of(lines, "stdout") == [
+        "100000|a b",
+        "c=d|/workspace/.conveyor",
+        "PATH=/usr/local/bin:/usr/bin:/bin",
+    ]
+    assert of(lines, "stderr") == [
+        "conveyor: ignored the environment variable 1NVALID (not a valid name)"
+    ]
+
+
+# ---------------------------------------------------------- nothing left behind
+
+
+def _loop_backing_files() -> list[str]:
+    files = []
+    for backing in Path("/sys/block").glob("loop*/loop/backing_file"):
+        try:
+            files.append(backing.read_text().strip())
+        except OSError:
+            continue
+    return files
+
+
+def _mounts_under(root: Path) -> list[str]:
+    return [
+        line.split()[4]
+        for line in Path("/proc/self/mountinfo").read_text().splitlines()
+        if line.split()[4].startswith(str(root))
+    ]
+
+
+@needs_root
+@needs_bwrap
+async def test_a_job_leaves_nothing_behind_on_the_host(launcher: LocalLauncher) -> None:
+    root = launcher.work_root
+    job = await launcher.launch(
+        job_spec("head -c 1M /dev/zero > data; echo ready; exec sleep 30", limits=Limits())
+    )
+    await until_ready(job)
+    # The workspace filesystem is the job's alone: not mounted on the host.
+    assert job.workspace.mounted == launcher.hard_workspace_limit
+    assert _mounts_under(root) == []
+    assert (job.workspace.view / "data").stat().st_size == 1 << 20
+    cgroup_dirs = job.cgroup.unique_dirs if job.cgroup else []
+    assert all(path.is_dir() for path in cgroup_dirs)
+    await job.stop(grace_seconds=0.2)
+    async for _line in job.output():
+        pass
+    await job.wait()
+    assert not any(path.exists() for path in cgroup_dirs)
+    assert list(root.iterdir()) == []  # no workspace, no image
+    deadline = time.monotonic() + 5
+    while any(str(root) in backing for backing in _loop_backing_files()):
+        assert time.monotonic() < deadline, "the loop device outlived the job"
+        await asyncio.sleep(0.02)
+
+
+@needs_root
+async def test_a_launch_cancelled_half_way_leaves_nothing_behind(
+    launcher: LocalLauncher,
+) -> None:
+    for delay in (0.0, 0.005, 0.02, 0.05):
+        task = asyncio.ensure_future(launcher.launch(job_spec("sleep 30")))
+        await asyncio.sleep(delay)
+        task.cancel()
+        try:
+            job = await task
+        except asyncio.CancelledError:
+            pass
+        else:  # it was done before the cancel: stop it as a caller would
+            await job.stop(grace_seconds=0)
+            async for _line in job.output():
+                pass
+            await job.wait()
+    deadline = time.monotonic() + 10
+    root = launcher.work_root
+    assert launcher.users is not None
+    while launcher.users.held or (root.exists() and list(root.iterdir())):
+        assert time.monotonic() < deadline, (launcher.users.held, list(root.iterdir()))
+        await asyncio.sleep(0.02)
+
+
+async def test_a_stale_image_of_a_dead_runner_is_swept(tmp_path: Path) -> None:
+    root = tmp_path / "workspaces"
+    root.mkdir()
+    stale = root / ".0123456789abcdef.img"
+    stale.write_bytes(b"\0" * 4096)
+    LocalLauncher(root)
+    assert not stale.exists()
+
+
+@needs_root
+async def test_a_background_process_of_an_unsandboxed_build_dies_with_it(
+    tmp_path: Path,
+) -> None:
+    launcher = LocalLauncher(tmp_path / "workspaces", sandbox=False)
+    lines, result = await run(
+        launcher, job_spec("setsid sleep 300 > /dev/null 2>&1 < /dev/null & echo $!")
+    )
+    assert result.exit_code == 0
+    pid = int(of(lines, "stdout")[0])
+    deadline = time.monotonic() + 5
+    while _alive(pid):
+        assert time.monotonic() < deadline, f"process {pid} outlived its build"
+        await asyncio.sleep(0.02)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+# ------------------------------------------------------------ cgroup discovery
+
+
+@needs_root
+def test_build_cgroups_go_below_the_runners_own_cgroup(tmp_path: Path) -> None:
+    from runner.launchers.cgroups import CgroupRoot
+
+    hierarchies = {name: tmp_path / name for name in ("memory", "pids", "cpu,cpuacct")}
+    (hierarchies["memory"] / "ci" / "runner").mkdir(parents=True)
+    (hierarchies["pids"] / "ci" / "runner").mkdir(parents=True)
+    (hierarchies["cpu,cpuacct"] / "runner").mkdir(parents=True)  # mounted from /ci
+    mountinfo = tmp_path / "mountinfo"
+    mountinfo.write_text(
+        "23 1 0:21 / /sys rw - sysfs sysfs rw\n"
+        f"35 23 0:32 / {hierarchies['memory']} rw,relatime shared:9 - cgroup cgroup rw,memory\n"
+        f"39 23 0:36 / {hierarchies['pids']} rw,relatime - cgroup cgroup rw,pids\n"
+        # Mounted from inside the hierarchy, as in a container.
+        f"33 23 0:30 /ci {hierarchies['cpu,cpuacct']} rw - cgroup cgroup rw,cpu,cpuacct\n"
+        "41 23 0:38 / /sys/fs/cgroup/unified rw - cgroup2 cgroup2 rw\n"
+    )
+    own = tmp_path / "cgroup"
+    own.write_text(
+        "8:pids:/ci/runner\n4:memory:/ci/runner\n2:cpu,cpuacct:/ci/runner\n0::/ci/runner\n"
+    )
+    root = CgroupRoot.detect(mountinfo, own)
+    assert root is not None
+    assert root.parents == {
+        "memory": hierarchies["memory"] / "ci" / "runner" / "conveyor-builds",
+        "pids": hierarchies["pids"] / "ci" / "runner" / "conveyor-builds",
+        "cpuacct": hierarchies["cpu,cpuacct"] / "runner" / "conveyor-builds",
+    }
+    assert all(path.is_dir() for path in root.parents.values())
+    # Without one of the controllers (cgroup v2 only, say): no cgroups.
+    own.write_text("0::/ci/runner\n")
+    assert CgroupRoot.detect(mountinfo, own) is None
