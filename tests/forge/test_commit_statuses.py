@@ -257,6 +257,16 @@ async def test_reporting_never_blocks_the_lifecycle(control: ControlHandle, api:
         control.plane.lifecycle.listeners.remove(broken)
         await reporter.stop(drain_seconds=0)
     assert first.status == second.status == pb.BUILD_STATUS_QUEUED
+
+    async def watchdog() -> None:
+        await asyncio.sleep(8)
+        import sys
+        for t in asyncio.all_tasks():
+            print("TASK", t, file=sys.stderr)
+            t.print_stack(file=sys.stderr)
+
+    global _wd
+    _wd = asyncio.get_running_loop().create_task(watchdog())
     dropped = registry.get_sample_value(
         "conveyor_forge_status_reports_total", {"forge": "", "result": "dropped"}
     )

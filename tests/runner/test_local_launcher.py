@@ -102,9 +102,9 @@ async def test_builds_show_warns_when_the_runner_has_no_bubblewrap(
         done = await api.wait_status(build.id)
     finally:
         await runner.stop()
-    assert done.status == pb.BUILD_STATUS_SUCCEEDED, done.status_reason
-    assert list(done.warnings) == ["build ran WITHOUT a sandbox (bubblewrap missing)"]
     texts = [line.text for line in await api.logs(build.id)]
+    assert done.status == pb.BUILD_STATUS_SUCCEEDED, (done.status_reason, texts)
+    assert list(done.warnings) == ["build ran WITHOUT a sandbox (bubblewrap missing)"]
     assert FALLBACK_WARNING in texts
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "conveyor_cli.main", "builds", "show", build.id,
