@@ -83,8 +83,14 @@ class RunnerServicer(rs_grpc.RunnerServiceServicer):
         if hello.capacity < 0 or hello.capacity > 1000:
             raise InvalidArgument("capacity", "must be between 0 and 1000")
         runner_id = hello.runner_id if is_uuid(hello.runner_id) else str(uuid.uuid4())
+        session_id = str(uuid.uuid4())
         await self.runners.register(
-            runner_id, hello.name[:128], hello.capacity, list(hello.labels)[:64], hello.launcher
+            runner_id,
+            hello.name[:128],
+            hello.capacity,
+            list(hello.labels)[:64],
+            hello.launcher,
+            session_id,
         )
         await self.lifecycle.forget_missing(runner_id, set(hello.running_build_ids))
         log.info("runner %s (%s) connected, capacity %d", runner_id, hello.name, hello.capacity)
@@ -112,7 +118,11 @@ class RunnerServicer(rs_grpc.RunnerServiceServicer):
                 except TimeoutError:
                     pass
                 wake.clear()
-                assignments, cancels = await self.lifecycle.dispatch(runner_id)
+                work = await self.lifecycle.dispatch(runner_id, session_id)
+                if work is None:
+                    log.info("runner %s reconnected elsewhere; ending its older stream", runner_id)
+                    return
+                assignments, cancels = work
                 for data in assignments:
                     log.info(
                         "assigning build to runner %s", runner_id, extra={"build_id": data.build.id}
@@ -136,7 +146,7 @@ class RunnerServicer(rs_grpc.RunnerServiceServicer):
             self.metrics.runners_connected.dec()
             self.metrics.runner_capacity.dec(hello.capacity)
             self.metrics.runner_busy.dec(self._busy.pop(runner_id, 0))
-            await asyncio.shield(self.runners.disconnected(runner_id))
+            await asyncio.shield(self.runners.disconnected(runner_id, session_id))
             log.info("runner %s disconnected", runner_id)
 
     async def _read(self, runner_id: str, requests: AsyncIterator[rs.ConnectRequest]) -> None:

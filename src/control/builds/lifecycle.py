@@ -254,16 +254,21 @@ class Lifecycle:
         return runner_id
 
     async def dispatch(
-        self, runner_id: str
-    ) -> tuple[list[AssignmentData], list[tuple[str, str, int]]]:
-        """Take this runner's undelivered assignments and cancels.
+        self, runner_id: str, session_id: str
+    ) -> tuple[list[AssignmentData], list[tuple[str, str, int]]] | None:
+        """Take this runner's undelivered assignments and cancels for the
+        stream ``session_id``.
 
-        Returns (assignments, cancels as (build id, reason, grace seconds)).
-        Each build gets a fresh token here, sent only in its assignment.
+        Returns (assignments, cancels as (build id, reason, grace seconds)),
+        or None when a newer stream of the runner superseded this one (the
+        caller must end its stream). Each build gets a fresh token here, sent
+        only in its assignment.
         """
         assignments: list[AssignmentData] = []
         cancels: list[tuple[str, str, int]] = []
         async with self.db.transaction() as conn:
+            if await self.runners.current_session(conn, runner_id) != session_id:
+                return None
             cur = await conn.execute(
                 "SELECT id FROM builds WHERE runner_id = %s AND status = 'queued'"
                 " AND dispatched_at IS NULL ORDER BY created_at FOR UPDATE SKIP LOCKED",

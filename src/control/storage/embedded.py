@@ -143,15 +143,13 @@ class EmbeddedPostgres:
         return self._identity()
 
     def _tune(self) -> None:
-        # A CI system's database is written all the time by small transactions;
-        # these settings keep a laptop or CI machine responsive without giving
-        # up durability of committed data.
+        # Commits stay synchronous: an acknowledged log batch or state change
+        # must survive a crash of the server.
         with (self.data_dir / "postgresql.conf").open("a") as conf:
             conf.write(
                 "\n# conveyor up\n"
                 "max_connections = 200\n"
                 "shared_buffers = 128MB\n"
-                "synchronous_commit = off\n"
                 "wal_writer_delay = 20ms\n"
                 "unix_socket_permissions = 0700\n"
             )

@@ -16,18 +16,35 @@ class RunnerStore:
         self.db = db
 
     async def register(
-        self, runner_id: str, name: str, capacity: int, labels: list[str], launcher: str
+        self,
+        runner_id: str,
+        name: str,
+        capacity: int,
+        labels: list[str],
+        launcher: str,
+        session_id: str,
     ) -> None:
+        """Record the runner and its new stream (``session_id``), which
+        supersedes any older stream of the same runner."""
         async with self.db.connection() as conn:
             await conn.execute(
                 "INSERT INTO runners (id, name, capacity, labels, launcher, connected,"
-                " connected_at, last_seen_at) VALUES (%s, %s, %s, %s, %s, true, now(), now())"
+                " connected_at, last_seen_at, session_id)"
+                " VALUES (%s, %s, %s, %s, %s, true, now(), now(), %s)"
                 " ON CONFLICT (id) DO UPDATE SET name = excluded.name,"
                 " capacity = excluded.capacity, labels = excluded.labels,"
                 " launcher = excluded.launcher, connected = true, connected_at = now(),"
-                " last_seen_at = now()",
-                (runner_id, name, capacity, labels, launcher),
+                " last_seen_at = now(), session_id = excluded.session_id",
+                (runner_id, name, capacity, labels, launcher, session_id),
             )
+
+    async def current_session(self, conn: Conn, runner_id: str) -> str | None:
+        """The runner's current stream, locked against a concurrent reconnect."""
+        cur = await conn.execute(
+            "SELECT session_id FROM runners WHERE id = %s FOR SHARE", (runner_id,)
+        )
+        row = await cur.fetchone()
+        return str(row[0]) if row and row[0] else None
 
     async def heartbeat(self, runner_id: str) -> None:
         async with self.db.connection() as conn:
@@ -36,11 +53,14 @@ class RunnerStore:
                 (runner_id,),
             )
 
-    async def disconnected(self, runner_id: str) -> None:
+    async def disconnected(self, runner_id: str, session_id: str) -> None:
         """The stream closed. Builds stay with the runner until it comes back
-        or the reaper declares it lost."""
+        or the reaper declares it lost. A superseded stream changes nothing."""
         async with self.db.connection() as conn:
-            await conn.execute("UPDATE runners SET connected = false WHERE id = %s", (runner_id,))
+            await conn.execute(
+                "UPDATE runners SET connected = false WHERE id = %s AND session_id = %s",
+                (runner_id, session_id),
+            )
 
     async def pick_free(self, conn: Conn, alive_seconds: float) -> str | None:
         """Lock and return the least busy live runner with a free slot.
