@@ -23,6 +23,7 @@ import asyncio
 import json
 import shlex
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -48,7 +49,7 @@ from bench import (
 from bench.context import Context
 from bench.figures import Figure, PartResult
 from bench.processes import BenchError, Postgres
-from bench.report import machine, markdown, table
+from bench.report import code_under_test, exported, machine, markdown, table
 
 REPO = Path(__file__).resolve().parent.parent
 PARTS = ("push", "logs", "tail", "scheduler", "burst", "scale")
@@ -87,6 +88,11 @@ def _parser() -> argparse.ArgumentParser:
         help=f"comma-separated subset of {','.join(PARTS)} (default: all)",
     )
     p.add_argument("--peer", action="store_true", help="also run Buildbot (needs PyPI once)")
+    p.add_argument(
+        "--commit",
+        default=None,
+        help="measure this commit's src/ (exported with git archive) instead of the work tree",
+    )
     p.add_argument("--peer-harness", type=Path, default=buildbot_peer.DEFAULT_HARNESS)
     p.add_argument("--doc", type=Path, default=None, help="where to write the document")
     p.add_argument("--no-doc", action="store_true", help="write no document")
@@ -149,8 +155,21 @@ async def main(args: argparse.Namespace) -> int:
         print(f"error: unknown part(s) {', '.join(unknown)}; choose from {PARTS}", file=sys.stderr)
         return 2
     s = _sizes(args)
+    command = _command()
     work = _work_dir()
     load_at_start = os.getloadavg()
+    code = code_under_test(REPO)
+    if args.commit:
+        try:
+            src, sha = exported(REPO, args.commit, work / "code")
+        except (RuntimeError, OSError, subprocess.CalledProcessError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        # Every Conveyor process the parts start imports the exported code.
+        os.environ["PYTHONPATH"] = os.pathsep.join(
+            p for p in (str(src), os.environ.get("PYTHONPATH", "")) if p
+        )
+        code = f"{sha[:12]} (its src/ exported with git archive)"
     print(f"work directory: {work}; load average {load_at_start}", flush=True)
     postgres = Postgres(work / "postgres")
     results: list[PartResult] = []
@@ -193,7 +212,6 @@ async def main(args: argparse.Namespace) -> int:
     for failure in failures:
         print(f"FAILED {failure}")
     print(f"\n(all parts took {time.monotonic() - began:.0f} s)")
-    command = _command()
     doc = args.doc or (None if args.quick else REPO / "docs" / "benchmarks.md")
     if doc is not None and not args.no_doc:
         methods = [_method(MODULES[p]) for p in parts]
@@ -203,7 +221,7 @@ async def main(args: argparse.Namespace) -> int:
             figures,
             failures,
             command.strip(),
-            machine(REPO, pg_version, load_at_start),
+            machine(code, pg_version, load_at_start),
             methods,
             peer_note,
         )

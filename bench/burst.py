@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 
 from bench.client import Api, Forge, Watcher
 from bench.context import Context
@@ -69,6 +70,7 @@ async def run(ctx: Context, pushes: int = 50) -> PartResult:
         "succeeded": sum(1 for r in rows if r.status == "succeeded"),
         "lost": lost,
         "superseded": merged,
+        "statuses": dict(Counter(r.status for r in rows)),
         "all_answered_s": answered,
         "all_final_seen_s": all_seen,
         "all_finished_s": all_finished,
@@ -89,10 +91,11 @@ async def run(ctx: Context, pushes: int = 50) -> PartResult:
         ),
         Figure(
             PART,
-            "pushes lost or merged",
-            float(lost + merged),
-            "builds",
+            "pushes without their own succeeded build",
+            float(lost),
+            "pushes",
             at_most(0),
+            note=", ".join(f"{n} {s}" for s, n in sorted(Counter(r.status for r in rows).items())),
             peer_key="burst_lost",
         ),
     ]  # fmt: skip

@@ -169,6 +169,7 @@ class BuildTimes:
     running: float | None
     finished: float | None
     log_lines: int
+    reason: str
 
     def at(self, name: str) -> float:
         """The timestamp ``name``; raises ``RuntimeError`` when it is unset."""
@@ -185,14 +186,15 @@ def _ts(value: datetime | None) -> float | None:
 async def build_times(conn: psycopg.AsyncConnection[Any], build_ids: list[str]) -> list[BuildTimes]:
     cur = await conn.execute(
         "SELECT id::text, status, commit_sha, branch, created_at, received_at, assigned_at,"
-        " started_at, running_at, finished_at, log_lines FROM builds WHERE id = ANY(%s::uuid[])",
+        " started_at, running_at, finished_at, log_lines, status_reason FROM builds"
+        " WHERE id = ANY(%s::uuid[])",
         (build_ids,),
     )
     by_id: dict[str, BuildTimes] = {}
     for row in await cur.fetchall():
         by_id[row[0]] = BuildTimes(
             row[0], row[1], row[2], row[3], row[4].timestamp(), _ts(row[5]), _ts(row[6]),
-            _ts(row[7]), _ts(row[8]), _ts(row[9]), int(row[10]),
+            _ts(row[7]), _ts(row[8]), _ts(row[9]), int(row[10]), row[11],
         )  # fmt: skip
     return [by_id[b] for b in build_ids if b in by_id]
 

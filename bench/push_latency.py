@@ -33,6 +33,7 @@ async def run(ctx: Context, builds: int = 50, warmup: int = 5) -> PartResult:
     samples: dict[str, list[float]] = {
         k: [] for k in ("received", "webhook", "initializing", "running", "finished", "seen")
     }
+    failed: list[str] = []
     async with ConveyorUp(work, database_url, profile=ctx.profile("push")) as up:
         await up.start()
         api = Api(up.grpc_address, up.token)
@@ -47,9 +48,16 @@ async def run(ctx: Context, builds: int = 50, warmup: int = 5) -> PartResult:
                 t_reply = time.time()
                 await watcher.wait_final([build_id], 60)
                 (row,) = await watcher.times([build_id])
-                if row.status != "succeeded" or row.commit_sha != sha:
-                    raise BenchError(f"build {build_id} ended {row.status} at {row.commit_sha}")
+                if row.commit_sha != sha:
+                    raise BenchError(f"build {build_id} built {row.commit_sha}, not {sha}")
                 if i < warmup:
+                    continue
+                if row.status != "succeeded":
+                    # Counted and shown, not timed: a broken build says
+                    # nothing about the path from push to build.
+                    failed.append(f"{build_id} {row.status}: {row.reason[:200]}")
+                    if len(failed) > builds // 10:
+                        raise BenchError(f"{len(failed)} builds did not succeed: {failed}")
                     continue
                 samples["received"].append(row.at("received") - t0)
                 samples["webhook"].append(t_reply - t0)
@@ -63,7 +71,15 @@ async def run(ctx: Context, builds: int = 50, warmup: int = 5) -> PartResult:
                 await forge.close()
             await watcher.close()
             await api.close()
-    return PartResult("push", figures(samples), {k: summary(v) for k, v in samples.items()})
+    raw: dict[str, object] = {k: summary(v) for k, v in samples.items()}
+    raw["failed"] = failed
+    return PartResult("push", [*figures(samples), _failures(builds, failed)], raw)
+
+
+def _failures(builds: int, failed: list[str]) -> Figure:
+    note = f"first: {failed[0]}" if failed else ""
+    return Figure(PART, f"builds that did not succeed, of {builds}", float(len(failed)),
+                  "builds", at_most(0), note=note)  # fmt: skip
 
 
 def figures(samples: dict[str, list[float]]) -> list[Figure]:

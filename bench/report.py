@@ -47,7 +47,7 @@ class Machine:
         ]
 
 
-def machine(repo: Path, postgres_version: str, load_at_start: tuple[float, ...]) -> Machine:
+def machine(code: str, postgres_version: str, load_at_start: tuple[float, ...]) -> Machine:
     """Facts about this machine and the code under test; the load average is
     given at the start and the end of the run (other work on the machine
     slows every figure)."""
@@ -71,18 +71,38 @@ def machine(repo: Path, postgres_version: str, load_at_start: tuple[float, ...])
         python=platform.python_version(),
         postgres=postgres_version,
         date=datetime.now(UTC).strftime("%Y-%m-%d %H:%M"),
-        commit=_commit(repo),
+        commit=code,
         load=f"start {_load(load_at_start)}; end {_load(os.getloadavg())}",
     )
+
+
+def exported(repo: Path, ref: str, into: Path) -> tuple[Path, str]:
+    """Export ``ref``'s src/ into ``into`` (git archive; the repository is
+    not changed); return (the src directory, the full commit id). Raises
+    ``RuntimeError`` for a ref git does not know."""
+    sha = subprocess.run(
+        ["git", "-C", str(repo), "rev-parse", "--verify", f"{ref}^{{commit}}"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    if sha.returncode != 0:
+        raise RuntimeError(f"git does not know the commit {ref!r}: {sha.stderr.strip()}")
+    into.mkdir(parents=True)
+    archive = subprocess.run(
+        ["git", "-C", str(repo), "archive", sha.stdout.strip(), "src"],
+        capture_output=True, check=True,
+    )  # fmt: skip
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive.stdout, check=True)
+    return into / "src", sha.stdout.strip()
 
 
 def _load(values: tuple[float, ...]) -> str:
     return ", ".join(f"{x:.2f}" for x in values)
 
 
-def _commit(repo: Path) -> str:
+def code_under_test(repo: Path) -> str:
     """HEAD, and whether the code measured differs from it: uncommitted
-    changes in src/, or code imported from elsewhere (PYTHONPATH)."""
+    changes in src/, or code imported from elsewhere (PYTHONPATH). Call it
+    at the start of a run: commits may land while it runs."""
     import control
 
     imported = Path(control.__file__).resolve().parent.parent

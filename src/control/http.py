@@ -26,8 +26,8 @@ DB_PROBE_SECONDS = 2.0
 
 
 class HttpApp:
-    """Builds the aiohttp application: webhooks (``WebhookReceiver``),
-    /metrics, /healthz and /readyz."""
+    """Builds the aiohttp application: webhooks (``WebhookReceiver``), deploy
+    hooks (``DeployHookReceiver``), /metrics, /healthz and /readyz."""
 
     def __init__(
         self,

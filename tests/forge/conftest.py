@@ -26,7 +26,14 @@ async def control(database_url: str) -> AsyncIterator[ControlHandle]:
     try:
         yield handle
     finally:
-        await handle.stop()
+        import asyncio, sys
+        stopper = asyncio.ensure_future(handle.stop())
+        done, _ = await asyncio.wait([stopper], timeout=15)
+        if not done:
+            for t in asyncio.all_tasks():
+                print("TASK", t, file=sys.stderr)
+                t.print_stack(file=sys.stderr)
+            raise AssertionError("stop hung")
 
 
 @pytest_asyncio.fixture

@@ -92,3 +92,35 @@ async def test_readme_forge_walkthrough(
     assert shown["warnings"] == []
     code, out, err = await cli(control, "builds", "list", "--all", "--json")
     assert [b["status"] for b in json.loads(out)] == ["succeeded", "skipped"]
+
+
+async def test_cli_updates_branch_rules_and_forge_settings(control: ControlHandle) -> None:
+    code, _, err = await cli(
+        control, "projects", "create", "web", "--repo", "https://example.com/acme/web.git",
+        "--build-command", "make", "--branch-include", "feature/**", "--json",
+    )  # fmt: skip
+    assert code == 0, err
+    code, out, err = await cli(
+        control, "projects", "update", "web", "--branch-include", "",
+        "--branch-exclude", "wip/*", "--branch-exclude", "tmp/*", "--other-branches", "off",
+        "--forge", "gitlab", "--forge-repo", "group/web", "--json",
+    )  # fmt: skip
+    assert code == 0, err
+    updated = json.loads(out)
+    assert updated["branch_include"] == []
+    assert updated["branch_exclude"] == ["wip/*", "tmp/*"]
+    assert updated["build_other_branches"] is False
+    assert (updated["forge"], updated["forge_repo"]) == ("gitlab", "group/web")
+    code, out, err = await cli(control, "projects", "update", "web", "--watch-include", "/abs")
+    assert code == 1
+    assert "INVALID_ARGUMENT: watch_include: '/abs': patterns are relative" in err
+    code, out, err = await cli(control, "hooks", "create", "web", "--name", "cms", "--json")
+    assert code == 0, err
+    hook = json.loads(out)
+    assert hook["url"] == f"{control.http_url}/hooks/deploy/{hook['key']}"
+    assert hook["branch"] == "main"
+    code, out, err = await cli(control, "hooks", "revoke", "web", hook["id"])
+    assert (code, out.strip()) == (0, "deploy hook cms revoked")
+    code, out, err = await cli(control, "hooks", "list", "web")
+    assert code == 0, err
+    assert "revoked" in out

@@ -9,9 +9,10 @@ import asyncio
 import os
 import shutil
 import sys
+import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,7 @@ from conveyor.v1 import types_pb2 as pb
 from runner.launchers.base import JobResult, JobSpec, Limits, OutputLine
 from runner.launchers.local import FALLBACK_WARNING, LocalLauncher
 from runner.launchers.local_job import LocalJob
-from tests.helpers import Api, ControlHandle, RunnerProcess
+from tests.helpers import Api, ControlHandle, RunnerProcess, make_repo
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -51,9 +52,22 @@ async def until_ready(job: LocalJob) -> None:
     raise AssertionError("the job ended before it was ready")
 
 
+@pytest.fixture
+def build_dir() -> Iterator[Path]:
+    """A scratch directory that build users can reach, outside pytest's
+    basetemp: pytest resets /tmp/pytest-of-<user> to mode 0700 whenever a
+    session starts, which would cut build users off their workspaces if
+    another session on this host starts while this one runs."""
+    path = Path(tempfile.mkdtemp(prefix="conveyor-test-"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 @pytest_asyncio.fixture
-async def launcher(tmp_path: Path) -> AsyncIterator[LocalLauncher]:
-    local = LocalLauncher(tmp_path / "workspaces")
+async def launcher(build_dir: Path) -> AsyncIterator[LocalLauncher]:
+    local = LocalLauncher(build_dir / "workspaces")
     try:
         yield local
     finally:
@@ -63,8 +77,8 @@ async def launcher(tmp_path: Path) -> AsyncIterator[LocalLauncher]:
 # ---------------------------------------------------------- without bubblewrap
 
 
-async def test_without_bubblewrap_every_log_starts_with_a_warning(tmp_path: Path) -> None:
-    launcher = LocalLauncher(tmp_path / "workspaces", sandbox=False)
+async def test_without_bubblewrap_every_log_starts_with_a_warning(build_dir: Path) -> None:
+    launcher = LocalLauncher(build_dir / "workspaces", sandbox=False)
     assert not launcher.sandboxed
     lines, result = await run(launcher, job_spec("echo built"))
     assert lines[0] == OutputLine("system", FALLBACK_WARNING.encode())
@@ -88,12 +102,12 @@ def _path_without_bwrap(bin_dir: Path) -> str:
 async def test_builds_show_warns_when_the_runner_has_no_bubblewrap(
     control: ControlHandle,
     api: Api,
-    repo: Path,
-    tmp_path: Path,
+    build_dir: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setenv("PATH", await asyncio.to_thread(_path_without_bwrap, tmp_path / "bin"))
-    runner = RunnerProcess(control.plane.grpc_address, control.runner_token, tmp_path / "runner")
+    repo = await asyncio.to_thread(make_repo, build_dir / "repo")
+    monkeypatch.setenv("PATH", await asyncio.to_thread(_path_without_bwrap, build_dir / "bin"))
+    runner = RunnerProcess(control.plane.grpc_address, control.runner_token, build_dir / "runner")
     await runner.start()
     try:
         await control.wait_runners(1)
@@ -203,12 +217,15 @@ async def test_a_job_leaves_nothing_behind_on_the_host(launcher: LocalLauncher) 
     assert _mounts_under(root) == []
     assert (job.workspace.view / "data").stat().st_size == 1 << 20
     cgroup_dirs = job.cgroup.unique_dirs if job.cgroup else []
-    assert all(path.is_dir() for path in cgroup_dirs)
+    inodes = [path.stat().st_ino for path in cgroup_dirs]
     await job.stop(grace_seconds=0.2)
     async for _line in job.output():
         pass
     await job.wait()
-    assert not any(path.exists() for path in cgroup_dirs)
+    for path, inode in zip(cgroup_dirs, inodes, strict=True):
+        # Gone, or made anew for the next build of the slot (which may be
+        # another test session's on this host).
+        assert not path.exists() or path.stat().st_ino != inode
     assert list(root.iterdir()) == []  # no workspace, no image
     deadline = time.monotonic() + 5
     while any(str(root) in backing for backing in _loop_backing_files()):
@@ -244,17 +261,21 @@ async def test_a_launch_cancelled_half_way_leaves_nothing_behind(
 async def test_a_stale_image_of_a_dead_runner_is_swept(tmp_path: Path) -> None:
     root = tmp_path / "workspaces"
     root.mkdir()
-    stale = root / ".0123456789abcdef.img"
-    stale.write_bytes(b"\0" * 4096)
+    stale, fresh = root / ".0123456789abcdef.img", root / ".fedcba9876543210.img"
+    for image in (stale, fresh):
+        image.write_bytes(b"\0" * 4096)
+    an_hour_ago = time.time() - 3600
+    os.utime(stale, (an_hour_ago, an_hour_ago))
     LocalLauncher(root)
     assert not stale.exists()
+    assert fresh.exists()  # another launcher's build may be about to mount it
 
 
 @needs_root
 async def test_a_background_process_of_an_unsandboxed_build_dies_with_it(
-    tmp_path: Path,
+    build_dir: Path,
 ) -> None:
-    launcher = LocalLauncher(tmp_path / "workspaces", sandbox=False)
+    launcher = LocalLauncher(build_dir / "workspaces", sandbox=False)
     lines, result = await run(
         launcher, job_spec("setsid sleep 300 > /dev/null 2>&1 < /dev/null & echo $!")
     )
@@ -264,6 +285,18 @@ async def test_a_background_process_of_an_unsandboxed_build_dies_with_it(
     while _alive(pid):
         assert time.monotonic() < deadline, f"process {pid} outlived its build"
         await asyncio.sleep(0.02)
+
+
+async def test_an_unsandboxed_build_ends_with_its_script_despite_a_background_process(
+    build_dir: Path,
+) -> None:
+    launcher = LocalLauncher(build_dir / "workspaces", sandbox=False)
+    started = time.monotonic()
+    # The background process holds the build's stdout open.
+    lines, result = await asyncio.wait_for(run(launcher, job_spec("sleep 300 & echo started")), 20)
+    assert result == JobResult(exit_code=0)
+    assert of(lines, "stdout") == ["started"]
+    assert time.monotonic() - started < 10
 
 
 def _alive(pid: int) -> bool:

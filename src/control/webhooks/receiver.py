@@ -314,9 +314,9 @@ class WebhookReceiver:
 
     async def _connect(self, conn: Conn, project: Project, repo: ForgeRepo | None) -> None:
         """Fill the project's empty forge settings from the signed payload."""
-        if repo is None or not repo.repo:
+        if repo is None or not repo.repo or project.forge not in ("", repo.forge):
             return
-        if project.forge == repo.forge and project.forge_repo and project.forge_api_url:
+        if project.forge and project.forge_repo and (project.forge_api_url or not repo.api_url):
             return
         try:
             validate_forge(repo.forge, repo.api_url, repo.repo)

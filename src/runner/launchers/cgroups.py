@@ -8,8 +8,11 @@ makes "kill the whole build" reliable.
 
 Used when the runner is root and the ``memory``, ``pids`` and ``cpuacct``
 controllers are mounted as cgroup v1 hierarchies. A build's cgroup is
-``<hierarchy>/<the runner's own cgroup>/conveyor-builds/<build id>``, so
-the runner's own limits still cover its builds. cgroup v2 (the unified
+``<hierarchy>/<the runner's own cgroup>/conveyor-builds/slot-<n>``, named
+after its build user's slot (``build_users``): the slot is the build's
+alone on this host while it runs, so no other runner (or launcher) ever
+touches that cgroup, and a cgroup a dead runner left behind is reused by the
+next build of the slot. The runner's own limits still cover its builds. cgroup v2 (the unified
 hierarchy) is not supported yet: there the launcher falls back to rlimits.
 
 The job joins its cgroups itself, before it forks and before it drops root
@@ -76,13 +79,15 @@ class CgroupRoot:
             parents[name] = parent
         return cls(parents)
 
-    def create(self, build_id: str, limits: Limits) -> BuildCgroup:
-        """Make the cgroups of one build with ``limits`` applied. Raises
-        ``OSError`` when the kernel refuses, having removed what it made."""
-        group = BuildCgroup({name: parent / build_id for name, parent in self.parents.items()})
+    def create(self, slot: int, limits: Limits) -> BuildCgroup:
+        """Make the cgroups of the build in ``slot`` with ``limits``
+        applied. The caller must hold the slot. Raises ``OSError`` when the
+        kernel refuses, having removed what it made."""
+        name = f"slot-{slot}"
+        group = BuildCgroup({key: parent / name for key, parent in self.parents.items()})
         try:
             for path in group.unique_dirs:
-                if path.exists():  # a retry of a build whose clean-up failed
+                if path.exists():  # left by a runner that died
                     group.kill_all()
                     group.remove()
                 path.mkdir()
@@ -99,15 +104,6 @@ class CgroupRoot:
             group.remove(timeout=0.5)
             raise
         return group
-
-    def sweep(self) -> None:
-        """Remove build cgroups left empty by a runner that died."""
-        for parent in self.parents.values():
-            with contextlib.suppress(OSError):
-                for child in parent.iterdir():
-                    if child.is_dir():
-                        with contextlib.suppress(OSError):
-                            child.rmdir()  # refused while it has processes
 
 
 @dataclass(frozen=True)
@@ -163,7 +159,8 @@ class BuildCgroup:
     def remove(self, timeout: float = 5.0) -> bool:
         """Remove the cgroups once their last process is gone (killed ones
         take a moment to be reaped). Returns False, and leaves them for
-        ``CgroupRoot.sweep``, if that takes longer than ``timeout`` seconds."""
+        the next build of the slot, if that takes longer than ``timeout``
+        seconds."""
         deadline = time.monotonic() + timeout
         for path in self.unique_dirs:
             while True:

@@ -215,8 +215,6 @@ class LocalLauncher:
         self.bash = shutil.which("bash") or "/bin/bash"
         self.unshare = shutil.which("unshare") or "unshare"
         sweep(work_root)
-        if self.cgroup_root is not None:
-            self.cgroup_root.sweep()
         log.info(
             "local launcher: sandbox %s, build users %s, cgroups %s, workspace limit %s",
             "bubblewrap" if self.bwrap else "NONE",
@@ -279,8 +277,8 @@ class LocalLauncher:
             if user is not None:
                 _ensure_traversable(self.work_root)
             grant.workspace.create(spec.script)
-            if self.cgroup_root is not None:
-                cgroup = self.cgroup_root.create(spec.build_id, spec.limits)
+            if self.cgroup_root is not None and user is not None:
+                cgroup = self.cgroup_root.create(user.slot, spec.limits)
                 grant = Grant(grant.workspace, cgroup, user, self.users)
         except BaseException as exc:
             grant.release(keep_workspace=False)

@@ -91,6 +91,13 @@ class LocalJob:
             asyncio.create_task(self._pump(proc.stderr, "stderr")),
         ]
         self._watchdog = asyncio.create_task(self._watch_limits())
+        # Opened now, while the job still runs (it waits for its
+        # environment): readable once the script has ended.
+        try:
+            self._pidfd: int | None = os.pidfd_open(proc.pid)
+        except ProcessLookupError:
+            self._pidfd = None  # gone already
+        self._reaper = asyncio.create_task(self._reap())
         self._killed = False
         self._limit_error: str | None = None
         self._workspace_full = False
@@ -167,10 +174,7 @@ class LocalJob:
             with contextlib.suppress(asyncio.CancelledError):
                 self._stopping.cancel()
                 await self._stopping
-        if not self.sandboxed and self.grant.user is None and self.grant.cgroup is None:
-            # What an unsandboxed build left running in the background (in
-            # the sandbox, its pid namespace took care of that).
-            self._kill_group()
+        await self._reaper
         hits, notes, limit_error = await asyncio.to_thread(self._findings)
         for note in notes:
             log.warning("build hit a limit: %s", note, extra=self.extra)
@@ -185,6 +189,28 @@ class LocalJob:
         if code != 0 and limit_error and not self._killed:
             return JobResult(exit_code=code, error=limit_error), notes
         return JobResult(exit_code=code, killed=self._killed), notes
+
+    async def _reap(self) -> None:
+        """Once the build script ended, end whatever it left running: in the
+        sandbox its pid namespace takes care of that, but without one a
+        background process would live on, and keep the output open (which
+        ``proc.wait()`` waits for, hence the pidfd)."""
+        if self._pidfd is not None:
+            ended = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            loop.add_reader(self._pidfd, ended.set)
+            try:
+                await ended.wait()
+            finally:
+                loop.remove_reader(self._pidfd)
+                os.close(self._pidfd)
+        grant = self.grant
+        if grant.cgroup is not None:
+            await asyncio.to_thread(grant.cgroup.kill_all)
+        if grant.user is not None:
+            await asyncio.to_thread(kill_processes_of, grant.user.uid)
+        elif not self.sandboxed:
+            self._kill_group()
 
     def _findings(self) -> tuple[set[str], list[str], str | None]:
         """Blocking. Which limits the job hit (memory, processes, cpu,

@@ -30,6 +30,7 @@ import logging
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -181,13 +182,17 @@ class Workspace:
             _remove_tree(self.path)
 
 
-def sweep(work_root: Path) -> None:
+def sweep(work_root: Path, older_than: float = 600.0) -> None:
     """Delete filesystem images a runner that died left behind between
-    making them and its job mounting them. One runner per work root."""
+    making them and its job mounting them (a matter of milliseconds, so an
+    image ``older_than`` seconds is stale)."""
+    stale_before = time.time() - older_than
     with contextlib.suppress(OSError):
         for image in work_root.glob(".*.img"):
-            log.info("removing workspace image %s left by an earlier runner", image)
-            image.unlink()
+            with contextlib.suppress(OSError):
+                if image.stat().st_mtime < stale_before:
+                    log.info("removing workspace image %s left by an earlier runner", image)
+                    image.unlink()
 
 
 def _remove_tree(path: Path) -> None:
