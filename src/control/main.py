@@ -151,13 +151,13 @@ class ControlPlane:
         bm_stub = build_manager_pb2_grpc.BuildManagerStub(self._self_channel)
         metadata = (("authorization", f"Bearer {self.internal_token}"),)
 
-        async def start_build(build_id: str) -> bool:
+        async def start_build(build_ids: list[str]) -> set[str]:
             reply = await bm_stub.StartBuild(
-                build_manager_pb2.StartBuildRequest(build_id=build_id),
+                build_manager_pb2.StartBuildRequest(build_ids=build_ids),
                 metadata=metadata,
                 timeout=10,
             )
-            return bool(reply.started)
+            return set(reply.runners)
 
         self.scheduler = Scheduler(
             self.db,

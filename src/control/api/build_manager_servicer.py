@@ -12,10 +12,12 @@ from control.domain.build import BuildStatus
 from control.errors import InvalidArgument
 from control.logs.fanout import MESSAGE_LINES, LogHub
 from control.metrics import ControlMetrics
-from control.storage.builds import BuildStore
+from control.storage.builds import BuildStore, is_uuid
 from control.storage.logs import LogStore
 from conveyor.v1 import build_manager_pb2 as bm
 from conveyor.v1 import build_manager_pb2_grpc as bm_grpc
+
+MAX_START_BATCH = 1000
 
 
 class BuildManagerServicer(bm_grpc.BuildManagerServicer):
@@ -36,6 +38,15 @@ class BuildManagerServicer(bm_grpc.BuildManagerServicer):
     async def StartBuild(
         self, request: bm.StartBuildRequest, context: Ctx
     ) -> bm.StartBuildResponse:
+        if request.build_ids:
+            if request.build_id:
+                raise InvalidArgument("build_ids", "give build_id or build_ids, not both")
+            if len(request.build_ids) > MAX_START_BATCH:
+                raise InvalidArgument("build_ids", f"at most {MAX_START_BATCH} per call")
+            if not all(is_uuid(b) for b in request.build_ids):
+                raise InvalidArgument("build_ids", "must all be build ids")
+            runners = await self.lifecycle.start_many(list(request.build_ids))
+            return bm.StartBuildResponse(started=bool(runners), runners=runners)
         if not request.build_id:
             raise InvalidArgument("build_id", "is required")
         runner_id = await self.lifecycle.start(request.build_id)

@@ -253,6 +253,51 @@ class Lifecycle:
         self.notifier.publish_local("conveyor_runner", runner_id)
         return runner_id
 
+    async def start_many(self, build_ids: list[str]) -> dict[str, str]:
+        """Hand queued builds to live runners with free slots, least busy
+        first, in one transaction; return {build id: runner id} for those
+        started. Builds no longer queued, already handed out, or locked by a
+        concurrent start are left out; so are builds past the free slots."""
+        started: dict[str, str] = {}
+        async with self.db.transaction() as conn:
+            cur = await conn.execute(
+                "SELECT id FROM builds WHERE id = ANY(%s::uuid[]) AND status = 'queued'"
+                " AND runner_id IS NULL ORDER BY created_at FOR UPDATE SKIP LOCKED",
+                (build_ids,),
+            )
+            queued = [str(r[0]) for r in await cur.fetchall()]
+            if not queued:
+                return started
+            free = await self.runners.lock_free(conn, self.settings.runner_lost_after)
+            for build_id in queued:
+                if not free:
+                    break
+                runner_id = max(free, key=lambda r: free[r])
+                started[build_id] = runner_id
+                free[runner_id] -= 1
+                if free[runner_id] == 0:
+                    del free[runner_id]
+            if not started:
+                return started
+            ids, runners = list(started), list(started.values())
+            await conn.execute(
+                "UPDATE builds b SET runner_id = x.runner_id, assigned_at = now()"
+                " FROM unnest(%s::uuid[], %s::uuid[]) AS x(id, runner_id) WHERE b.id = x.id",
+                (ids, runners),
+            )
+            deadline = now() + timedelta(seconds=self.settings.startup_deadline)
+            await conn.execute(
+                "INSERT INTO alarms (build_id, kind, fire_at)"
+                " SELECT id, 'startup', %s FROM unnest(%s::uuid[]) AS id"
+                " ON CONFLICT (build_id, kind) DO UPDATE SET fire_at = excluded.fire_at",
+                (deadline, ids),
+            )
+            for runner_id in set(runners):
+                await conn.execute("SELECT pg_notify('conveyor_runner', %s)", (runner_id,))
+        for runner_id in set(started.values()):
+            self.notifier.publish_local("conveyor_runner", runner_id)
+        return started
+
     async def dispatch(
         self, runner_id: str, session_id: str
     ) -> tuple[list[AssignmentData], list[tuple[str, str, int]]] | None:

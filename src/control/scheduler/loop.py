@@ -22,7 +22,10 @@ from control.storage.runners import RunnerStore
 log = logging.getLogger(__name__)
 
 _LEADER_KEY = 0x5C4ED  # advisory lock key of the scheduling pass
-StartFn = Callable[[str], Awaitable[bool]]
+# BuildManager.StartBuild for a batch: returns the ids it started.
+StartFn = Callable[[list[str]], Awaitable[set[str]]]
+# Builds per StartBuild call (the RPC's own bound is 1,000).
+START_BATCH = 500
 
 # A build holds a slot from the moment a runner is picked for it until it is
 # final; initializing and running builds always have a runner, so this
@@ -49,7 +52,7 @@ _QUEUES_SQL = (
 
 
 class Scheduler:
-    """``start_build(build_id) -> started`` is the BuildManager's StartBuild,
+    """``start_build(build_ids) -> started ids`` is the BuildManager's StartBuild,
     called through its gRPC stub in production. ``global_capacity`` bounds
     the builds holding a slot over all accounts (0: only the runners' slots
     bound them); each account is bounded by ``accounts.concurrency_limit``."""
@@ -65,7 +68,6 @@ class Scheduler:
         tick: float = 1.0,
         runner_alive: float = 30.0,
         global_capacity: int = 0,
-        concurrency: int = 16,
     ) -> None:
         self.db = db
         self.runners = runners
@@ -76,7 +78,6 @@ class Scheduler:
         self.global_capacity = global_capacity
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._sem = asyncio.Semaphore(concurrency)
         notifier.subscribe("conveyor_queue", lambda _payload: self._wake.set())
 
     def wake(self) -> None:
@@ -135,8 +136,9 @@ class Scheduler:
                 return 0
             # Started while the lock is held: another replica's pass must not
             # pick the same builds before these are assigned.
-            results = await asyncio.gather(*(self._start(b) for b in chosen))
-        started = sum(results)
+            started = 0
+            for first in range(0, len(chosen), START_BATCH):
+                started += await self._start(chosen[first : first + START_BATCH])
         log.debug("scheduler started %d of %d chosen builds", started, len(chosen))
         return started
 
@@ -161,14 +163,20 @@ class Scheduler:
         ]
         return queues, max(free, 0)
 
-    async def _start(self, build_id: str) -> bool:
-        async with self._sem:
-            try:
-                ok = await self.start_build(build_id)
-            except Exception as exc:
-                log.warning("StartBuild failed: %s", exc, extra={"build_id": build_id})
-                self.metrics.scheduler_decisions.labels("error").inc()
-                return False
-        self.metrics.scheduler_decisions.labels("started" if ok else "no_runner").inc()
-        log.debug("build %s", "started" if ok else "found no runner", extra={"build_id": build_id})
-        return ok
+    async def _start(self, build_ids: list[str]) -> int:
+        """Start a batch through StartBuild; return how many started."""
+        try:
+            started = await self.start_build(build_ids)
+        except Exception as exc:
+            log.warning("StartBuild of %d builds failed: %s", len(build_ids), exc)
+            self.metrics.scheduler_decisions.labels("error").inc(len(build_ids))
+            return 0
+        self.metrics.scheduler_decisions.labels("started").inc(len(started))
+        if len(started) < len(build_ids):
+            self.metrics.scheduler_decisions.labels("no_runner").inc(len(build_ids) - len(started))
+        for build_id in build_ids:
+            log.debug(
+                "build %s", "started" if build_id in started else "found no runner",
+                extra={"build_id": build_id},
+            )  # fmt: skip
+        return len(started)

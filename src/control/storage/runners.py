@@ -102,6 +102,25 @@ class RunnerStore:
             tried.append(runner_id)
         return None
 
+    async def lock_free(self, conn: Conn, alive_seconds: float) -> dict[str, int]:
+        """Lock every live runner with a free slot (in id order, so two
+        callers never deadlock) and return its free slots, counted after the
+        locks were granted. The caller assigns in the same transaction."""
+        cur = await conn.execute(
+            "SELECT r.id FROM runners r WHERE r.connected"
+            " AND r.last_seen_at > now() - make_interval(secs => %s)"
+            " ORDER BY r.id FOR UPDATE OF r",
+            (alive_seconds,),
+        )
+        ids = [row[0] for row in await cur.fetchall()]
+        if not ids:
+            return {}
+        # A new statement: it sees assignments committed while we waited.
+        cur = await conn.execute(
+            f"SELECT r.id, r.capacity - {_BUSY} FROM runners r WHERE r.id = ANY(%s)", (ids,)
+        )
+        return {str(r[0]): int(r[1]) for r in await cur.fetchall() if r[1] > 0}
+
     async def free_slots(self, conn: Conn, alive_seconds: float) -> tuple[int, int]:
         """Return (capacity, busy) summed over live runners."""
         cur = await conn.execute(

@@ -59,7 +59,8 @@ class BuildManagerServicer:
     """
 
     def StartBuild(self, request, context):
-        """StartBuild hands a queued build to a runner with a free slot.
+        """StartBuild hands queued builds to runners with free slots, in one
+        transaction: build_id alone, or build_ids for a scheduler pass.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

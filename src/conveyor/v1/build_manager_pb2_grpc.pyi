@@ -36,7 +36,9 @@ class BuildManagerStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> BuildManagerAsyncStub: ...
     StartBuild: _grpc.UnaryUnaryMultiCallable[_build_manager_pb2.StartBuildRequest, _build_manager_pb2.StartBuildResponse]
-    """StartBuild hands a queued build to a runner with a free slot."""
+    """StartBuild hands queued builds to runners with free slots, in one
+    transaction: build_id alone, or build_ids for a scheduler pass.
+    """
     CancelBuild: _grpc.UnaryUnaryMultiCallable[_build_manager_pb2.CancelBuildRequest, _build_manager_pb2.CancelBuildResponse]
     StreamLogs: _grpc.UnaryStreamMultiCallable[_build_manager_pb2.StreamLogsRequest, _build_manager_pb2.StreamLogsResponse]
     """StreamLogs returns the stored lines after the cursor, then, with follow,
@@ -51,7 +53,9 @@ class BuildManagerAsyncStub(BuildManagerStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     StartBuild: _aio.UnaryUnaryMultiCallable[_build_manager_pb2.StartBuildRequest, _build_manager_pb2.StartBuildResponse]  # type: ignore[assignment]
-    """StartBuild hands a queued build to a runner with a free slot."""
+    """StartBuild hands queued builds to runners with free slots, in one
+    transaction: build_id alone, or build_ids for a scheduler pass.
+    """
     CancelBuild: _aio.UnaryUnaryMultiCallable[_build_manager_pb2.CancelBuildRequest, _build_manager_pb2.CancelBuildResponse]  # type: ignore[assignment]
     StreamLogs: _aio.UnaryStreamMultiCallable[_build_manager_pb2.StreamLogsRequest, _build_manager_pb2.StreamLogsResponse]  # type: ignore[assignment]
     """StreamLogs returns the stored lines after the cursor, then, with follow,
@@ -69,7 +73,9 @@ class BuildManagerServicer(metaclass=_abc_1.ABCMeta):
         request: _build_manager_pb2.StartBuildRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_build_manager_pb2.StartBuildResponse, _abc.Awaitable[_build_manager_pb2.StartBuildResponse]]:
-        """StartBuild hands a queued build to a runner with a free slot."""
+        """StartBuild hands queued builds to runners with free slots, in one
+        transaction: build_id alone, or build_ids for a scheduler pass.
+        """
 
     @_abc_1.abstractmethod
     def CancelBuild(
