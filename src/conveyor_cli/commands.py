@@ -18,6 +18,7 @@ from conveyor_cli import render
 from conveyor_cli.target import Target
 
 TIMEOUT = 30.0
+PACKED_STREAMS = {"o": "stdout", "e": "stderr", "s": "system"}
 
 
 def _print_json(data: Any) -> None:
@@ -244,29 +245,32 @@ def logs(client: Client, args: argparse.Namespace) -> int:
     """Print the log; with --follow, until the build ends. Exit 0 only when
     a followed build succeeded."""
     stream = client.builds.StreamLogs(
-        bm.StreamLogsRequest(build_id=args.build_id, follow=args.follow, cursor=args.cursor),
+        bm.StreamLogsRequest(
+            build_id=args.build_id, follow=args.follow, cursor=args.cursor, packed=True
+        ),
         metadata=client.target.metadata,
     )
     final = pb.BUILD_STATUS_UNSPECIFIED
     out = sys.stdout
     for message in stream:
-        for line in message.lines:
+        if message.packed:
+            records = message.packed.decode().split("\n")
             if args.json:
-                out.write(
-                    json.dumps(
-                        {
-                            "number": line.number,
-                            "time": render.rfc3339(line.time),
-                            "stream": pb.LogStream.Name(line.stream)
-                            .removeprefix("LOG_STREAM_")
-                            .lower(),
-                            "text": line.text,
-                        }
+                for offset, record in enumerate(records):
+                    ts, code, text = record.split("\t", 2)
+                    out.write(
+                        json.dumps(
+                            {
+                                "number": message.first_line + offset,
+                                "time": render.rfc3339_ms(int(ts)),
+                                "stream": PACKED_STREAMS[code],
+                                "text": text,
+                            }
+                        )
+                        + "\n"
                     )
-                    + "\n"
-                )
             else:
-                out.write(line.text + "\n")
+                out.write("\n".join(r.split("\t", 2)[2] for r in records) + "\n")
         out.flush()
         if message.status:
             final = message.status

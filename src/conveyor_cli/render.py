@@ -18,6 +18,11 @@ def rfc3339(ts: Timestamp) -> str | None:
     return value.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+def rfc3339_ms(unix_ms: int) -> str:
+    value = datetime.fromtimestamp(unix_ms / 1000, UTC)
+    return value.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
 def _enum_name(enum: Any, value: int, prefix: str) -> str:
     return str(enum.Name(value)).removeprefix(prefix).lower()
 

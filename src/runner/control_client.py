@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -87,11 +87,11 @@ class ControlClient:
         )
 
     async def append(
-        self, token: str, build_id: str, seq: int, lines: Sequence[rs.BatchLine], final: bool
+        self, token: str, build_id: str, seq: int, packed: bytes, final: bool
     ) -> rs.AppendLogsResponse:
         """Send one log batch; raises ``AioRpcError`` as ``report`` does."""
         return await self.stub.AppendLogs(
-            rs.AppendLogsRequest(build_id=build_id, seq=seq, lines=lines, final=final),
+            rs.AppendLogsRequest(build_id=build_id, seq=seq, packed=packed, final=final),
             metadata=(("authorization", f"Bearer {token}"),),
             timeout=RPC_TIMEOUT,
             wait_for_ready=True,

@@ -13,11 +13,13 @@ from control.errors import InvalidArgument
 from control.logs.fanout import MESSAGE_LINES, LogHub
 from control.metrics import ControlMetrics
 from control.storage.builds import BuildStore, is_uuid
-from control.storage.logs import LogStore
+from control.storage.logs import LogStore, encode_chunk
 from conveyor.v1 import build_manager_pb2 as bm
 from conveyor.v1 import build_manager_pb2_grpc as bm_grpc
 
 MAX_START_BATCH = 1000
+# Lines per page of a packed history read (one message per stored chunk).
+PACKED_PAGE_LINES = 50_000
 
 
 class BuildManagerServicer(bm_grpc.BuildManagerServicer):
@@ -71,6 +73,16 @@ class BuildManagerServicer(bm_grpc.BuildManagerServicer):
         after = cursor.decode(request.cursor)
         self.metrics.log_streams.inc()
         try:
+            if not request.follow and request.packed:
+                while True:
+                    chunks = await self.logs.read_packed(build.id, after, PACKED_PAGE_LINES)
+                    if not chunks:
+                        return
+                    for first_line, data in chunks:
+                        after = first_line + data.count("\n")
+                        yield bm.StreamLogsResponse(
+                            packed=data.encode(), first_line=first_line, cursor=cursor.encode(after)
+                        )
             if not request.follow:
                 while True:
                     lines = await self.logs.read(build.id, after, MESSAGE_LINES)
@@ -81,7 +93,14 @@ class BuildManagerServicer(bm_grpc.BuildManagerServicer):
                         lines=[convert.line_to_pb(x) for x in lines], cursor=cursor.encode(after)
                     )
             async for lines, final in self.hub.follow(build.id, after, self._status):
-                if lines:
+                if lines and request.packed:
+                    yield bm.StreamLogsResponse(
+                        packed=encode_chunk(lines).encode(),
+                        first_line=lines[0].number,
+                        cursor=cursor.encode(lines[-1].number),
+                    )
+                    after = lines[-1].number
+                elif lines:
                     after = lines[-1].number
                     yield bm.StreamLogsResponse(
                         lines=[convert.line_to_pb(x) for x in lines], cursor=cursor.encode(after)

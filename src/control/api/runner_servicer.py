@@ -14,7 +14,7 @@ from control.errors import InvalidArgument
 from control.logs.fanout import LogHub
 from control.metrics import ControlMetrics
 from control.storage.builds import is_uuid
-from control.storage.logs import STREAM_CODES, LogStore
+from control.storage.logs import STREAM_CODES, LogStore, check_packed
 from control.storage.notify import Notifier
 from control.storage.runners import RunnerStore
 from conveyor.v1 import runner_service_pb2 as rs
@@ -198,22 +198,29 @@ class RunnerServicer(rs_grpc.RunnerServiceServicer):
         await self.lifecycle.check_build_token(build_id, BEARER.get())
         if request.seq < 1:
             raise InvalidArgument("seq", "must be >= 1")
-        if len(request.lines) > MAX_BATCH_LINES:
-            raise InvalidArgument("lines", f"at most {MAX_BATCH_LINES} lines per batch")
-        streams = convert.STREAM_FROM_PB
-        lines = []
-        for line in request.lines:
-            stream = streams.get(line.stream)
-            if stream is None or stream not in STREAM_CODES:
-                raise InvalidArgument("lines.stream", "is not a log stream")
-            lines.append((line.time_unix_ms, stream, line.text))
-        result = await self.logs.append(build_id, request.seq, lines)
+        if request.packed:
+            if request.lines:
+                raise InvalidArgument("lines", "send lines or packed, not both")
+            text = request.packed.decode("utf-8", errors="replace")
+            count = check_packed(text, MAX_BATCH_LINES)
+            result = await self.logs.append_packed(build_id, request.seq, text, count)
+        else:
+            if len(request.lines) > MAX_BATCH_LINES:
+                raise InvalidArgument("lines", f"at most {MAX_BATCH_LINES} lines per batch")
+            streams = convert.STREAM_FROM_PB
+            lines = []
+            for line in request.lines:
+                stream = streams.get(line.stream)
+                if stream is None or stream not in STREAM_CODES:
+                    raise InvalidArgument("lines.stream", "is not a log stream")
+                lines.append((line.time_unix_ms, stream, line.text))
+            result = await self.logs.append(build_id, request.seq, lines)
         if result.duplicate:
             self.metrics.log_batches_duplicate.inc()
         else:
-            self.metrics.log_lines.inc(len(result.lines))
+            self.metrics.log_lines.inc(result.count)
             self.metrics.log_bytes.inc(result.bytes)
-            self.hub.ingested(build_id, result.lines)
+            self.hub.ingested(build_id, result)
         return rs.AppendLogsResponse(last_line=result.last_line, duplicate=result.duplicate)
 
 

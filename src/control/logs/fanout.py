@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from control.domain.build import BuildStatus
 from control.errors import Unavailable
-from control.storage.logs import LogStore, StoredLine
+from control.storage.logs import AppendResult, LogStore, StoredLine
 from control.storage.notify import Notifier
 
 log = logging.getLogger(__name__)
@@ -63,10 +63,13 @@ class LogHub:
         for each in self._watches.values():
             each.bump()
 
-    def ingested(self, build_id: str, lines: tuple[StoredLine, ...]) -> None:
+    def ingested(self, build_id: str, result: AppendResult) -> None:
+        """Feed a stored batch to this build's followers, if it has any (the
+        batch is decoded only then)."""
         watch = self._watches.get(build_id)
-        if watch is None or not lines:
+        if watch is None or not result.count:
             return
+        lines = result.lines()
         window = watch.window
         if window and window[-1].number + 1 == lines[0].number:
             window.extend(lines)

@@ -7,9 +7,10 @@ splits on it) nor NUL (replaced at ingest), so decoding is a plain split.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 
-from control.errors import FailedPrecondition, NotFound
+from control.errors import FailedPrecondition, InvalidArgument, NotFound
 from control.storage.db import Conn, Database
 
 STREAM_CODES = {"stdout": "o", "stderr": "e", "system": "s"}
@@ -17,6 +18,10 @@ STREAM_NAMES = {v: k for k, v in STREAM_CODES.items()}
 MAX_LINE_BYTES = 64 * 1024
 MAX_LOG_BYTES = 100 * 1024 * 1024
 CUT_MARKER = " [conveyor: line cut at 65536 bytes]"
+# One record of a packed batch starts with "<unix ms>\t<o|e|s>\t".
+_RECORD_HEAD = re.compile(r"^\d{1,16}\t[oes]\t", re.MULTILINE)
+# Per stored line, on top of its text, in the log-size accounting.
+LINE_OVERHEAD = 16
 
 
 def limit_marker(max_bytes: int) -> str:
@@ -37,10 +42,41 @@ class StoredLine:
 
 @dataclass(frozen=True)
 class AppendResult:
+    """What a batch stored: ``count`` lines from ``first_line``, encoded in
+    ``data`` (decode them with ``lines()`` only when needed)."""
+
     last_line: int
     duplicate: bool
-    lines: tuple[StoredLine, ...] = ()
+    first_line: int = 0
+    count: int = 0
+    data: str = ""
     bytes: int = 0
+    _decoded: list[StoredLine] = field(default_factory=list, compare=False, repr=False)
+
+    def lines(self) -> list[StoredLine]:
+        if self.count and not self._decoded:
+            self._decoded.extend(decode_chunk(self.first_line, self.data))
+        return self._decoded
+
+
+def encode_lines(lines: list[tuple[int, str, str]]) -> str:
+    """Packed form of (unix ms, stream name, text) lines."""
+    return "\n".join(f"{ts}\t{STREAM_CODES[stream]}\t{text}" for ts, stream, text in lines)
+
+
+def check_packed(text: str, max_lines: int) -> int:
+    """Return the number of records of a packed batch; raise
+    ``InvalidArgument("packed", ...)`` when a record is malformed."""
+    if not text:
+        return 0
+    count = text.count("\n") + 1
+    if count > max_lines:
+        raise InvalidArgument("packed", f"at most {max_lines} lines per batch")
+    if len(_RECORD_HEAD.findall(text)) != count:
+        raise InvalidArgument(
+            "packed", 'every line must be "<unix ms>\\t<o|e|s>\\t<text>", separated by "\\n"'
+        )
+    return count
 
 
 def clean_text(text: str) -> str:
@@ -77,12 +113,21 @@ class LogStore:
     async def append(
         self, build_id: str, seq: int, lines: list[tuple[int, str, str]]
     ) -> AppendResult:
-        """Store one batch of (unix ms, stream, text) lines exactly once.
+        """Store one batch of (unix ms, stream, text) lines exactly once; see
+        ``append_packed``."""
+        return await self.append_packed(build_id, seq, encode_lines(lines), len(lines))
+
+    async def append_packed(self, build_id: str, seq: int, text: str, count: int) -> AppendResult:
+        """Store one batch of ``count`` packed records (``check_packed``)
+        exactly once.
 
         A batch whose ``seq`` is already stored is acknowledged as duplicate.
         Raises ``FailedPrecondition`` for a seq that skips ahead (the runner
         must resend in order) and ``NotFound`` for an unknown build.
         """
+        if "\0" in text:
+            text = text.replace("\0", "\ufffd")
+        size = len(text.encode()) + LINE_OVERHEAD * count if count else 0
         async with self.db.transaction() as conn:
             cur = await conn.execute(
                 "SELECT log_lines, last_seq, log_bytes, log_closed FROM builds"
@@ -99,36 +144,48 @@ class LogStore:
                 raise FailedPrecondition(
                     f"log batch seq {seq} skips ahead; the next expected is {last_seq + 1}"
                 )
-            stored: list[StoredLine] = []
-            size = 0
-            if not closed:
-                for time_ms, stream, text in lines:
-                    text = clean_text(text)
-                    line_size = len(text.encode()) + 16
-                    if log_bytes + size + line_size > self.max_bytes:
-                        marker = limit_marker(self.max_bytes)
-                        stored.append(
-                            StoredLine(last_line + len(stored) + 1, time_ms, "system", marker)
-                        )
-                        closed = True
-                        break
-                    size += line_size
-                    stored.append(StoredLine(last_line + len(stored) + 1, time_ms, stream, text))
-            if stored:
+            if closed or not count:
+                text, count, size = "", 0, 0
+            elif log_bytes + size > self.max_bytes or size > count * (MAX_LINE_BYTES // 4):
+                # The slow path, line by line: a line may be too long, or the
+                # log reaches its limit inside this batch.
+                text, count, size, closed = self._line_by_line(
+                    decode_chunk(last_line + 1, text), log_bytes
+                )
+            if count:
                 await conn.execute(
                     "INSERT INTO log_chunks (build_id, first_line, line_count, seq, data)"
                     " VALUES (%s, %s, %s, %s, %s)",
-                    (build_id, last_line + 1, len(stored), seq, encode_chunk(stored)),
+                    (build_id, last_line + 1, count, seq, text),
                 )
-            new_last = last_line + len(stored)
             await conn.execute(
                 "UPDATE builds SET log_lines = %s, last_seq = %s, log_bytes = log_bytes + %s,"
                 " log_closed = %s WHERE id = %s",
-                (new_last, seq, size, closed, build_id),
+                (last_line + count, seq, size, closed, build_id),
             )
-            if stored:
+            if count:
                 await conn.execute("SELECT pg_notify('conveyor_logs', %s)", (build_id,))
-        return AppendResult(new_last, duplicate=False, lines=tuple(stored), bytes=size)
+        return AppendResult(
+            last_line + count, False, first_line=last_line + 1, count=count, data=text, bytes=size
+        )
+
+    def _line_by_line(self, lines: list[StoredLine], log_bytes: int) -> tuple[str, int, int, bool]:
+        """Cut long lines and stop at the log limit; return (data, count,
+        bytes, closed)."""
+        stored: list[StoredLine] = []
+        size = 0
+        closed = False
+        for line in lines:
+            text = clean_text(line.text)
+            line_size = len(text.encode()) + LINE_OVERHEAD
+            if log_bytes + size + line_size > self.max_bytes:
+                marker = limit_marker(self.max_bytes)
+                stored.append(StoredLine(line.number, line.time_ms, "system", marker))
+                closed = True
+                break
+            size += line_size
+            stored.append(StoredLine(line.number, line.time_ms, line.stream, text))
+        return encode_chunk(stored), len(stored), size, closed
 
     async def read(self, build_id: str, after: int, limit: int = 5000) -> list[StoredLine]:
         """Return up to about ``limit`` lines numbered > ``after``, in order."""
@@ -136,19 +193,37 @@ class LogStore:
             return await self.read_in(conn, build_id, after, limit)
 
     async def read_in(self, conn: Conn, build_id: str, after: int, limit: int) -> list[StoredLine]:
+        out: list[StoredLine] = []
+        for first_line, data in await self._chunks(conn, build_id, after, limit):
+            out.extend(ln for ln in decode_chunk(first_line, data) if ln.number > after)
+        return out
+
+    async def read_packed(self, build_id: str, after: int, limit: int) -> list[tuple[int, str]]:
+        """Stored chunks holding the lines after ``after`` (about ``limit``
+        lines) as (first line number, packed records), the first one cut to
+        start right after ``after``. No per-line work for whole chunks."""
+        async with self.db.connection() as conn:
+            chunks = await self._chunks(conn, build_id, after, limit)
+        if chunks and chunks[0][0] <= after:
+            first_line, data = chunks[0]
+            records = data.split("\n")[after + 1 - first_line :]
+            if records:
+                chunks[0] = (after + 1, "\n".join(records))
+            else:
+                chunks.pop(0)
+        return chunks
+
+    async def _chunks(
+        self, conn: Conn, build_id: str, after: int, limit: int
+    ) -> list[tuple[int, str]]:
+        # Only chunks that start within the next ``limit`` lines: a long log
+        # is read page by page, never whole.
         cur = await conn.execute(
             "SELECT first_line, data FROM log_chunks WHERE build_id = %s"
-            " AND first_line + line_count > %s ORDER BY first_line",
-            (build_id, after + 1),
+            " AND first_line + line_count > %s AND first_line <= %s ORDER BY first_line",
+            (build_id, after + 1, after + limit),
         )
-        out: list[StoredLine] = []
-        while len(out) < limit:
-            rows = await cur.fetchmany(16)
-            if not rows:
-                break
-            for first_line, data in rows:
-                out.extend(ln for ln in decode_chunk(int(first_line), data) if ln.number > after)
-        return out
+        return [(int(r[0]), r[1]) for r in await cur.fetchall()]
 
     async def last_line(self, build_id: str) -> int:
         async with self.db.connection() as conn:

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from conveyor.v1 import types_pb2 as conveyor_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x63onveyor/v1/build_manager.proto\x12\x0b\x63onveyor.v1\x1a\x17\x63onveyor/v1/types.proto\"K\n\x11StartBuildRequest\x12\x19\n\x08\x62uild_id\x18\x01 \x01(\tR\x07\x62uildId\x12\x1b\n\tbuild_ids\x18\x02 \x03(\tR\x08\x62uildIds\"\xcf\x01\n\x12StartBuildResponse\x12\x18\n\x07started\x18\x01 \x01(\x08R\x07started\x12\x1b\n\trunner_id\x18\x02 \x01(\tR\x08runnerId\x12\x46\n\x07runners\x18\x03 \x03(\x0b\x32,.conveyor.v1.StartBuildResponse.RunnersEntryR\x07runners\x1a:\n\x0cRunnersEntry\x12\x10\n\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n\x05value\x18\x02 \x01(\tR\x05value:\x02\x38\x01\"/\n\x12\x43\x61ncelBuildRequest\x12\x19\n\x08\x62uild_id\x18\x01 \x01(\tR\x07\x62uildId\"?\n\x13\x43\x61ncelBuildResponse\x12(\n\x05\x62uild\x18\x01 \x01(\x0b\x32\x12.conveyor.v1.BuildR\x05\x62uild\"^\n\x11StreamLogsRequest\x12\x19\n\x08\x62uild_id\x18\x01 \x01(\tR\x07\x62uildId\x12\x16\n\x06\x63ursor\x18\x02 \x01(\tR\x06\x63ursor\x12\x16\n\x06\x66ollow\x18\x03 \x01(\x08R\x06\x66ollow\"\x8a\x01\n\x12StreamLogsResponse\x12*\n\x05lines\x18\x01 \x03(\x0b\x32\x14.conveyor.v1.LogLineR\x05lines\x12\x16\n\x06\x63ursor\x18\x02 \x01(\tR\x06\x63ursor\x12\x30\n\x06status\x18\x03 \x01(\x0e\x32\x18.conveyor.v1.BuildStatusR\x06status2\x80\x02\n\x0c\x42uildManager\x12M\n\nStartBuild\x12\x1e.conveyor.v1.StartBuildRequest\x1a\x1f.conveyor.v1.StartBuildResponse\x12P\n\x0b\x43\x61ncelBuild\x12\x1f.conveyor.v1.CancelBuildRequest\x1a .conveyor.v1.CancelBuildResponse\x12O\n\nStreamLogs\x12\x1e.conveyor.v1.StreamLogsRequest\x1a\x1f.conveyor.v1.StreamLogsResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x63onveyor/v1/build_manager.proto\x12\x0b\x63onveyor.v1\x1a\x17\x63onveyor/v1/types.proto\"K\n\x11StartBuildRequest\x12\x19\n\x08\x62uild_id\x18\x01 \x01(\tR\x07\x62uildId\x12\x1b\n\tbuild_ids\x18\x02 \x03(\tR\x08\x62uildIds\"\xcf\x01\n\x12StartBuildResponse\x12\x18\n\x07started\x18\x01 \x01(\x08R\x07started\x12\x1b\n\trunner_id\x18\x02 \x01(\tR\x08runnerId\x12\x46\n\x07runners\x18\x03 \x03(\x0b\x32,.conveyor.v1.StartBuildResponse.RunnersEntryR\x07runners\x1a:\n\x0cRunnersEntry\x12\x10\n\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n\x05value\x18\x02 \x01(\tR\x05value:\x02\x38\x01\"/\n\x12\x43\x61ncelBuildRequest\x12\x19\n\x08\x62uild_id\x18\x01 \x01(\tR\x07\x62uildId\"?\n\x13\x43\x61ncelBuildResponse\x12(\n\x05\x62uild\x18\x01 \x01(\x0b\x32\x12.conveyor.v1.BuildR\x05\x62uild\"v\n\x11StreamLogsRequest\x12\x19\n\x08\x62uild_id\x18\x01 \x01(\tR\x07\x62uildId\x12\x16\n\x06\x63ursor\x18\x02 \x01(\tR\x06\x63ursor\x12\x16\n\x06\x66ollow\x18\x03 \x01(\x08R\x06\x66ollow\x12\x16\n\x06packed\x18\x04 \x01(\x08R\x06packed\"\xc1\x01\n\x12StreamLogsResponse\x12*\n\x05lines\x18\x01 \x03(\x0b\x32\x14.conveyor.v1.LogLineR\x05lines\x12\x16\n\x06\x63ursor\x18\x02 \x01(\tR\x06\x63ursor\x12\x30\n\x06status\x18\x03 \x01(\x0e\x32\x18.conveyor.v1.BuildStatusR\x06status\x12\x16\n\x06packed\x18\x04 \x01(\x0cR\x06packed\x12\x1d\n\nfirst_line\x18\x05 \x01(\x03R\tfirstLine2\x80\x02\n\x0c\x42uildManager\x12M\n\nStartBuild\x12\x1e.conveyor.v1.StartBuildRequest\x1a\x1f.conveyor.v1.StartBuildResponse\x12P\n\x0b\x43\x61ncelBuild\x12\x1f.conveyor.v1.CancelBuildRequest\x1a .conveyor.v1.CancelBuildResponse\x12O\n\nStreamLogs\x12\x1e.conveyor.v1.StreamLogsRequest\x1a\x1f.conveyor.v1.StreamLogsResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -45,9 +45,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CANCELBUILDRESPONSE']._serialized_start=409
   _globals['_CANCELBUILDRESPONSE']._serialized_end=472
   _globals['_STREAMLOGSREQUEST']._serialized_start=474
-  _globals['_STREAMLOGSREQUEST']._serialized_end=568
-  _globals['_STREAMLOGSRESPONSE']._serialized_start=571
-  _globals['_STREAMLOGSRESPONSE']._serialized_end=709
-  _globals['_BUILDMANAGER']._serialized_start=712
-  _globals['_BUILDMANAGER']._serialized_end=968
+  _globals['_STREAMLOGSREQUEST']._serialized_end=592
+  _globals['_STREAMLOGSRESPONSE']._serialized_start=595
+  _globals['_STREAMLOGSRESPONSE']._serialized_end=788
+  _globals['_BUILDMANAGER']._serialized_start=791
+  _globals['_BUILDMANAGER']._serialized_end=1047
 # @@protoc_insertion_point(module_scope)

@@ -139,20 +139,26 @@ class StreamLogsRequest(_message.Message):
     BUILD_ID_FIELD_NUMBER: _builtins.int
     CURSOR_FIELD_NUMBER: _builtins.int
     FOLLOW_FIELD_NUMBER: _builtins.int
+    PACKED_FIELD_NUMBER: _builtins.int
     build_id: _builtins.str
     cursor: _builtins.str
     """cursor is opaque; empty means from the first line."""
     follow: _builtins.bool
+    packed: _builtins.bool
+    """packed asks for lines in `packed` instead of `lines` (faster for
+    large logs).
+    """
     def __init__(
         self,
         *,
         build_id: _builtins.str = ...,
         cursor: _builtins.str = ...,
         follow: _builtins.bool = ...,
+        packed: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["build_id", b"build_id", "cursor", b"cursor", "follow", b"follow"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["build_id", b"build_id", "cursor", b"cursor", "follow", b"follow", "packed", b"packed"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -165,10 +171,18 @@ class StreamLogsResponse(_message.Message):
     LINES_FIELD_NUMBER: _builtins.int
     CURSOR_FIELD_NUMBER: _builtins.int
     STATUS_FIELD_NUMBER: _builtins.int
+    PACKED_FIELD_NUMBER: _builtins.int
+    FIRST_LINE_FIELD_NUMBER: _builtins.int
     cursor: _builtins.str
     """cursor resumes right after the last line of this message."""
     status: _types_pb2.BuildStatus.ValueType
     """status is set on the last message of a followed stream."""
+    packed: _builtins.bytes
+    """packed holds the lines when the request asked for it: UTF-8 records
+    "<unix ms>\\t<o|e|s>\\t<text>" separated by "\\n", numbered from
+    first_line.
+    """
+    first_line: _builtins.int
     @_builtins.property
     def lines(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.LogLine]: ...
     def __init__(
@@ -177,10 +191,12 @@ class StreamLogsResponse(_message.Message):
         lines: _abc.Iterable[_types_pb2.LogLine] | None = ...,
         cursor: _builtins.str = ...,
         status: _types_pb2.BuildStatus.ValueType = ...,
+        packed: _builtins.bytes = ...,
+        first_line: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cursor", b"cursor", "lines", b"lines", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cursor", b"cursor", "first_line", b"first_line", "lines", b"lines", "packed", b"packed", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -450,6 +450,7 @@ class AppendLogsRequest(_message.Message):
     SEQ_FIELD_NUMBER: _builtins.int
     LINES_FIELD_NUMBER: _builtins.int
     FINAL_FIELD_NUMBER: _builtins.int
+    PACKED_FIELD_NUMBER: _builtins.int
     build_id: _builtins.str
     seq: _builtins.int
     """seq numbers the runner's batches of this build from 1, without gaps; a
@@ -457,6 +458,11 @@ class AppendLogsRequest(_message.Message):
     """
     final: _builtins.bool
     """final marks the build's last batch: the log is complete after it."""
+    packed: _builtins.bytes
+    """packed carries the lines instead of `lines`, cheaper at high volume:
+    UTF-8 text, one line per "\\n"-separated record
+    "<unix ms>\\t<o|e|s>\\t<text>" (stdout, stderr, system).
+    """
     @_builtins.property
     def lines(self) -> _containers.RepeatedCompositeFieldContainer[Global___BatchLine]: ...
     def __init__(
@@ -466,10 +472,11 @@ class AppendLogsRequest(_message.Message):
         seq: _builtins.int = ...,
         lines: _abc.Iterable[Global___BatchLine] | None = ...,
         final: _builtins.bool = ...,
+        packed: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["build_id", b"build_id", "final", b"final", "lines", b"lines", "seq", b"seq"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["build_id", b"build_id", "final", b"final", "lines", b"lines", "packed", b"packed", "seq", b"seq"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
