@@ -24,9 +24,11 @@ log = logging.getLogger(__name__)
 
 MAX_BATCH_LINES = 20_000
 HELLO_TIMEOUT = 10.0
-# The dispatch loop re-reads the database at least this often, so a lost
-# NOTIFY delays an assignment by at most this much.
-DISPATCH_RECHECK = 1.0
+# The dispatch loop re-reads the database at least this often. NOTIFY wakes
+# it for every assignment and cancel, and the LISTEN connection wakes every
+# stream after a reconnect, so this is only the last resort; each wake of
+# each connected runner costs a transaction.
+DISPATCH_RECHECK = 30.0
 
 
 def assignment_to_pb(data: AssignmentData, kill_grace: int) -> rs.ConnectResponse:
@@ -113,10 +115,13 @@ class RunnerServicer(rs_grpc.RunnerServiceServicer):
             )
             self.notifier.publish_local("conveyor_queue", None)
             while not reader.done():
-                try:
-                    await asyncio.wait_for(wake.wait(), DISPATCH_RECHECK)
-                except TimeoutError:
-                    pass
+                waiter = asyncio.ensure_future(wake.wait())
+                await asyncio.wait(
+                    {waiter, reader}, timeout=DISPATCH_RECHECK, return_when=asyncio.FIRST_COMPLETED
+                )
+                waiter.cancel()
+                if reader.done():
+                    break
                 wake.clear()
                 work = await self.lifecycle.dispatch(runner_id, session_id)
                 if work is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -17,6 +18,8 @@ from control.errors import AlreadyExists, InvalidArgument, NotFound, Unavailable
 log = logging.getLogger(__name__)
 
 Conn = psycopg.AsyncConnection[TupleRow]
+# Seconds a pooled connection may sit idle before it is checked on checkout.
+CHECK_AFTER_IDLE = 5.0
 Row = tuple[Any, ...]
 
 
@@ -35,10 +38,24 @@ class Database:
             open=False,
             # Bounded: a request never waits forever for a connection.
             timeout=10.0,
-            # A server restart leaves dead connections in the pool; check them.
-            check=AsyncConnectionPool.check_connection,
+            # A server restart leaves dead connections in the pool: check a
+            # connection that sat idle before handing it out. One returned
+            # moments ago was just used successfully, and checking it would
+            # add a round trip to every transaction.
+            check=self._check_if_idle,
+            reset=self._returned,
             name="conveyor",
         )
+        self._returned_at: dict[int, float] = {}
+
+    async def _returned(self, conn: Conn) -> None:
+        self._returned_at[id(conn)] = time.monotonic()
+
+    async def _check_if_idle(self, conn: Conn) -> None:
+        returned = self._returned_at.get(id(conn))
+        if returned is not None and time.monotonic() - returned < CHECK_AFTER_IDLE:
+            return
+        await AsyncConnectionPool.check_connection(conn)
 
     async def open(self) -> None:
         await self.pool.open(wait=True, timeout=30.0)
