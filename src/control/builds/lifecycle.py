@@ -319,14 +319,19 @@ class Lifecycle:
                 " AND dispatched_at IS NULL ORDER BY created_at FOR UPDATE SKIP LOCKED",
                 (runner_id,),
             )
-            for (bid,) in await cur.fetchall():
-                build = await self.builds.get_in(conn, None, str(bid))
-                project = await self.projects.get_in(conn, None, build.project_id)
+            ids = [str(r[0]) for r in await cur.fetchall()]
+            projects: dict[str, Project] = {}
+            envs: dict[str, tuple[EnvVar, ...]] = {}
+            tokens: list[str] = []
+            for build in await self.builds.get_many_in(conn, ids):
+                if build.project_id not in projects:
+                    projects[build.project_id] = await self.projects.get_in(
+                        conn, None, build.project_id
+                    )
+                    envs[build.project_id] = tuple(await self.env.for_build(conn, build.project_id))
+                project = projects[build.project_id]
                 token = f"cvb_{secrets.token_urlsafe(32)}"
-                await conn.execute(
-                    "UPDATE builds SET dispatched_at = now(), token_hash = %s WHERE id = %s",
-                    (hash_token(token), build.id),
-                )
+                tokens.append(token)
                 plan = step_plan(project, build.production)
                 assignments.append(
                     AssignmentData(
@@ -336,8 +341,14 @@ class Lifecycle:
                         step_names=tuple(n for n, _ in plan),
                         step_commands=tuple(c for _, c in plan),
                         run_timeout=project.run_timeout_seconds,
-                        env=tuple(await self.env.for_build(conn, project.id)),
+                        env=envs[build.project_id],
                     )
+                )
+            if assignments:
+                await conn.execute(
+                    "UPDATE builds b SET dispatched_at = now(), token_hash = x.hash"
+                    " FROM unnest(%s::uuid[], %s::bytea[]) AS x(id, hash) WHERE b.id = x.id",
+                    ([a.build.id for a in assignments], [hash_token(t) for t in tokens]),
                 )
             cur = await conn.execute(
                 "UPDATE builds SET cancel_sent_at = now() WHERE runner_id = %s"

@@ -136,6 +136,16 @@ class BuildStore:
         )
         return _build(row, steps)
 
+    async def get_many_in(self, conn: Conn, build_ids: list[str]) -> list[Build]:
+        """The builds (without their steps), in the order of ``build_ids``."""
+        if not build_ids:
+            return []
+        cur = await conn.execute(
+            f"SELECT {_COLUMNS} FROM {_FROM} WHERE b.id = ANY(%s::uuid[])", (build_ids,)
+        )
+        found = {str(r[0]): _build(r) for r in await cur.fetchall()}
+        return [found[b] for b in build_ids if b in found]
+
     async def list_for(self, account_id: str, project_id: str | None, limit: int) -> list[Build]:
         sql = f"SELECT {_COLUMNS} FROM {_FROM} WHERE b.account_id = %s"
         params: list[object] = [account_id]

@@ -39,10 +39,12 @@ class RunnerStore:
             )
 
     async def current_session(self, conn: Conn, runner_id: str) -> str | None:
-        """The runner's current stream, locked against a concurrent reconnect."""
-        cur = await conn.execute(
-            "SELECT session_id FROM runners WHERE id = %s FOR SHARE", (runner_id,)
-        )
+        """The runner's current stream. Not locked: a reconnect racing a
+        dispatch at worst lets the older stream send one last assignment,
+        which the runner, gone from it, never acknowledges (the startup
+        deadline then recovers it); a row lock here would make every start
+        wait for dispatches."""
+        cur = await conn.execute("SELECT session_id FROM runners WHERE id = %s", (runner_id,))
         row = await cur.fetchone()
         return str(row[0]) if row and row[0] else None
 
