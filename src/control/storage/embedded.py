@@ -11,13 +11,16 @@ from __future__ import annotations
 import logging
 import os
 import pwd
+import secrets
 import socket
 import stat
 import subprocess
+import tempfile
 import time
 import warnings
 from pathlib import Path
 from types import ModuleType
+from urllib.parse import quote
 
 log = logging.getLogger(__name__)
 
@@ -35,27 +38,51 @@ class EmbeddedPostgres:
         self.data_dir = data_dir.resolve()
         self.port = port
         self._fixed_port = port
+        # Beside the data directory, 0600: TCP connections need it. Builds
+        # with network share the host's loopback, so trust auth there would
+        # hand every build a superuser session.
+        self.password_file = self.data_dir.with_name(self.data_dir.name + ".password")
+        self.password = ""
+        self._hba_changed = False
 
     @property
     def url(self) -> str:
-        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+        return f"postgresql://postgres:{quote(self.password)}@127.0.0.1:{self.port}/postgres"
 
     def start(self) -> str:
         """Start (or find running) the server and return its URL."""
         _commands, _ = _wheel()
         run_as = self._prepare_directory()
+        self.password = self._load_password()
         if not (self.data_dir / "PG_VERSION").exists():
-            _commands.initdb(
-                ["--auth=trust", "--encoding=utf8", "-U", "postgres", "--no-sync"],
-                pgdata=self.data_dir,
-                **run_as,
-                # The server user may not be able to enter our cwd.
-                cwd=self.data_dir,
-            )
+            with tempfile.TemporaryDirectory() as tmp:
+                # initdb reads the password from a file the server user owns.
+                pwfile = Path(tmp, "pw")
+                pwfile.write_text(self.password + "\n")
+                if run_as:
+                    for path in (Path(tmp), pwfile):
+                        os.chown(path, int(str(run_as["user"])), int(str(run_as["group"])))
+                _commands.initdb(
+                    [
+                        "--auth-local=trust",
+                        "--auth-host=scram-sha-256",
+                        f"--pwfile={pwfile}",
+                        "--encoding=utf8",
+                        "-U",
+                        "postgres",
+                        "--no-sync",
+                    ],
+                    pgdata=self.data_dir,
+                    **run_as,
+                    # The server user may not be able to enter our cwd.
+                    cwd=self.data_dir,
+                )
             self._tune()
+        self._secure_hba()
         running = self._running_port()
         if running:
             self.port = running
+            self._set_password()
             return self.url
         self.port = self._fixed_port or _free_port()
         logfile = self.data_dir / "server.log"
@@ -83,7 +110,56 @@ class EmbeddedPostgres:
             tail = logfile.read_text(errors="replace")[-2000:] if logfile.exists() else ""
             raise RuntimeError(f"embedded PostgreSQL did not start: {exc}\n{tail}") from exc
         log.info("embedded PostgreSQL serving on 127.0.0.1:%d", self.port)
+        self._set_password()
         return self.url
+
+    def _load_password(self) -> str:
+        if self.password_file.exists():
+            return self.password_file.read_text().strip()
+        password = secrets.token_urlsafe(24)
+        fd = os.open(self.password_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(password + "\n")
+        return password
+
+    def _secure_hba(self) -> None:
+        """TCP needs the password; the Unix socket (in the 0700 data
+        directory, reachable by the server user and root only) trusts.
+        Rewritten at every start, which also upgrades directories made
+        before passwords were used."""
+        hba = self.data_dir / "pg_hba.conf"
+        wanted = (
+            "# written by Conveyor at every start\n"
+            "local all all trust\n"
+            "host all all 127.0.0.1/32 scram-sha-256\n"
+            "host all all ::1/128 scram-sha-256\n"
+        )
+        if hba.exists() and hba.read_text() == wanted:
+            return
+        hba.write_text(wanted)
+        if os.geteuid() == 0:
+            entry = pwd.getpwnam(_SERVER_USER)
+            os.chown(hba, entry.pw_uid, entry.pw_gid)
+        hba.chmod(0o600)
+        self._hba_changed = True
+
+    def _set_password(self) -> None:
+        """Make the server's password the one in the password file, over the
+        Unix socket, and load a rewritten pg_hba.conf."""
+        import psycopg
+
+        with psycopg.connect(
+            host=str(self.data_dir), port=self.port, user="postgres", dbname="postgres",
+            autocommit=True,
+        ) as conn:  # fmt: skip
+            conn.execute(
+                psycopg.sql.SQL("ALTER ROLE postgres PASSWORD {}").format(
+                    psycopg.sql.Literal(self.password)
+                )
+            )
+            if self._hba_changed:
+                conn.execute("SELECT pg_reload_conf()")
+                self._hba_changed = False
 
     def keep_port(self) -> None:
         """Make the next ``start`` serve on the current port again, so that
