@@ -19,21 +19,16 @@ TOKEN = "ghp_test_token_0123456789"
 @pytest_asyncio.fixture
 async def control(database_url: str) -> AsyncIterator[ControlHandle]:
     """The shared ``control`` fixture, with commit-status retries that take
-    a fraction of a second."""
-    handle = ControlHandle(database_url)
+    a fraction of a second. Runners count as lost only after a minute: the
+    test runner here speaks for itself and a loaded machine must not make it
+    look gone."""
+    handle = ControlHandle(database_url, runner_lost_after=60.0)
     handle.plane.forge_retry = FAST_RETRY
     await handle.start()
     try:
         yield handle
     finally:
-        import asyncio, sys
-        stopper = asyncio.ensure_future(handle.stop())
-        done, _ = await asyncio.wait([stopper], timeout=15)
-        if not done:
-            for t in asyncio.all_tasks():
-                print("TASK", t, file=sys.stderr)
-                t.print_stack(file=sys.stderr)
-            raise AssertionError("stop hung")
+        await handle.stop()
 
 
 @pytest_asyncio.fixture

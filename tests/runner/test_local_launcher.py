@@ -311,34 +311,31 @@ def _alive(pid: int) -> bool:
 
 
 @needs_root
-def test_build_cgroups_go_below_the_runners_own_cgroup(tmp_path: Path) -> None:
+def test_build_cgroups_are_found_on_each_v1_hierarchy(tmp_path: Path) -> None:
     from runner.launchers.cgroups import CgroupRoot
 
     hierarchies = {name: tmp_path / name for name in ("memory", "pids", "cpu,cpuacct")}
-    (hierarchies["memory"] / "ci" / "runner").mkdir(parents=True)
-    (hierarchies["pids"] / "ci" / "runner").mkdir(parents=True)
-    (hierarchies["cpu,cpuacct"] / "runner").mkdir(parents=True)  # mounted from /ci
+    for path in hierarchies.values():
+        path.mkdir()
     mountinfo = tmp_path / "mountinfo"
-    mountinfo.write_text(
-        "23 1 0:21 / /sys rw - sysfs sysfs rw\n"
-        f"35 23 0:32 / {hierarchies['memory']} rw,relatime shared:9 - cgroup cgroup rw,memory\n"
-        f"39 23 0:36 / {hierarchies['pids']} rw,relatime - cgroup cgroup rw,pids\n"
-        # Mounted from inside the hierarchy, as in a container.
-        f"33 23 0:30 /ci {hierarchies['cpu,cpuacct']} rw - cgroup cgroup rw,cpu,cpuacct\n"
-        "41 23 0:38 / /sys/fs/cgroup/unified rw - cgroup2 cgroup2 rw\n"
-    )
-    own = tmp_path / "cgroup"
-    own.write_text(
-        "8:pids:/ci/runner\n4:memory:/ci/runner\n2:cpu,cpuacct:/ci/runner\n0::/ci/runner\n"
-    )
-    root = CgroupRoot.detect(mountinfo, own)
+    lines = [
+        "23 1 0:21 / /sys rw - sysfs sysfs rw",
+        f"35 23 0:32 / {hierarchies['memory']} rw,relatime shared:9 - cgroup cgroup rw,memory",
+        f"39 23 0:36 / {hierarchies['pids']} rw,relatime - cgroup cgroup rw,pids",
+        f"33 23 0:30 / {hierarchies['cpu,cpuacct']} rw - cgroup cgroup rw,cpu,cpuacct",
+        "41 23 0:38 / /sys/fs/cgroup/unified rw - cgroup2 cgroup2 rw",
+    ]
+    mountinfo.write_text("\n".join(lines) + "\n")
+    root = CgroupRoot.detect(mountinfo)
     assert root is not None
     assert root.parents == {
-        "memory": hierarchies["memory"] / "ci" / "runner" / "conveyor-builds",
-        "pids": hierarchies["pids"] / "ci" / "runner" / "conveyor-builds",
-        "cpuacct": hierarchies["cpu,cpuacct"] / "runner" / "conveyor-builds",
+        "memory": hierarchies["memory"] / "conveyor-builds",
+        "pids": hierarchies["pids"] / "conveyor-builds",
+        "cpuacct": hierarchies["cpu,cpuacct"] / "conveyor-builds",
     }
     assert all(path.is_dir() for path in root.parents.values())
-    # Without one of the controllers (cgroup v2 only, say): no cgroups.
-    own.write_text("0::/ci/runner\n")
-    assert CgroupRoot.detect(mountinfo, own) is None
+    root.close()
+    assert not any(path.exists() for path in root.parents.values())
+    # Without the pids controller on v1 (cgroup v2 only, say): no cgroups.
+    mountinfo.write_text("\n".join(line for line in lines if "pids" not in line) + "\n")
+    assert CgroupRoot.detect(mountinfo) is None

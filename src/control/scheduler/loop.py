@@ -88,11 +88,14 @@ class Scheduler:
 
     async def stop(self) -> None:
         if self._task:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+            # Python 3.11's asyncio.wait_for returns instead of raising when
+            # a cancel lands just as the event it waits on fires, and the
+            # loop goes on: cancel until the task has ended.
+            while not self._task.done():
+                self._task.cancel()
+                await asyncio.wait([self._task], timeout=1.0)
+            if not self._task.cancelled():
+                self._task.result()
 
     async def _run(self) -> None:
         while True:

@@ -8,11 +8,13 @@ makes "kill the whole build" reliable.
 
 Used when the runner is root and the ``memory``, ``pids`` and ``cpuacct``
 controllers are mounted as cgroup v1 hierarchies. A build's cgroup is
-``<hierarchy>/<the runner's own cgroup>/conveyor-builds/slot-<n>``, named
-after its build user's slot (``build_users``): the slot is the build's
-alone on this host while it runs, so no other runner (or launcher) ever
-touches that cgroup, and a cgroup a dead runner left behind is reused by the
-next build of the slot. The runner's own limits still cover its builds. cgroup v2 (the unified
+``<hierarchy>/conveyor-builds/slot-<n>``, named after its build user's slot
+(``build_users``): the slot is the build's alone on this host while it
+runs, so no other runner (or launcher) ever touches that cgroup, and one a
+dead runner left behind is reused by the next build of the slot. They sit at
+the top of each hierarchy, as container engines' do, not below the runner's
+own cgroup: that one belongs to whoever started the runner (systemd, a
+container), who must be able to remove it afterwards. cgroup v2 (the unified
 hierarchy) is not supported yet: there the launcher falls back to rlimits.
 
 The job joins its cgroups itself, before it forks and before it drops root
@@ -48,29 +50,20 @@ class CgroupRoot:
     parents: dict[str, Path]
 
     @classmethod
-    def detect(
-        cls,
-        mountinfo: Path = Path("/proc/self/mountinfo"),
-        own: Path = Path("/proc/self/cgroup"),
-    ) -> CgroupRoot | None:
-        """The build cgroup parents of this process, or None (not root, a
+    def detect(cls, mountinfo: Path = Path("/proc/self/mountinfo")) -> CgroupRoot | None:
+        """The build cgroup parents on this host, or None (not root, a
         controller missing or not on cgroup v1, or not writable)."""
         if os.geteuid() != 0:
             return None
         try:
             mounts = _v1_mounts(mountinfo.read_text())
-            paths = _own_paths(own.read_text())
         except OSError:
             return None
         parents: dict[str, Path] = {}
         for name in CONTROLLERS:
-            if name not in mounts or name not in paths:
+            if name not in mounts:
                 return None
-            mount_root, mount_point = mounts[name]
-            relative = os.path.relpath(paths[name], mount_root)
-            if relative.startswith(".."):
-                return None
-            parent = (mount_point / relative / GROUP_DIR).resolve()
+            parent = mounts[name] / GROUP_DIR
             try:
                 parent.mkdir(exist_ok=True)
             except OSError as exc:
@@ -90,7 +83,8 @@ class CgroupRoot:
                 if path.exists():  # left by a runner that died
                     group.kill_all()
                     group.remove()
-                path.mkdir()
+                # With its parent: another launcher may have just removed it.
+                path.mkdir(parents=True)
             memory = group.dirs["memory"]
             if limits.memory_mb:
                 (memory / "memory.limit_in_bytes").write_text(str(limits.memory_mb * _MiB))
@@ -104,6 +98,12 @@ class CgroupRoot:
             group.remove(timeout=0.5)
             raise
         return group
+
+    def close(self) -> None:
+        """Remove the parent directories if no build uses them any more."""
+        for parent in self.parents.values():
+            with contextlib.suppress(OSError):
+                parent.rmdir()  # refused while a build's cgroup is in it
 
 
 @dataclass(frozen=True)
@@ -191,9 +191,9 @@ def _keyed(path: Path) -> dict[str, int]:
     return values
 
 
-def _v1_mounts(mountinfo: str) -> dict[str, tuple[str, Path]]:
-    """controller -> (root of the hierarchy that is mounted, mount point)."""
-    found: dict[str, tuple[str, Path]] = {}
+def _v1_mounts(mountinfo: str) -> dict[str, Path]:
+    """controller -> mount point of its cgroup v1 hierarchy."""
+    found: dict[str, Path] = {}
     for line in mountinfo.splitlines():
         fields = line.split()
         if "-" not in fields:
@@ -203,16 +203,5 @@ def _v1_mounts(mountinfo: str) -> dict[str, tuple[str, Path]]:
             continue
         for option in fields[sep + 3].split(","):
             if option in CONTROLLERS:
-                found.setdefault(option, (fields[3], Path(fields[4])))
+                found.setdefault(option, Path(fields[4]))
     return found
-
-
-def _own_paths(proc_cgroup: str) -> dict[str, str]:
-    """controller -> this process's cgroup path, from /proc/self/cgroup."""
-    paths: dict[str, str] = {}
-    for line in proc_cgroup.splitlines():
-        _id, controllers, path = line.split(":", 2)
-        for name in controllers.split(","):
-            if name in CONTROLLERS:
-                paths[name] = path
-    return paths

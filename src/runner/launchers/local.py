@@ -452,4 +452,5 @@ class LocalLauncher:
         return argv
 
     async def close(self) -> None:
-        return None
+        if self.cgroup_root is not None:
+            await asyncio.to_thread(self.cgroup_root.close)
