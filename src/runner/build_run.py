@@ -253,7 +253,8 @@ class BuildRun:
                         current = None
                     continue
             text = data.decode("utf-8", errors="replace")
-            await batcher.add(out.stream, masker.mask(text))
+            if batcher.add_nowait(out.stream, masker.mask(text)):
+                await batcher.flush()
         return failed
 
     def _final(

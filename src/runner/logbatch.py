@@ -57,13 +57,21 @@ class LogBatcher:
         self.lines_sent = 0
 
     async def add(self, stream: str, text: str) -> None:
+        if self.add_nowait(stream, text):
+            await self.flush()
+
+    def add_nowait(self, stream: str, text: str) -> bool:
+        """Buffer a line; return True when the batch is full and the caller
+        must ``await flush()`` (the hot path of a chatty build avoids an
+        await per line)."""
         self._lines.append(f"{int(time.time() * 1000)}\t{STREAMS[stream]}\t{text}")
         self._bytes += len(text)
         if len(self._lines) >= self.max_lines or self._bytes >= self.max_bytes:
-            await self.flush()
-        elif self._timer is None:
+            return True
+        if self._timer is None:
             loop = asyncio.get_running_loop()
             self._timer = loop.call_later(self.interval, self._flush_soon)
+        return False
 
     def _flush_soon(self) -> None:
         self._timer = None

@@ -85,7 +85,10 @@ class LocalJob:
         self.warning = warning
         self.extra = {"build_id": build_id}
         self._env_writer = env_writer
-        self._queue: asyncio.Queue[OutputLine | None] = asyncio.Queue(maxsize=10_000)
+        # One item per read (a list of lines), not per line: a queue hand-off
+        # per line cost as much as everything else the runner does per line.
+        # Bounded, so a slow consumer stalls the pipe rather than memory.
+        self._queue: asyncio.Queue[list[OutputLine] | None] = asyncio.Queue(maxsize=256)
         self._pumps = [
             asyncio.create_task(self._pump(proc.stdout, "stdout")),
             asyncio.create_task(self._pump(proc.stderr, "stderr")),
@@ -131,13 +134,14 @@ class LocalJob:
                     break
                 pending += chunk
                 *lines, pending = pending.split(b"\n")
-                for line in lines:
-                    await self._queue.put(OutputLine(name, line))
+                batch = [OutputLine(name, line) for line in lines]
                 while len(pending) > MAX_LINE:
-                    await self._queue.put(OutputLine(name, pending[:MAX_LINE]))
+                    batch.append(OutputLine(name, pending[:MAX_LINE]))
                     pending = pending[MAX_LINE:]
+                if batch:
+                    await self._queue.put(batch)
             if pending:
-                await self._queue.put(OutputLine(name, pending))
+                await self._queue.put([OutputLine(name, pending)])
         finally:
             await self._queue.put(None)
 
@@ -147,11 +151,12 @@ class LocalJob:
             yield OutputLine("system", self.warning.encode())
         done = 0
         while done < len(self._pumps):
-            item = await self._queue.get()
-            if item is None:
+            items = await self._queue.get()
+            if items is None:
                 done += 1
                 continue
-            yield item
+            for item in items:
+                yield item
         _result, notes = await self._concluded()
         for note in notes:
             yield OutputLine("system", note.encode())
