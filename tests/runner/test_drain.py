@@ -1,0 +1,43 @@
+"""SIGTERM drains the runner: its running build finishes, it takes no new
+build, and it exits once idle; the waiting build goes to another runner."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from pathlib import Path
+
+from conveyor.v1 import types_pb2 as pb
+from tests.control.test_lifecycle import wait_for_line
+from tests.helpers import Api, ControlHandle, RunnerProcess
+
+
+async def test_sigterm_lets_the_running_build_finish_and_takes_no_more(
+    control: ControlHandle, api: Api, repo: Path, tmp_path: Path
+) -> None:
+    first = RunnerProcess(control.plane.grpc_address, control.runner_token, tmp_path / "r1", 1)
+    await first.start()
+    await control.wait_runners(1)
+    try:
+        await api.create_project("drain", repo, build_command="echo started; sleep 2; echo done")
+        build = await api.trigger("drain")
+        await wait_for_line(api, build.id, "started")
+        assert first.proc is not None
+        first.proc.send_signal(signal.SIGTERM)
+        await asyncio.sleep(0.3)
+        await api.create_project("waiting", repo, build_command="echo second")
+        waiting = await api.trigger("waiting")
+        done = await api.wait_status(build.id, timeout=20)
+        assert done.status == pb.BUILD_STATUS_SUCCEEDED
+        assert "done" in [ln.text for ln in await api.logs(build.id)]
+        assert await asyncio.wait_for(first.proc.wait(), 15) == 0
+        assert (await api.get(waiting.id)).status == pb.BUILD_STATUS_QUEUED
+        second = RunnerProcess(control.plane.grpc_address, control.runner_token, tmp_path / "r2", 1)
+        await second.start()
+        try:
+            finished = await api.wait_status(waiting.id, timeout=20)
+            assert finished.status == pb.BUILD_STATUS_SUCCEEDED
+        finally:
+            await second.stop()
+    finally:
+        await first.stop()
