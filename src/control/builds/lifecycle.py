@@ -17,6 +17,7 @@ from datetime import UTC, datetime, timedelta
 
 from control.config import LifecycleSettings
 from control.domain.build import Build, BuildStatus, StepStatus, check_transition, is_allowed
+from control.domain.env import FORGE_TOKEN
 from control.domain.project import Project
 from control.errors import FailedPrecondition, PermissionDenied
 from control.metrics import ControlMetrics
@@ -262,7 +263,7 @@ class Lifecycle:
         async with self.db.transaction() as conn:
             cur = await conn.execute(
                 "SELECT id FROM builds WHERE id = ANY(%s::uuid[]) AND status = 'queued'"
-                " AND runner_id IS NULL ORDER BY created_at FOR UPDATE SKIP LOCKED",
+                " AND runner_id IS NULL ORDER BY created_at FOR NO KEY UPDATE SKIP LOCKED",
                 (build_ids,),
             )
             queued = [str(r[0]) for r in await cur.fetchall()]
@@ -314,9 +315,12 @@ class Lifecycle:
         async with self.db.transaction() as conn:
             if await self.runners.current_session(conn, runner_id) != session_id:
                 return None
+            # NO KEY UPDATE: a row some insert merely references (a foreign
+            # key's KEY SHARE lock: alarms, log chunks, commit-status rows)
+            # must not be skipped, or its assignment waits for the recheck.
             cur = await conn.execute(
                 "SELECT id FROM builds WHERE runner_id = %s AND status = 'queued'"
-                " AND dispatched_at IS NULL ORDER BY created_at FOR UPDATE SKIP LOCKED",
+                " AND dispatched_at IS NULL ORDER BY created_at FOR NO KEY UPDATE SKIP LOCKED",
                 (runner_id,),
             )
             ids = [str(r[0]) for r in await cur.fetchall()]
@@ -328,7 +332,14 @@ class Lifecycle:
                     projects[build.project_id] = await self.projects.get_in(
                         conn, None, build.project_id
                     )
-                    envs[build.project_id] = tuple(await self.env.for_build(conn, build.project_id))
+                    # FORGE_TOKEN is for the control plane's status reports;
+                    # builds (pull-request previews from forks among them)
+                    # never see it.
+                    envs[build.project_id] = tuple(
+                        v
+                        for v in await self.env.for_build(conn, build.project_id)
+                        if v.name != FORGE_TOKEN
+                    )
                 project = projects[build.project_id]
                 token = f"cvb_{secrets.token_urlsafe(32)}"
                 tokens.append(token)

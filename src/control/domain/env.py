@@ -10,6 +10,9 @@ NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
 # Every build sees these; a project must not shadow them.
 RESERVED_PREFIXES = ("CONVEYOR_",)
 RESERVED_NAMES = frozenset({"CI", "PATH", "HOME", "PWD", "SHLVL", "LANG", "TMPDIR"})
+# The project secret holding the forge token: read by the control plane's
+# status reporter only, never given to builds.
+FORGE_TOKEN = "FORGE_TOKEN"  # noqa: S105 (a variable's name, not a secret)
 MAX_VALUE_BYTES = 16 * 1024
 MAX_VARS_PER_PROJECT = 128
 

@@ -27,6 +27,7 @@ import aiohttp
 
 from control.builds.lifecycle import Lifecycle
 from control.domain.build import Build
+from control.domain.env import FORGE_TOKEN
 from control.errors import NotFound
 from control.forge.github import GitHubStatuses
 from control.forge.gitlab import GitLabStatuses
@@ -45,7 +46,7 @@ from control.storage.forge_reports import ForgeReportStore
 
 log = logging.getLogger(__name__)
 
-TOKEN_NAME = "FORGE_TOKEN"  # noqa: S105  # the secret's name, not a secret
+TOKEN_NAME = FORGE_TOKEN
 CONTEXT_PREFIX = "conveyor"
 # How long a worker waits for a build it was told about to become visible
 # (a caller that queued in its own transaction without

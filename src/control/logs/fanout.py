@@ -152,8 +152,11 @@ class LogHub:
                     yield [], final
                     return
                 if watch.version == version:
+                    # asyncio.timeout, not wait_for: no extra task per wait,
+                    # and a cancel landing as the event fires is not lost.
                     try:
-                        await asyncio.wait_for(watch.changed.wait(), RECHECK_SECONDS)
+                        async with asyncio.timeout(RECHECK_SECONDS):
+                            await watch.changed.wait()
                     except TimeoutError:
                         ask_status = True
         finally:
