@@ -126,10 +126,15 @@ class Agent:
             self._outbox = None
             self.connected.clear()
 
+    def _heartbeat_message(self) -> rs.ConnectRequest:
+        return rs.ConnectRequest(
+            heartbeat=rs.RunnerHeartbeat(busy=len(self.runs), draining=self.draining)
+        )
+
     async def _heartbeat(self, outbox: asyncio.Queue[rs.ConnectRequest]) -> None:
         while True:
             await asyncio.sleep(self.heartbeat_seconds)
-            outbox.put_nowait(rs.ConnectRequest(heartbeat=rs.RunnerHeartbeat(busy=len(self.runs))))
+            outbox.put_nowait(self._heartbeat_message())
 
     def _take(self, assignment: rs.Assignment, outbox: asyncio.Queue[rs.ConnectRequest]) -> None:
         build_id = assignment.build_id
@@ -167,6 +172,9 @@ class Agent:
             return
         self.draining = True
         log.info("draining: %d build(s) running", len(self.runs))
+        if self._outbox is not None:
+            # Say so at once: the control plane stops sending new builds.
+            self._outbox.put_nowait(self._heartbeat_message())
         if not self.runs:
             self._stop.set()
             return

@@ -9,13 +9,13 @@ from pathlib import Path
 
 from conveyor.v1 import types_pb2 as pb
 from tests.control.test_lifecycle import wait_for_line
-from tests.helpers import Api, ControlHandle, RunnerProcess
+from tests.helpers import FINAL, Api, ControlHandle, RunnerProcess
 
 
 async def test_sigterm_lets_the_running_build_finish_and_takes_no_more(
     control: ControlHandle, api: Api, repo: Path, tmp_path: Path
 ) -> None:
-    first = RunnerProcess(control.plane.grpc_address, control.runner_token, tmp_path / "r1", 1)
+    first = RunnerProcess(control.plane.grpc_address, control.runner_token, tmp_path / "r1", 2)
     await first.start()
     await control.wait_runners(1)
     try:
@@ -27,6 +27,15 @@ async def test_sigterm_lets_the_running_build_finish_and_takes_no_more(
         await asyncio.sleep(0.3)
         await api.create_project("waiting", repo, build_command="echo second")
         waiting = await api.trigger("waiting")
+        # The draining runner said so at once: the waiting build is never
+        # handed to it, not even while its slot is free before it exits.
+        handed: set[str] = set()
+        while (await api.get(build.id)).status not in FINAL or first.proc.returncode is None:
+            handed.add((await api.get(waiting.id)).runner_id)
+            if first.proc.returncode is not None:
+                break
+            await asyncio.sleep(0.05)
+        assert handed == {""}
         done = await api.wait_status(build.id, timeout=20)
         assert done.status == pb.BUILD_STATUS_SUCCEEDED
         assert "done" in [ln.text for ln in await api.logs(build.id)]

@@ -161,7 +161,7 @@ class RunnerServicer(rs_grpc.RunnerServiceServicer):
                 busy = max(0, message.heartbeat.busy)
                 self.metrics.runner_busy.inc(busy - self._busy.get(runner_id, 0))
                 self._busy[runner_id] = busy
-                await self.runners.heartbeat(runner_id)
+                await self.runners.heartbeat(runner_id, draining=message.heartbeat.draining)
             elif kind == "ack" and not message.ack.accepted:
                 await self.lifecycle.refused(message.ack.build_id, runner_id, message.ack.reason)
 

@@ -48,11 +48,14 @@ class RunnerStore:
         row = await cur.fetchone()
         return str(row[0]) if row and row[0] else None
 
-    async def heartbeat(self, runner_id: str) -> None:
+    async def heartbeat(self, runner_id: str, *, draining: bool = False) -> None:
+        """The runner is alive; a draining runner gets no new builds (its
+        capacity drops to 0 until it says hello again)."""
         async with self.db.connection() as conn:
             await conn.execute(
-                "UPDATE runners SET last_seen_at = now(), connected = true WHERE id = %s",
-                (runner_id,),
+                "UPDATE runners SET last_seen_at = now(), connected = true,"
+                " capacity = CASE WHEN %s THEN 0 ELSE capacity END WHERE id = %s",
+                (draining, runner_id),
             )
 
     async def disconnected(self, runner_id: str, session_id: str) -> None:
