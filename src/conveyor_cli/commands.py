@@ -57,6 +57,7 @@ def projects_create(client: Client, args: argparse.Namespace) -> int:
             forge=args.forge,
             forge_api_url=args.forge_api_url,
             forge_repo=args.forge_repo,
+            network_isolated=args.no_network,
         ),
     )
     data = project_json(reply.project)
@@ -121,6 +122,7 @@ def project_json(project: pb.Project) -> dict[str, Any]:
         forge=project.forge,
         forge_api_url=project.forge_api_url,
         forge_repo=project.forge_repo,
+        network_isolated=project.network_isolated,
     )
     return data
 
@@ -136,6 +138,9 @@ def projects_update(client: Client, args: argparse.Namespace) -> int:
     if args.cancel_in_progress is not None:
         values.cancel_in_progress = args.cancel_in_progress == "on"
         mask.append("cancel_in_progress")
+    if args.network is not None:
+        values.network_isolated = args.network == "off"
+        mask.append("network_isolated")
     if args.other_branches is not None:
         values.build_other_branches = args.other_branches == "on"
         mask.append("build_other_branches")

@@ -70,6 +70,9 @@ def _parser() -> argparse.ArgumentParser:
     create.add_argument("--run-timeout", type=int, default=0)
     create.add_argument("--root-directory", default="")
     create.add_argument("--cancel-in-progress", action="store_true")
+    create.add_argument(
+        "--no-network", action="store_true", help="run the project's builds without network"
+    )
     create.add_argument("--production-only", action="store_true")
     _forge_flags(create)
     create.add_argument("--json", action="store_true")
@@ -89,6 +92,7 @@ def _parser() -> argparse.ArgumentParser:
     update.add_argument("--run-timeout", type=int)
     update.add_argument("--root-directory")
     update.add_argument("--cancel-in-progress", choices=["on", "off"])
+    update.add_argument("--network", choices=["on", "off"], help="network access of builds")
     update.add_argument(
         "--other-branches", choices=["on", "off"], help="build branches besides production"
     )

@@ -3,6 +3,7 @@ field, and nothing stored changes."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -407,8 +408,15 @@ async def test_a_message_over_the_size_limit_is_refused(prepared: Api) -> None:
 
 
 async def test_client_deadlines_are_honoured(prepared: Api) -> None:
+    """A follow of a build that never starts ends at the client's deadline."""
+    build = await prepared.trigger("existing", commit_sha="a" * 40)
+    began = time.monotonic()
     with pytest.raises(aio.AioRpcError) as err:
-        await prepared.config.ListProjects(
-            cs.ListProjectsRequest(), metadata=prepared.metadata, timeout=0.000001
-        )
+        async for _ in prepared.builds.StreamLogs(
+            bm.StreamLogsRequest(build_id=build.id, follow=True),
+            metadata=prepared.metadata,
+            timeout=0.5,
+        ):
+            pass
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert 0.4 < time.monotonic() - began < 3.0

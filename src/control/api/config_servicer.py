@@ -50,6 +50,7 @@ def settings_from(msg: cs.CreateProjectRequest) -> ProjectSettings:
         forge=msg.forge,
         forge_api_url=msg.forge_api_url,
         forge_repo=msg.forge_repo,
+        network_isolated=msg.network_isolated,
     )
 
 

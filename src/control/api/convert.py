@@ -79,6 +79,7 @@ def project_to_pb(project: Project, *, with_secret: bool) -> pb.Project:
         forge=project.forge,
         forge_api_url=project.forge_api_url,
         forge_repo=project.forge_repo,
+        network_isolated=project.network_isolated,
     )
     timestamp(project.created_at, msg.created_at)
     timestamp(project.updated_at, msg.updated_at)

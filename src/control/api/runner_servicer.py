@@ -47,6 +47,7 @@ def assignment_to_pb(data: AssignmentData, kill_grace: int) -> rs.ConnectRespons
             step_commands=list(data.step_commands),
             run_timeout_seconds=data.run_timeout,
             kill_grace_seconds=kill_grace,
+            network_isolated=project.network_isolated,
             env=[rs.EnvVar(name=v.name, value=v.value, secret=v.secret) for v in data.env],
         )
     )

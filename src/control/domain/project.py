@@ -51,6 +51,7 @@ class Project:
     forge: str = ""
     forge_api_url: str = ""
     forge_repo: str = ""
+    network_isolated: bool = False
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,7 @@ class ProjectSettings:
     forge: str = ""
     forge_api_url: str = ""
     forge_repo: str = ""
+    network_isolated: bool = False
 
     def validate(self, max_run_timeout_seconds: int) -> None:
         """Raise ``InvalidArgument`` naming the first wrong field."""

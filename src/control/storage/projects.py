@@ -15,7 +15,7 @@ _COLUMNS = (
     " preview_command, webhook_secret, run_timeout_seconds, cancel_in_progress,"
     " build_other_branches, root_directory, created_at, updated_at,"
     " branch_include, branch_exclude, watch_include, watch_exclude,"
-    " forge, forge_api_url, forge_repo"
+    " forge, forge_api_url, forge_repo, network_isolated"
 )
 UPDATABLE = frozenset(ProjectSettings.__dataclass_fields__)
 
@@ -44,6 +44,7 @@ def _project(row: Row) -> Project:
         forge=row[19],
         forge_api_url=row[20],
         forge_repo=row[21],
+        network_isolated=row[22],
     )
 
 

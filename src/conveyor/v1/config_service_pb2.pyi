@@ -41,6 +41,7 @@ class CreateProjectRequest(_message.Message):
     FORGE_FIELD_NUMBER: _builtins.int
     FORGE_API_URL_FIELD_NUMBER: _builtins.int
     FORGE_REPO_FIELD_NUMBER: _builtins.int
+    NETWORK_ISOLATED_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     repo_url: _builtins.str
     production_branch: _builtins.str
@@ -54,6 +55,7 @@ class CreateProjectRequest(_message.Message):
     forge: _builtins.str
     forge_api_url: _builtins.str
     forge_repo: _builtins.str
+    network_isolated: _builtins.bool
     @_builtins.property
     def branch_include(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """See Project for the meaning of these."""
@@ -84,10 +86,11 @@ class CreateProjectRequest(_message.Message):
         forge: _builtins.str = ...,
         forge_api_url: _builtins.str = ...,
         forge_repo: _builtins.str = ...,
+        network_isolated: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["branch_exclude", b"branch_exclude", "branch_include", b"branch_include", "build_command", b"build_command", "build_other_branches", b"build_other_branches", "cancel_in_progress", b"cancel_in_progress", "deploy_command", b"deploy_command", "forge", b"forge", "forge_api_url", b"forge_api_url", "forge_repo", b"forge_repo", "name", b"name", "preview_command", b"preview_command", "production_branch", b"production_branch", "repo_url", b"repo_url", "root_directory", b"root_directory", "run_timeout_seconds", b"run_timeout_seconds", "watch_exclude", b"watch_exclude", "watch_include", b"watch_include"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["branch_exclude", b"branch_exclude", "branch_include", b"branch_include", "build_command", b"build_command", "build_other_branches", b"build_other_branches", "cancel_in_progress", b"cancel_in_progress", "deploy_command", b"deploy_command", "forge", b"forge", "forge_api_url", b"forge_api_url", "forge_repo", b"forge_repo", "name", b"name", "network_isolated", b"network_isolated", "preview_command", b"preview_command", "production_branch", b"production_branch", "repo_url", b"repo_url", "root_directory", b"root_directory", "run_timeout_seconds", b"run_timeout_seconds", "watch_exclude", b"watch_exclude", "watch_include", b"watch_include"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

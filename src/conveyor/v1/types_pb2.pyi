@@ -130,6 +130,7 @@ class Project(_message.Message):
     FORGE_FIELD_NUMBER: _builtins.int
     FORGE_API_URL_FIELD_NUMBER: _builtins.int
     FORGE_REPO_FIELD_NUMBER: _builtins.int
+    NETWORK_ISOLATED_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     account_id: _builtins.str
     name: _builtins.str
@@ -152,6 +153,8 @@ class Project(_message.Message):
     """
     forge_api_url: _builtins.str
     forge_repo: _builtins.str
+    network_isolated: _builtins.bool
+    """network_isolated runs the project's builds without network access."""
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -198,10 +201,11 @@ class Project(_message.Message):
         forge: _builtins.str = ...,
         forge_api_url: _builtins.str = ...,
         forge_repo: _builtins.str = ...,
+        network_isolated: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "branch_exclude", b"branch_exclude", "branch_include", b"branch_include", "build_command", b"build_command", "build_other_branches", b"build_other_branches", "cancel_in_progress", b"cancel_in_progress", "created_at", b"created_at", "deploy_command", b"deploy_command", "forge", b"forge", "forge_api_url", b"forge_api_url", "forge_repo", b"forge_repo", "id", b"id", "name", b"name", "preview_command", b"preview_command", "production_branch", b"production_branch", "repo_url", b"repo_url", "root_directory", b"root_directory", "run_timeout_seconds", b"run_timeout_seconds", "updated_at", b"updated_at", "watch_exclude", b"watch_exclude", "watch_include", b"watch_include", "webhook_secret", b"webhook_secret"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "branch_exclude", b"branch_exclude", "branch_include", b"branch_include", "build_command", b"build_command", "build_other_branches", b"build_other_branches", "cancel_in_progress", b"cancel_in_progress", "created_at", b"created_at", "deploy_command", b"deploy_command", "forge", b"forge", "forge_api_url", b"forge_api_url", "forge_repo", b"forge_repo", "id", b"id", "name", b"name", "network_isolated", b"network_isolated", "preview_command", b"preview_command", "production_branch", b"production_branch", "repo_url", b"repo_url", "root_directory", b"root_directory", "run_timeout_seconds", b"run_timeout_seconds", "updated_at", b"updated_at", "watch_exclude", b"watch_exclude", "watch_include", b"watch_include", "webhook_secret", b"webhook_secret"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
