@@ -8,6 +8,7 @@ from dataclasses import asdict
 
 from control.domain.project import Project, ProjectSettings
 from control.errors import FailedPrecondition, NotFound
+from control.storage.builds import is_uuid
 from control.storage.db import Conn, Database, Row
 
 _COLUMNS = (
@@ -53,14 +54,6 @@ def _sql_value(value: object) -> object:
     return list(value) if isinstance(value, tuple) else value
 
 
-def _is_uuid(value: str) -> bool:
-    try:
-        uuid.UUID(value)
-    except ValueError:
-        return False
-    return True
-
-
 class ProjectStore:
     def __init__(self, db: Database) -> None:
         self.db = db
@@ -87,7 +80,7 @@ class ProjectStore:
 
     async def get_in(self, conn: Conn, account_id: str | None, ref: str) -> Project:
         clauses, params = [], []
-        if _is_uuid(ref):
+        if is_uuid(ref):
             clauses.append("id = %s")
             params.append(ref)
         else:
