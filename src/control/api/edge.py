@@ -202,7 +202,7 @@ class EdgeInterceptor(aio.ServerInterceptor):  # type: ignore[type-arg]  # grpc-
                 try:
                     await enter(request)
                     response = await inner_uu(request, context)
-                except (ConveyorError, Exception) as exc:
+                except Exception as exc:
                     if isinstance(exc, aio.AbortError):
                         raise
                     await fail(context, exc)
@@ -228,7 +228,7 @@ class EdgeInterceptor(aio.ServerInterceptor):  # type: ignore[type-arg]  # grpc-
                 await enter(request)
                 async for item in stream_fn(request, context):
                     yield item
-            except (ConveyorError, Exception) as exc:
+            except Exception as exc:
                 if isinstance(exc, aio.AbortError):
                     raise
                 await fail(context, exc)

@@ -103,6 +103,15 @@ class Lifecycle:
     # --- queueing ---------------------------------------------------------
 
     @asynccontextmanager
+    async def _joined(self, conn: Conn | None) -> AsyncIterator[Conn]:
+        """The caller's transaction when given one, else a new one."""
+        if conn is not None:
+            yield conn
+            return
+        async with self.db.transaction() as own:
+            yield own
+
+    @asynccontextmanager
     async def transaction(self) -> AsyncIterator[Conn]:
         """A transaction for callers that queue builds among writes of their
         own (``queue(conn=...)``): the listeners hear of the builds it queued
@@ -137,22 +146,9 @@ class Lifecycle:
         if production is None:
             production = branch == project.production_branch
         names = ["clone"] + [name for name, _ in step_plan(project, production)]
-        if conn is None:
-            async with self.db.transaction() as own:
-                build_id, ended = await self._queue_in(
-                    own,
-                    project,
-                    branch,
-                    commit_sha,
-                    trigger,
-                    production,
-                    retry_of,
-                    received_at,
-                    names,
-                )
-        else:
+        async with self._joined(conn) as tx:
             build_id, ended = await self._queue_in(
-                conn,
+                tx,
                 project,
                 branch,
                 commit_sha,
