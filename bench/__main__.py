@@ -40,6 +40,7 @@ import psycopg
 from bench import (
     buildbot_peer,
     burst,
+    cache,
     live_tail,
     log_ingest,
     push_latency,
@@ -52,7 +53,7 @@ from bench.processes import BenchError, Postgres
 from bench.report import code_under_test, exported, machine, markdown, table
 
 REPO = Path(__file__).resolve().parent.parent
-PARTS = ("push", "logs", "tail", "scheduler", "burst", "scale")
+PARTS = ("push", "logs", "tail", "scheduler", "burst", "scale", "cache")
 MODULES: dict[str, ModuleType] = {
     "push": push_latency,
     "logs": log_ingest,
@@ -60,6 +61,7 @@ MODULES: dict[str, ModuleType] = {
     "scheduler": scheduler,
     "burst": burst,
     "scale": scale,
+    "cache": cache,
 }
 # (full run, --quick) defaults of every size.
 SIZES: dict[str, tuple[Any, Any]] = {
@@ -76,6 +78,7 @@ SIZES: dict[str, tuple[Any, Any]] = {
     "scale_builds": (1000, 200),
     "scale_runners": (50, 10),
     "scale_window": (30.0, 10.0),
+    "cache_rounds": (3, 1),
 }
 
 
@@ -113,6 +116,7 @@ def _parser() -> argparse.ArgumentParser:
     sizes.add_argument("--scale-builds", type=int, help="part 6: active builds")
     sizes.add_argument("--scale-runners", type=int, help="part 6: runner clients")
     sizes.add_argument("--scale-window", type=float, help="part 6: idle window (s)")
+    sizes.add_argument("--cache-rounds", type=int, help="part 8: cold/warm build pairs")
     return p
 
 
@@ -138,6 +142,7 @@ def _runners(s: dict[str, Any]) -> dict[str, Callable[[Context], Awaitable[PartR
         "scale": lambda c: scale.run(
             c, builds=s["scale_builds"], runners=s["scale_runners"], window=s["scale_window"]
         ),
+        "cache": lambda c: cache.run(c, rounds=s["cache_rounds"]),
     }
 
 

@@ -74,3 +74,14 @@ class Repo:
         # New objects are written 0444 under the umask; directories may be new.
         self.open_up()
         return shas
+
+    def write(self, name: str, content: str, message: str) -> str:
+        """Commit ``content`` as file ``name`` on main (the checked-out
+        branch); later commits keep it. Returns the new sha."""
+        (self.path / name).write_text(content)
+        self._git("add", "-A")
+        self._git("commit", "-q", "-m", message)
+        self.tree = self._git("rev-parse", "HEAD^{tree}")
+        self.tips["main"] = self._git("rev-parse", "HEAD")
+        self.open_up()
+        return self.tips["main"]

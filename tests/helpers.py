@@ -96,6 +96,21 @@ def open_up(path: Path) -> None:
             parent.chmod(mode | 0o001)
 
 
+async def cli(control: ControlHandle, *args: str, stdin: str = "") -> tuple[int, str, str]:
+    """Run the `conveyor` command against ``control`` as its admin; return
+    its exit code, stdout and stderr."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "conveyor_cli.main", *args,
+        env={**os.environ, "CONVEYOR_ADDR": control.plane.grpc_address,
+             "CONVEYOR_TOKEN": control.admin_token},
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(proc.communicate(stdin.encode()), 60)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
 class ControlHandle:
     """A ControlPlane in this process with tokens and fast deadlines."""
 

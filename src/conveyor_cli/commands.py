@@ -58,6 +58,9 @@ def projects_create(client: Client, args: argparse.Namespace) -> int:
             forge_api_url=args.forge_api_url,
             forge_repo=args.forge_repo,
             network_isolated=args.no_network,
+            cache_disabled=args.no_cache,
+            cache_lockfiles=_comma_list(args.cache_lockfiles),
+            cache_paths=_comma_list(args.cache_paths),
         ),
     )
     data = project_json(reply.project)
@@ -85,8 +88,7 @@ def projects_show(client: Client, args: argparse.Namespace) -> int:
     if args.json:
         _print_json(data)
     else:
-        for key, value in data.items():
-            print(f"{key:<22} {value}")
+        print(render.project_text(data))
     return 0
 
 
@@ -111,6 +113,11 @@ def _globs(values: list[str] | None) -> list[str]:
     return [v for v in values or [] if v]
 
 
+def _comma_list(value: str | None) -> list[str]:
+    """``a,b`` as a list; None or '' as the empty list (the defaults)."""
+    return [item.strip() for item in (value or "").split(",") if item.strip()]
+
+
 def project_json(project: pb.Project) -> dict[str, Any]:
     """``render.project_json`` and the forge integration's settings."""
     data = render.project_json(project)
@@ -123,6 +130,10 @@ def project_json(project: pb.Project) -> dict[str, Any]:
         forge_api_url=project.forge_api_url,
         forge_repo=project.forge_repo,
         network_isolated=project.network_isolated,
+        cache_disabled=project.cache_disabled,
+        cache_lockfiles=list(project.cache_lockfiles),
+        cache_paths=list(project.cache_paths),
+        cache_generation=project.cache_generation,
     )
     return data
 
@@ -144,6 +155,15 @@ def projects_update(client: Client, args: argparse.Namespace) -> int:
     if args.other_branches is not None:
         values.build_other_branches = args.other_branches == "on"
         mask.append("build_other_branches")
+    if args.cache is not None:
+        values.cache_disabled = args.cache == "off"
+        mask.append("cache_disabled")
+    # An empty list in the update puts the defaults back.
+    for field in ("cache_lockfiles", "cache_paths"):
+        given = getattr(args, field)
+        if given is not None:
+            getattr(values, field).extend(_comma_list(given))
+            mask.append(field)
     for field in LIST_FLAGS:
         given = getattr(args, field, None)
         if given is not None:
@@ -481,4 +501,13 @@ def hooks_revoke(client: Client, args: argparse.Namespace) -> int:
         _print_json(_hook_json(reply.hook))
     else:
         print(f"deploy hook {reply.hook.name} revoked")
+    return 0
+
+
+def cache_purge(client: Client, args: argparse.Namespace) -> int:
+    reply = client.call(client.config.PurgeCache, cs.PurgeCacheRequest(project=args.project))
+    if args.json:
+        _print_json({"project": args.project, "generation": reply.generation})
+    else:
+        print(f"cache of {args.project} purged: builds now use generation {reply.generation}")
     return 0

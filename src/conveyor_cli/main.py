@@ -74,6 +74,8 @@ def _parser() -> argparse.ArgumentParser:
         "--no-network", action="store_true", help="run the project's builds without network"
     )
     create.add_argument("--production-only", action="store_true")
+    create.add_argument("--no-cache", action="store_true", help="build without the build cache")
+    _cache_flags(create)
     _forge_flags(create)
     create.add_argument("--json", action="store_true")
     lst = projects.add_parser("list")
@@ -96,6 +98,8 @@ def _parser() -> argparse.ArgumentParser:
     update.add_argument(
         "--other-branches", choices=["on", "off"], help="build branches besides production"
     )
+    update.add_argument("--cache", choices=["on", "off"], help="the build cache of builds")
+    _cache_flags(update)
     _forge_flags(update, defaults=None)
     update.add_argument("--json", action="store_true")
     delete = projects.add_parser("delete")
@@ -178,12 +182,35 @@ def _parser() -> argparse.ArgumentParser:
     hrevoke.add_argument("hook_id")
     hrevoke.add_argument("--json", action="store_true")
 
+    cache = sub.add_parser("cache", help="the build cache of a project").add_subparsers(
+        dest="cache_command", required=True
+    )
+    purge = cache.add_parser("purge", help="start a new cache generation: drop what was saved")
+    purge.add_argument("project")
+    purge.add_argument("--json", action="store_true")
+
     logs = sub.add_parser("logs")
     logs.add_argument("build_id")
     logs.add_argument("--follow", "-f", action="store_true")
     logs.add_argument("--cursor", default="")
     logs.add_argument("--json", action="store_true")
     return p
+
+
+def _cache_flags(cmd: argparse.ArgumentParser) -> None:
+    """Comma-separated cache lists; an empty string means the defaults."""
+    cmd.add_argument(
+        "--cache-lockfiles",
+        metavar="LIST",
+        help="file-name globs in the root directory whose contents key the cache"
+        " ('' for the defaults)",
+    )
+    cmd.add_argument(
+        "--cache-paths",
+        metavar="LIST",
+        help="paths saved after a successful build, relative to the root directory"
+        " or starting with ~/ ('' for the defaults)",
+    )
 
 
 def _forge_flags(cmd: argparse.ArgumentParser, defaults: str | None = "") -> None:
@@ -225,6 +252,7 @@ CLIENT_COMMANDS: dict[tuple[str, str | None], Callable[..., int]] = {
     ("hooks", "create"): commands.hooks_create,
     ("hooks", "list"): commands.hooks_list,
     ("hooks", "revoke"): commands.hooks_revoke,
+    ("cache", "purge"): commands.cache_purge,
 }
 
 
@@ -334,11 +362,16 @@ def _runner_start(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     configure("conveyor-runner", args.log_format)
+    try:
+        cache = settings.open_cache(os.environ)
+    except (ValueError, OSError) as exc:
+        print(f"error: build cache: {exc}", file=sys.stderr)
+        return 2
 
     async def run() -> None:
         metrics = RunnerMetrics(CollectorRegistry())
         launcher, sandboxed = _launcher(settings, metrics)
-        agent = Agent(settings, launcher, metrics, sandboxed=sandboxed)
+        agent = Agent(settings, launcher, metrics, sandboxed=sandboxed, cache=cache)
         http = (
             await serve_metrics(metrics, settings.metrics_addr) if settings.metrics_addr else None
         )
@@ -370,7 +403,11 @@ def _launcher(settings: RunnerSettings, metrics: RunnerMetrics) -> tuple[Launche
         from runner.launchers.nomad import NomadLauncher, NomadSettings
 
         return NomadLauncher(NomadSettings.from_env(os.environ)), True
-    local = LocalLauncher(settings.work_dir / "workspaces", metrics=metrics)
+    local = LocalLauncher(
+        settings.work_dir / "workspaces",
+        metrics=metrics,
+        protected=(settings.cache_root, settings.cache_staging),
+    )
     return local, local.sandboxed
 
 

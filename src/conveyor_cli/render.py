@@ -84,6 +84,23 @@ def project_json(project: pb.Project) -> dict[str, Any]:
     return data
 
 
+def project_text(data: dict[str, Any]) -> str:
+    """``project_json``'s data as aligned ``key value`` lines: lists joined
+    with commas, and the cache's switch and generation on one line."""
+    lines = []
+    for key, value in data.items():
+        if key == "cache_generation":
+            continue
+        if key == "cache_disabled":
+            key = "cache"
+            state = "off" if value else "on"
+            value = f"{state} (generation {data.get('cache_generation', 1)})"
+        elif isinstance(value, list):
+            value = ", ".join(str(v) for v in value) or "-"
+        lines.append(f"{key:<22} {value}")
+    return "\n".join(lines)
+
+
 def build_text(build: pb.Build) -> str:
     data = build_json(build)
     lines = [

@@ -22,6 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from control.logging_setup import release
 from conveyor.v1 import runner_service_pb2 as rs
 from runner.build_run import BuildRun
+from runner.cache import BuildCache
 from runner.config import RunnerSettings
 from runner.control_client import ControlClient, backoff_sleep
 from runner.launchers.base import Launcher
@@ -40,8 +41,10 @@ class Agent:
         metrics: RunnerMetrics,
         *,
         sandboxed: bool = True,
+        cache: BuildCache | None = None,
     ) -> None:
         self.settings = settings
+        self.cache = cache
         self.launcher = launcher
         self.metrics = metrics
         self.sandboxed = sandboxed
@@ -149,7 +152,7 @@ class Agent:
             return
         run = BuildRun(
             assignment, self.client, self.launcher, self.metrics, self.settings.limits,
-            self.sandboxed,
+            self.sandboxed, cache=self.cache, cache_staging=self.settings.cache_staging,
         )  # fmt: skip
         self.runs[build_id] = run
         self.metrics.busy.set(len(self.runs))

@@ -11,6 +11,7 @@ import logging
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -18,12 +19,14 @@ from control.logging_setup import bind
 from conveyor.v1 import runner_service_pb2 as rs
 from conveyor.v1 import types_pb2 as pb
 from conveyor.v1.types_pb2 import BuildStatus
+from runner.cache import BuildCache, scope_for
+from runner.cache_run import CacheRun, CacheTarget
 from runner.control_client import ControlClient, backoff_sleep, is_retryable
 from runner.launchers.base import Job, JobResult, JobSpec, Launcher, LaunchError, Limits
 from runner.logbatch import LogBatcher
 from runner.masking import Masker
 from runner.metrics import RunnerMetrics
-from runner.script import BuildScript
+from runner.script import BuildScript, CachePlan
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +65,13 @@ class BuildRun:
         metrics: RunnerMetrics,
         limits: Limits,
         sandboxed: bool,
+        *,
+        cache: BuildCache | None = None,
+        cache_staging: Path | None = None,
     ) -> None:
         self.a = assignment
+        self.cache = cache
+        self.cache_staging = cache_staging
         self.client = client
         self.launcher = launcher
         self.metrics = metrics
@@ -157,6 +165,7 @@ class BuildRun:
         self._report(pb.BUILD_STATUS_INITIALIZING, warnings=warnings)
         secrets = {e.name: e.value for e in a.env if e.secret}
         masker = Masker(secrets.values())
+        cache_run = await self._cache_run(batcher)
         script = BuildScript(
             repo_url=a.repo_url,
             commit_sha=a.commit_sha,
@@ -164,6 +173,7 @@ class BuildRun:
             steps=tuple(zip(a.step_names, a.step_commands, strict=True)),
             root_directory=a.root_directory,
             nonce=BuildScript.new_nonce(),
+            cache=cache_run.plan if cache_run else None,
         )
         env = {
             "CI": "true",
@@ -189,27 +199,68 @@ class BuildRun:
             limits=self.limits,
             network=not a.network_isolated,
             local_paths=local_paths,
+            cache_fds=cache_run.pipes.job_fds if cache_run else None,
         )
         try:
-            self.job = await self.launcher.launch(spec)
+            try:
+                self.job = await self.launcher.launch(spec)
+            finally:
+                if cache_run is not None:
+                    cache_run.pipes.close_job_ends()
+            self.metrics.launch_seconds.observe(time.perf_counter() - self.received)
+            if self.cancel_reason is not None:
+                await self.job.stop(a.kill_grace_seconds or 10)
+            self._report(pb.BUILD_STATUS_RUNNING)
+            watchdog = asyncio.create_task(self._wall_clock())
+            try:
+                failed_step = await self._follow(self.job, script, masker, batcher, cache_run)
+                result = await self.job.wait()
+            finally:
+                watchdog.cancel()
+            final = self._final(result, failed_step)
+            if cache_run is not None:
+                await cache_run.finish(final[0] == pb.BUILD_STATUS_SUCCEEDED)
+            return final
         except LaunchError as exc:
             self.metrics.launcher_errors.labels(self.launcher.name).inc()
             await batcher.add("system", f"could not start the build: {exc}")
             return pb.BUILD_STATUS_ERRORED, str(exc)
-        self.metrics.launch_seconds.observe(time.perf_counter() - self.received)
-        if self.cancel_reason is not None:
-            await self.job.stop(a.kill_grace_seconds or 10)
-        self._report(pb.BUILD_STATUS_RUNNING)
-        watchdog = asyncio.create_task(self._wall_clock())
-        try:
-            failed_step = await self._follow(self.job, script, masker, batcher)
-            result = await self.job.wait()
         finally:
-            watchdog.cancel()
-        return self._final(result, failed_step)
+            if cache_run is not None:
+                cache_run.close()
+
+    async def _cache_run(self, batcher: LogBatcher) -> CacheRun | None:
+        """The build's cache work, or None (with a log line saying why, when
+        the project wants a cache this runner cannot give it)."""
+        a = self.a
+        if not (a.cache_lockfiles and a.cache_paths):
+            return None  # the project turned its cache off
+        if self.cache is None or self.cache_staging is None:
+            await batcher.add("system", "cache: this runner has no build cache configured")
+            return None
+        if not self.launcher.supports_cache:
+            await batcher.add(
+                "system", f"cache: the {self.launcher.name} launcher does not restore or save it"
+            )
+            return None
+        plan = CachePlan(tuple(a.cache_lockfiles), tuple(a.cache_paths)).usable()
+        target = CacheTarget(a.project_id, a.cache_generation, scope_for(a.production, a.branch))
+
+        async def say(text: str) -> None:
+            await batcher.add("system", text)
+
+        return CacheRun(
+            self.cache, plan, target,
+            staging_dir=self.cache_staging, build_id=self.build_id, say=say, metrics=self.metrics,
+        )  # fmt: skip
 
     async def _follow(
-        self, job: Job, script: BuildScript, masker: Masker, batcher: LogBatcher
+        self,
+        job: Job,
+        script: BuildScript,
+        masker: Masker,
+        batcher: LogBatcher,
+        cache_run: CacheRun | None,
     ) -> str | None:
         failed: str | None = None
         current: StepState | None = None
@@ -225,6 +276,10 @@ class BuildRun:
                     await batcher.add(out.stream, masker.mask(text))
                     data = data[at:]
                 marker = script.parse_marker(data)
+                if marker is not None and marker.kind.startswith("cache-"):
+                    if cache_run is not None:
+                        await cache_run.on_marker(marker)
+                    continue
                 if marker is not None:
                     now = datetime.now(UTC)
                     if marker.index >= len(self.steps):

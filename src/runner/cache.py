@@ -1,43 +1,39 @@
 """The build cache: archives of dependency directories, keyed by lock files.
 
-Objects live at ``<project>/<generation>/<key>.tar.gz`` with a pointer
-``<project>/<generation>/branch/<branch hash>`` naming the key a branch saved
-last, so a build whose lock files changed restores the newest cache of the
-production branch. A purge starts a new generation (the control plane bumps
-it; old generations are collected). Entries expire after ``max_age_days``
-and a project keeps at most ``max_project_bytes`` (oldest dropped first).
+Objects live at ``<project>/<generation>/<scope>/<key>.tar.gz``, with a
+pointer ``<project>/<generation>/<scope>/latest`` naming the key the scope
+saved last. A scope is where a build may write: production builds write to
+``production``, every other build to its branch's own scope, so a pull
+request (whose branch name a fork chooses) can never put an archive where a
+production build would restore it. A build restores, in order: its key in
+its scope, its key in production, its scope's newest, production's newest.
+
+A purge starts a new generation (the control plane bumps it; a save
+collects the old ones). Entries expire ``max_age_days`` after their last
+use (last save on S3) and a project keeps at most ``max_project_bytes``
+(least recently used dropped first).
 
 Two stores implement ``CacheStore``: a local directory (the default) and
-S3-compatible object storage through boto3.
+S3-compatible object storage through boto3. The archives themselves are
+made and unpacked inside the build's sandbox (see ``runner.cache_run``);
+the runner only moves bytes, never reads a build's files.
 """
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import logging
 import os
 import shutil
-import stat
 import time
-from collections.abc import Iterator
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import IO, Any, Protocol
 
 log = logging.getLogger(__name__)
 
-DEFAULT_LOCKFILES = (
-    "package-lock.json",
-    "yarn.lock",
-    "pnpm-lock.yaml",
-    "poetry.lock",
-    "uv.lock",
-    "requirements*.txt",
-    "Cargo.lock",
-    "go.sum",
-)
-DEFAULT_PATHS = ("node_modules", ".venv", "vendor", ".cache/pip", "target")
+PRODUCTION_SCOPE = "production"
 
 
 @dataclass(frozen=True)
@@ -54,21 +50,28 @@ class CacheObject:
     modified: float  # unix seconds
 
 
-def object_name(project_id: str, generation: int, key: str) -> str:
-    return f"{project_id}/{generation}/{key}.tar.gz"
+def scope_for(production: bool, branch: str) -> str:
+    """The scope a build writes to (see the module docstring)."""
+    if production:
+        return PRODUCTION_SCOPE
+    return "branch-" + hashlib.sha256(branch.encode()).hexdigest()[:32]
 
 
-def pointer_name(project_id: str, generation: int, branch: str) -> str:
-    digest = hashlib.sha256(branch.encode()).hexdigest()[:32]
-    return f"{project_id}/{generation}/branch/{digest}"
+def object_name(project_id: str, generation: int, scope: str, key: str) -> str:
+    return f"{project_id}/{generation}/{scope}/{key}.tar.gz"
+
+
+def pointer_name(project_id: str, generation: int, scope: str) -> str:
+    return f"{project_id}/{generation}/{scope}/latest"
 
 
 class CacheStore(Protocol):
     """Blocking object storage; callers run it in a thread. Methods raise
     ``OSError`` (or the backend's error) when the storage fails."""
 
-    def download(self, name: str, dest: Path) -> bool:
-        """Write object ``name`` to ``dest``; False when it does not exist."""
+    def open_read(self, name: str) -> tuple[IO[bytes], int] | None:
+        """Object ``name`` opened for reading, and its size; None when it
+        does not exist. The caller must close it."""
         ...
 
     def upload(self, src: Path, name: str) -> None: ...
@@ -94,13 +97,13 @@ class LocalDirCache:
             raise ValueError(f"object name {name!r} escapes the cache root")
         return path
 
-    def download(self, name: str, dest: Path) -> bool:
-        src = self._path(name)
-        if not src.is_file():
-            return False
-        shutil.copyfile(src, dest)
-        os.utime(src)  # recently used: keep it longest
-        return True
+    def open_read(self, name: str) -> tuple[IO[bytes], int] | None:
+        try:
+            handle = self._path(name).open("rb")
+        except (FileNotFoundError, IsADirectoryError):
+            return None
+        os.utime(handle.fileno())  # recently used: keep it longest
+        return handle, os.fstat(handle.fileno()).st_size
 
     def upload(self, src: Path, name: str) -> None:
         dest = self._path(name)
@@ -147,7 +150,7 @@ class S3Cache:
         self.prefix = prefix.strip("/")
 
     @classmethod
-    def from_env(cls, env: dict[str, str]) -> S3Cache:
+    def from_env(cls, env: Mapping[str, str]) -> S3Cache:
         """CONVEYOR_CACHE_S3_BUCKET (required), CONVEYOR_CACHE_S3_ENDPOINT,
         CONVEYOR_CACHE_S3_PREFIX; credentials the boto3 way (AWS_* variables,
         profiles, instance roles)."""
@@ -167,16 +170,16 @@ class S3Cache:
     def _key(self, name: str) -> str:
         return f"{self.prefix}/{name}"
 
-    def download(self, name: str, dest: Path) -> bool:
+    def open_read(self, name: str) -> tuple[IO[bytes], int] | None:
         from botocore.exceptions import ClientError
 
         try:
-            self.client.download_file(self.bucket, self._key(name), str(dest))
+            reply = self.client.get_object(Bucket=self.bucket, Key=self._key(name))
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey"):
-                return False
+                return None
             raise
-        return True
+        return reply["Body"], int(reply["ContentLength"])
 
     def upload(self, src: Path, name: str) -> None:
         self.client.upload_file(str(src), self.bucket, self._key(name))
@@ -218,70 +221,68 @@ class S3Cache:
 
 
 @dataclass(frozen=True)
-class Restored:
-    key: str | None  # the key of the archive restored, or None
-    fallback: bool = False
-    bytes: int = 0
+class Found:
+    """An archive a build may restore. ``exact`` when it was saved for the
+    same key (same lock files), else it is a scope's newest."""
+
+    name: str
+    key: str
+    exact: bool
+    scope: str
 
 
 class BuildCache:
-    """Restore and save one project's cache through a store, in threads."""
+    """Find, save and collect one store's archives. Methods block (network
+    or disk): call them in a thread. They raise ``OSError`` or the store's
+    error when the storage fails."""
 
     def __init__(self, store: CacheStore, policy: CachePolicy | None = None) -> None:
         self.store = store
         self.policy = policy or CachePolicy()
 
-    async def restore(
-        self,
-        project_id: str,
-        generation: int,
-        key: str,
-        production_branch: str,
-        dest: Path,
-    ) -> Restored:
-        """Fetch the archive for ``key`` (else the production branch's newest)
-        into ``dest``."""
-        return await asyncio.to_thread(
-            self._restore, project_id, generation, key, production_branch, dest
-        )
+    def find(self, project_id: str, generation: int, key: str, scope: str) -> Found | None:
+        """The archive to restore for ``key`` in ``scope``, or None."""
+        scopes = [scope] if scope == PRODUCTION_SCOPE else [scope, PRODUCTION_SCOPE]
+        for where in scopes:
+            name = object_name(project_id, generation, where, key)
+            if self._exists(name):
+                return Found(name, key, True, where)
+        for where in scopes:
+            latest = self.store.read_text(pointer_name(project_id, generation, where))
+            latest = (latest or "").strip()
+            if latest and latest != key:
+                name = object_name(project_id, generation, where, latest)
+                if self._exists(name):
+                    return Found(name, latest, False, where)
+        return None
 
-    def _restore(
-        self, project_id: str, generation: int, key: str, production_branch: str, dest: Path
-    ) -> Restored:
-        if self.store.download(object_name(project_id, generation, key), dest):
-            return Restored(key, False, dest.stat().st_size)
-        fallback = self.store.read_text(pointer_name(project_id, generation, production_branch))
-        if fallback and fallback != key:
-            name = object_name(project_id, generation, fallback.strip())
-            if self.store.download(name, dest):
-                return Restored(fallback.strip(), True, dest.stat().st_size)
-        return Restored(None)
+    def _exists(self, name: str) -> bool:
+        prefix = name.rsplit("/", 1)[0] + "/"
+        return any(o.name == name for o in self.store.listing(prefix))
 
-    async def save(
-        self, project_id: str, generation: int, key: str, branch: str, archive: Path
-    ) -> str:
-        """Store ``archive`` under ``key`` and point ``branch`` at it; return
-        a sentence for the build log. Enforces the size policy."""
-        return await asyncio.to_thread(self._save, project_id, generation, key, branch, archive)
-
-    def _save(self, project_id: str, generation: int, key: str, branch: str, archive: Path) -> str:
+    def save(self, project_id: str, generation: int, key: str, scope: str, archive: Path) -> str:
+        """Store ``archive`` under ``key`` in ``scope`` and make it the
+        scope's newest; return a sentence for the build log. Enforces the
+        size policy and collects what it pushes out."""
         size = archive.stat().st_size
         if size > self.policy.max_entry_bytes:
             limit = self.policy.max_entry_bytes
             return f"cache not saved: {size} bytes is over the {limit}-byte limit"
-        self.store.upload(archive, object_name(project_id, generation, key))
-        self.store.write_text(pointer_name(project_id, generation, branch), key)
+        self.store.upload(archive, object_name(project_id, generation, scope, key))
+        self.store.write_text(pointer_name(project_id, generation, scope), key)
         removed = self.collect(project_id, generation)
         extra = f"; removed {removed} old entr{'y' if removed == 1 else 'ies'}" if removed else ""
-        return f"cache saved: key {key[:16]}, {size} bytes{extra}"
+        return f"cache saved: key {key[:16]}, {human_size(size)}{extra}"
 
     def collect(self, project_id: str, generation: int, now: float | None = None) -> int:
-        """Drop other generations, expired entries, and the oldest entries
-        past the project's size limit. Returns how many objects went."""
+        """Drop other generations, expired entries, and the least recently
+        used entries past the project's size limit. Returns how many
+        objects went."""
         now = time.time() if now is None else now
         objects = self.store.listing(f"{project_id}/")
-        doomed = [o for o in objects if not o.name.startswith(f"{project_id}/{generation}/")]
-        live = [o for o in objects if o.name.startswith(f"{project_id}/{generation}/")]
+        current = f"{project_id}/{generation}/"
+        doomed = [o for o in objects if not o.name.startswith(current)]
+        live = [o for o in objects if o.name.startswith(current)]
         cutoff = now - self.policy.max_age_days * 86400
         archives = sorted(
             (o for o in live if o.name.endswith(".tar.gz")), key=lambda o: o.modified, reverse=True
@@ -297,45 +298,10 @@ class BuildCache:
         return len(doomed)
 
 
-def lockfile_key(root: Path, patterns: tuple[str, ...]) -> str | None:
-    """SHA-256 over the lock files matching ``patterns`` directly in ``root``;
-    None when there is none.
-
-    The files come from the build's repository, so symlinks and anything
-    resolving outside ``root`` are skipped: the runner reads them with its
-    own privileges.
-    """
-    digest = hashlib.sha256()
-    found = False
-    base = root.resolve()
-    for path in sorted(_matches(root, patterns)):
-        data = read_regular_file(path, base)
-        if data is None:
-            continue
-        digest.update(path.name.encode() + b"\0")
-        digest.update(data)
-        found = True
-    return digest.hexdigest() if found else None
-
-
-def read_regular_file(path: Path, within: Path, limit: int = 64 * 1024 * 1024) -> bytes | None:
-    """The bytes of ``path`` if it is a regular file (not a symlink) inside
-    ``within`` and at most ``limit`` bytes; else None."""
-    try:
-        if path.is_symlink() or within not in path.resolve().parents:
-            return None
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    except OSError:
-        return None
-    with os.fdopen(fd, "rb") as handle:
-        info = os.fstat(handle.fileno())
-        if not stat.S_ISREG(info.st_mode) or info.st_size > limit:
-            return None
-        return handle.read(limit + 1)[:limit]
-
-
-def _matches(root: Path, patterns: tuple[str, ...]) -> Iterator[Path]:
-    for pattern in patterns:
-        if "/" in pattern or pattern.startswith("."):
-            continue
-        yield from root.glob(pattern)
+def human_size(size: int) -> str:
+    """``size`` bytes for a log line."""
+    if size >= 1024 * 1024:
+        return f"{size / (1024 * 1024):.1f} MiB"
+    if size >= 1024:
+        return f"{size / 1024:.1f} KiB"
+    return f"{size} bytes"

@@ -7,7 +7,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from runner.cache import BuildCache, CachePolicy, LocalDirCache, S3Cache
 from runner.launchers.base import Limits
+
+CACHE_BACKENDS = ("dir", "s3", "off")
 
 
 @dataclass(frozen=True)
@@ -25,6 +28,32 @@ class RunnerSettings:
     # How long SIGTERM waits for running builds before handing them back.
     drain_seconds: float = 600.0
     require_sandbox: bool = False
+    # The build cache: "dir" (``cache_dir``, default ``work_dir/cache``),
+    # "s3" (CONVEYOR_CACHE_S3_* and the usual AWS variables) or "off".
+    cache: str = "dir"
+    cache_dir: Path | None = None
+    cache_policy: CachePolicy = field(default_factory=CachePolicy)
+
+    @property
+    def cache_root(self) -> Path:
+        return self.cache_dir or self.work_dir / "cache"
+
+    @property
+    def cache_staging(self) -> Path:
+        """Where archives a build sends wait for their upload."""
+        return self.work_dir / "cache-staging"
+
+    def open_cache(self, env: Mapping[str, str]) -> BuildCache | None:
+        """The build cache these settings name, or None when it is off.
+        Raises ``ValueError`` naming a missing S3 setting."""
+        if self.cache == "off":
+            return None
+        if self.cache == "s3":
+            if not env.get("CONVEYOR_CACHE_S3_BUCKET"):
+                raise ValueError("CONVEYOR_CACHE=s3 needs CONVEYOR_CACHE_S3_BUCKET")
+            return BuildCache(S3Cache.from_env(env), self.cache_policy)
+        self.cache_root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        return BuildCache(LocalDirCache(self.cache_root), self.cache_policy)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], **overrides: object) -> RunnerSettings:
@@ -44,6 +73,7 @@ class RunnerSettings:
                 raise ValueError("CONVEYOR_RUNNER_CAPACITY must be an integer") from None
         if env.get("CONVEYOR_WORK_DIR"):
             values["work_dir"] = Path(env["CONVEYOR_WORK_DIR"])
+        values.update(_cache_values(env))
         if env.get("CONVEYOR_RUNNER_LABELS"):
             values["labels"] = tuple(
                 x.strip() for x in env["CONVEYOR_RUNNER_LABELS"].split(",") if x.strip()
@@ -57,3 +87,39 @@ class RunnerSettings:
         if not 0 < settings.capacity <= 1000:
             raise ValueError("capacity must be between 1 and 1000")
         return settings
+
+
+def _cache_values(env: Mapping[str, str]) -> dict[str, object]:
+    """CONVEYOR_CACHE, CONVEYOR_CACHE_DIR and the limits in
+    CONVEYOR_CACHE_MAX_ENTRY_MB, CONVEYOR_CACHE_MAX_PROJECT_MB and
+    CONVEYOR_CACHE_MAX_AGE_DAYS. Raises ``ValueError`` naming a bad one."""
+    values: dict[str, object] = {}
+    kind = env.get("CONVEYOR_CACHE", "dir")
+    if kind not in CACHE_BACKENDS:
+        raise ValueError(f"CONVEYOR_CACHE must be one of {', '.join(CACHE_BACKENDS)}")
+    values["cache"] = kind
+    if env.get("CONVEYOR_CACHE_DIR"):
+        values["cache_dir"] = Path(env["CONVEYOR_CACHE_DIR"])
+    defaults = CachePolicy()
+    limits: dict[str, float] = {}
+    for name, attr, scale in (
+        ("CONVEYOR_CACHE_MAX_ENTRY_MB", "max_entry_bytes", 1024 * 1024),
+        ("CONVEYOR_CACHE_MAX_PROJECT_MB", "max_project_bytes", 1024 * 1024),
+        ("CONVEYOR_CACHE_MAX_AGE_DAYS", "max_age_days", 1),
+    ):
+        raw = env.get(name)
+        if not raw:
+            continue
+        try:
+            number = float(raw)
+        except ValueError:
+            raise ValueError(f"{name} must be a number") from None
+        if number <= 0:
+            raise ValueError(f"{name} must be positive")
+        limits[attr] = number * scale
+    values["cache_policy"] = CachePolicy(
+        max_entry_bytes=int(limits.get("max_entry_bytes", defaults.max_entry_bytes)),
+        max_project_bytes=int(limits.get("max_project_bytes", defaults.max_project_bytes)),
+        max_age_days=limits.get("max_age_days", defaults.max_age_days),
+    )
+    return values

@@ -59,3 +59,28 @@ class RunnerMetrics:
             "Times the runner reconnected to the control plane.",
             registry=registry,
         )
+        self.cache_restores = Counter(
+            "conveyor_runner_cache_restores_total",
+            "Build-cache restores, by result (exact, fallback, miss, error).",
+            ["result"],
+            registry=registry,
+        )
+        self.cache_saves = Counter(
+            "conveyor_runner_cache_saves_total",
+            "Build-cache saves, by result (saved, skipped, too_big, error).",
+            ["result"],
+            registry=registry,
+        )
+        self.cache_seconds = Histogram(
+            "conveyor_runner_cache_seconds",
+            "Time a build spent restoring or saving its cache, by operation.",
+            ["operation"],
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600),
+            registry=registry,
+        )
+        self.cache_bytes = Counter(
+            "conveyor_runner_cache_bytes_total",
+            "Archive bytes moved by the build cache, by operation (restore, save).",
+            ["operation"],
+            registry=registry,
+        )

@@ -3,11 +3,8 @@ exact commit on a real runner, logs stream live, the CLI shows the result."""
 
 from __future__ import annotations
 
-import asyncio
 import json
-import os
 import re
-import sys
 from pathlib import Path
 
 from conveyor.v1 import types_pb2 as pb
@@ -15,6 +12,7 @@ from tests.helpers import (
     Api,
     ControlHandle,
     RunnerProcess,
+    cli,
     commit,
     github_headers,
     github_push,
@@ -22,18 +20,6 @@ from tests.helpers import (
 )
 
 RFC3339_MS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
-
-
-async def cli(control: ControlHandle, *args: str) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "conveyor_cli.main", *args,
-        env={**os.environ, "CONVEYOR_ADDR": control.plane.grpc_address,
-             "CONVEYOR_TOKEN": control.admin_token},
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    out, err = await asyncio.wait_for(proc.communicate(), 60)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
 
 
 async def test_signed_push_builds_the_exact_commit_and_cli_shows_it(

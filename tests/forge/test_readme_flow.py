@@ -5,30 +5,14 @@ pending then a success status at the (fake) forge."""
 
 from __future__ import annotations
 
-import asyncio
 import json
-import os
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 from tests.fakes.github import FakeGitHub
 from tests.forge import samples
 from tests.forge.conftest import TOKEN
-from tests.helpers import ControlHandle, RunnerProcess, commit, git
-
-
-async def cli(control: ControlHandle, *args: str, stdin: str = "") -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "conveyor_cli.main", *args,
-        env={**os.environ, "CONVEYOR_ADDR": control.plane.grpc_address,
-             "CONVEYOR_TOKEN": control.admin_token},
-        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    out, err = await asyncio.wait_for(proc.communicate(stdin.encode()), 60)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
+from tests.helpers import ControlHandle, RunnerProcess, cli, commit, git
 
 
 async def test_readme_forge_walkthrough(

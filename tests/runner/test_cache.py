@@ -5,33 +5,21 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import boto3
 import pytest
-from moto.server import ThreadedMotoServer
 
 from runner.cache import (
     BuildCache,
     CachePolicy,
     CacheStore,
+    Found,
     LocalDirCache,
     S3Cache,
-    lockfile_key,
     object_name,
+    scope_for,
 )
-
-
-@pytest.fixture(scope="module")
-def moto_endpoint() -> Iterator[str]:
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    try:
-        yield f"http://{host}:{port}"
-    finally:
-        server.stop()
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -57,39 +45,73 @@ def archive(tmp_path: Path, name: str, size: int) -> Path:
     return path
 
 
-async def test_save_then_restore_the_same_key(store: CacheStore, tmp_path: Path) -> None:
+def read(cache: BuildCache, name: str) -> bytes:
+    opened = cache.store.open_read(name)
+    assert opened is not None
+    handle, size = opened
+    try:
+        data = handle.read()
+    finally:
+        handle.close()
+    assert len(data) == size
+    return data
+
+
+PROD = scope_for(True, "main")
+FEATURE = scope_for(False, "feature")
+
+
+def test_save_then_find_the_same_key(store: CacheStore, tmp_path: Path) -> None:
     cache = BuildCache(store)
     src = archive(tmp_path, "a.tar.gz", 2048)
-    note = await cache.save("p1", 0, "k1", "main", src)
-    assert note.startswith("cache saved: key k1")
-    got = await cache.restore("p1", 0, "k1", "main", tmp_path / "out.tar.gz")
-    assert (got.key, got.fallback, got.bytes) == ("k1", False, 2048)
-    assert (tmp_path / "out.tar.gz").read_bytes() == src.read_bytes()
+    note = cache.save("p1", 0, "k1", PROD, src)
+    assert note.startswith("cache saved: key k1, 2.0 KiB")
+    found = cache.find("p1", 0, "k1", PROD)
+    assert found == Found(object_name("p1", 0, PROD, "k1"), "k1", True, PROD)
+    assert read(cache, found.name) == src.read_bytes()
+    assert store.open_read(object_name("p1", 0, PROD, "nope")) is None
 
 
-async def test_a_new_key_falls_back_to_the_production_branch(
-    store: CacheStore, tmp_path: Path
-) -> None:
+def test_the_search_order_of_a_branch_build(store: CacheStore, tmp_path: Path) -> None:
     cache = BuildCache(store)
-    await cache.save("p1", 0, "old-lock", "main", archive(tmp_path, "m.tgz", 100))
-    await cache.save("p1", 0, "feature-lock", "feature", archive(tmp_path, "f.tgz", 200))
-    got = await cache.restore("p1", 0, "new-lock", "main", tmp_path / "out")
-    assert (got.key, got.fallback) == ("old-lock", True)
-    nothing = await cache.restore("p2", 0, "new-lock", "main", tmp_path / "none")
-    assert nothing.key is None
+    cache.save("p1", 0, "prod-old", PROD, archive(tmp_path, "a", 10))
+    cache.save("p1", 0, "shared", PROD, archive(tmp_path, "b", 10))
+    cache.save("p1", 0, "mine", FEATURE, archive(tmp_path, "c", 10))
+    # Its key in its own scope, then in production...
+    assert cache.find("p1", 0, "mine", FEATURE) == Found(
+        object_name("p1", 0, FEATURE, "mine"), "mine", True, FEATURE
+    )
+    assert cache.find("p1", 0, "prod-old", FEATURE) == Found(
+        object_name("p1", 0, PROD, "prod-old"), "prod-old", True, PROD
+    )
+    # ...then its own newest, then production's newest.
+    assert cache.find("p1", 0, "new", FEATURE) == Found(
+        object_name("p1", 0, FEATURE, "mine"), "mine", False, FEATURE
+    )
+    other = scope_for(False, "other")
+    assert cache.find("p1", 0, "new", other) == Found(
+        object_name("p1", 0, PROD, "shared"), "shared", False, PROD
+    )
 
 
-async def test_a_purge_generation_hides_older_entries(store: CacheStore, tmp_path: Path) -> None:
+def test_production_never_restores_a_branch_archive(store: CacheStore, tmp_path: Path) -> None:
     cache = BuildCache(store)
-    await cache.save("p1", 0, "k", "main", archive(tmp_path, "a", 10))
-    assert (await cache.restore("p1", 1, "k", "main", tmp_path / "o")).key is None
-    await cache.save("p1", 1, "k2", "main", archive(tmp_path, "b", 10))
+    cache.save("p1", 0, "k", scope_for(False, "main"), archive(tmp_path, "a", 10))
+    assert cache.find("p1", 0, "k", PROD) is None
+    assert cache.find("p2", 0, "k", PROD) is None
+
+
+def test_a_purge_generation_hides_older_entries(store: CacheStore, tmp_path: Path) -> None:
+    cache = BuildCache(store)
+    cache.save("p1", 0, "k", PROD, archive(tmp_path, "a", 10))
+    assert cache.find("p1", 1, "k", PROD) is None
+    cache.save("p1", 1, "k2", PROD, archive(tmp_path, "b", 10))
     assert not [o for o in store.listing("p1/") if o.name.startswith("p1/0/")]
 
 
-async def test_oversized_entries_are_not_saved(store: CacheStore, tmp_path: Path) -> None:
+def test_oversized_entries_are_not_saved(store: CacheStore, tmp_path: Path) -> None:
     cache = BuildCache(store, CachePolicy(max_entry_bytes=1000))
-    note = await cache.save("p1", 0, "k", "main", archive(tmp_path, "big", 5000))
+    note = cache.save("p1", 0, "k", PROD, archive(tmp_path, "big", 5000))
     assert "over the 1000-byte limit" in note
     assert store.listing("p1/") == []
 
@@ -97,31 +119,32 @@ async def test_oversized_entries_are_not_saved(store: CacheStore, tmp_path: Path
 def test_expired_and_excess_entries_are_collected(tmp_path: Path) -> None:
     store = LocalDirCache(tmp_path / "cache")
     cache = BuildCache(store, CachePolicy(max_project_bytes=2500, max_age_days=7))
-    for i in range(4):
-        store.upload(archive(tmp_path, f"a{i}", 1000), object_name("p", 0, f"k{i}"))
-        os.utime(tmp_path / "cache" / object_name("p", 0, f"k{i}"), (0, time.time() - i * 60))
-    old = tmp_path / "cache" / object_name("p", 0, "k3")
-    os.utime(old, (0, time.time() - 8 * 86400))
+    names = [object_name("p", 0, PROD, f"k{i}") for i in range(4)]
+    for i, name in enumerate(names):
+        store.upload(archive(tmp_path, f"a{i}", 1000), name)
+        os.utime(tmp_path / "cache" / name, (0, time.time() - i * 60))
+    os.utime(tmp_path / "cache" / names[3], (0, time.time() - 8 * 86400))
     removed = cache.collect("p", 0)
-    names = sorted(o.name for o in store.listing("p/"))
-    assert names == [object_name("p", 0, "k0"), object_name("p", 0, "k1")]
+    assert sorted(o.name for o in store.listing("p/")) == names[:2]
     assert removed == 2
 
 
-def test_lockfile_key_follows_contents_and_ignores_symlinks(tmp_path: Path) -> None:
-    root = tmp_path / "src"
-    root.mkdir()
-    assert lockfile_key(root, ("package-lock.json",)) is None
-    (root / "package-lock.json").write_text('{"a": 1}')
-    first = lockfile_key(root, ("package-lock.json", "requirements*.txt"))
-    (root / "requirements-dev.txt").write_text("pytest\n")
-    second = lockfile_key(root, ("package-lock.json", "requirements*.txt"))
-    assert first
-    assert second
-    assert first != second
+def test_a_restore_counts_as_use(tmp_path: Path) -> None:
+    store = LocalDirCache(tmp_path / "cache")
+    cache = BuildCache(store, CachePolicy(max_project_bytes=2500))
+    names = [object_name("p", 0, PROD, f"k{i}") for i in range(2)]
+    for i, name in enumerate(names):
+        store.upload(archive(tmp_path, f"a{i}", 1000), name)
+        os.utime(tmp_path / "cache" / name, (0, time.time() - 3600 * (i + 1)))
+    read(cache, names[1])  # the older one, used just now
+    store.upload(archive(tmp_path, "a2", 1000), object_name("p", 0, PROD, "k2"))
+    cache.collect("p", 0)
+    kept = sorted(o.name for o in store.listing("p/"))
+    assert kept == sorted([names[1], object_name("p", 0, PROD, "k2")])
+
+
+def test_object_names_cannot_escape_the_directory(tmp_path: Path) -> None:
     secret = tmp_path / "host-secret"
     secret.write_text("do not read")
-    (root / "yarn.lock").symlink_to(secret)
-    assert lockfile_key(root, ("package-lock.json", "requirements*.txt", "yarn.lock")) == second
     with pytest.raises(ValueError, match="escapes"):
         LocalDirCache(tmp_path / "cache").upload(secret, "../../escape")

@@ -9,14 +9,11 @@ import asyncio
 import os
 import shutil
 import sys
-import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
-import pytest_asyncio
 
 from conveyor.v1 import types_pb2 as pb
 from runner.launchers.base import JobResult, JobSpec, Limits, OutputLine
@@ -50,28 +47,6 @@ async def until_ready(job: LocalJob) -> None:
         if line.stream == "stdout" and line.data == b"ready":
             return
     raise AssertionError("the job ended before it was ready")
-
-
-@pytest.fixture
-def build_dir() -> Iterator[Path]:
-    """A scratch directory that build users can reach, outside pytest's
-    basetemp: pytest resets /tmp/pytest-of-<user> to mode 0700 whenever a
-    session starts, which would cut build users off their workspaces if
-    another session on this host starts while this one runs."""
-    path = Path(tempfile.mkdtemp(prefix="conveyor-test-"))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest_asyncio.fixture
-async def launcher(build_dir: Path) -> AsyncIterator[LocalLauncher]:
-    local = LocalLauncher(build_dir / "workspaces")
-    try:
-        yield local
-    finally:
-        await local.close()
 
 
 # ---------------------------------------------------------- without bubblewrap

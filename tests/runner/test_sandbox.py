@@ -18,10 +18,9 @@ import json
 import os
 import secrets
 import shutil
-import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,19 +41,6 @@ pytestmark = [
 
 ROOT = os.geteuid() == 0
 needs_root = pytest.mark.skipif(not ROOT, reason="needs a root runner (one uid per build)")
-
-
-@pytest.fixture
-def build_dir() -> Iterator[Path]:
-    """A scratch directory that build users can reach, outside pytest's
-    basetemp: pytest resets /tmp/pytest-of-<user> to mode 0700 whenever a
-    session starts, which would cut build users off their workspaces if
-    another session on this host starts while this one runs."""
-    path = Path(tempfile.mkdtemp(prefix="conveyor-test-"))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 @dataclass(frozen=True)
@@ -388,7 +374,7 @@ async def test_a_local_repository_path_cannot_expose_the_runner(
     launcher: LocalLauncher, host: Host, path: str
 ) -> None:
     exposed = path.format(data=host.data_dir, work_root=host.work_root)
-    with pytest.raises(LaunchError, match="overlaps the runner's work directory"):
+    with pytest.raises(LaunchError, match="overlaps the runner's directory"):
         await launcher.launch(job_spec(f"cat {exposed}/conveyor.json", local_paths=(exposed,)))
 
 

@@ -121,6 +121,120 @@ CASES: list[Case] = [
         "root_directory",
     ),
     (
+        "create lockfile escapes",
+        lambda a: a.config.CreateProject(create(cache_lockfiles=["../x"]), metadata=a.metadata),
+        INVALID,
+        "cache_lockfiles",
+    ),
+    (
+        "update lockfile escapes",
+        lambda a: a.config.UpdateProject(
+            cs.UpdateProjectRequest(
+                project="existing",
+                values=pb.Project(cache_lockfiles=["../x"]),
+                update_mask=["cache_lockfiles"],
+            ),
+            metadata=a.metadata,
+        ),
+        INVALID,
+        "cache_lockfiles",
+    ),
+    (
+        "create lockfile in a subdirectory",
+        lambda a: a.config.CreateProject(create(cache_lockfiles=["a/b"]), metadata=a.metadata),
+        INVALID,
+        "cache_lockfiles",
+    ),
+    (
+        "update lockfile in a subdirectory",
+        lambda a: a.config.UpdateProject(
+            cs.UpdateProjectRequest(
+                project="existing",
+                values=pb.Project(cache_lockfiles=["a/b"]),
+                update_mask=["cache_lockfiles"],
+            ),
+            metadata=a.metadata,
+        ),
+        INVALID,
+        "cache_lockfiles",
+    ),
+    (
+        "create cache path absolute",
+        lambda a: a.config.CreateProject(create(cache_paths=["/etc"]), metadata=a.metadata),
+        INVALID,
+        "cache_paths",
+    ),
+    (
+        "update cache path absolute",
+        lambda a: a.config.UpdateProject(
+            cs.UpdateProjectRequest(
+                project="existing",
+                values=pb.Project(cache_paths=["/etc"]),
+                update_mask=["cache_paths"],
+            ),
+            metadata=a.metadata,
+        ),
+        INVALID,
+        "cache_paths",
+    ),
+    (
+        "create cache path escapes",
+        lambda a: a.config.CreateProject(create(cache_paths=["../up"]), metadata=a.metadata),
+        INVALID,
+        "cache_paths",
+    ),
+    (
+        "update cache path escapes",
+        lambda a: a.config.UpdateProject(
+            cs.UpdateProjectRequest(
+                project="existing",
+                values=pb.Project(cache_paths=["../up"]),
+                update_mask=["cache_paths"],
+            ),
+            metadata=a.metadata,
+        ),
+        INVALID,
+        "cache_paths",
+    ),
+    (
+        "create cache path empty segment",
+        lambda a: a.config.CreateProject(create(cache_paths=["a//b"]), metadata=a.metadata),
+        INVALID,
+        "cache_paths",
+    ),
+    (
+        "update cache path empty segment",
+        lambda a: a.config.UpdateProject(
+            cs.UpdateProjectRequest(
+                project="existing",
+                values=pb.Project(cache_paths=["a//b"]),
+                update_mask=["cache_paths"],
+            ),
+            metadata=a.metadata,
+        ),
+        INVALID,
+        "cache_paths",
+    ),
+    (
+        "create cache path other home",
+        lambda a: a.config.CreateProject(create(cache_paths=["~root/x"]), metadata=a.metadata),
+        INVALID,
+        "cache_paths",
+    ),
+    (
+        "update cache path other home",
+        lambda a: a.config.UpdateProject(
+            cs.UpdateProjectRequest(
+                project="existing",
+                values=pb.Project(cache_paths=["~root/x"]),
+                update_mask=["cache_paths"],
+            ),
+            metadata=a.metadata,
+        ),
+        INVALID,
+        "cache_paths",
+    ),
+    (
         "duplicate name",
         lambda a: a.config.CreateProject(create(name="existing"), metadata=a.metadata),
         grpc.StatusCode.ALREADY_EXISTS,
@@ -166,6 +280,31 @@ CASES: list[Case] = [
         ),
         INVALID,
         "repo_url",
+    ),
+    (
+        "update cache generation",
+        lambda a: a.config.UpdateProject(
+            cs.UpdateProjectRequest(
+                project="existing",
+                values=pb.Project(cache_generation=7),
+                update_mask=["cache_generation"],
+            ),
+            metadata=a.metadata,
+        ),
+        INVALID,
+        "update_mask",
+    ),
+    (
+        "purge unknown project",
+        lambda a: a.config.PurgeCache(cs.PurgeCacheRequest(project="nope"), metadata=a.metadata),
+        NOT_FOUND,
+        "project",
+    ),
+    (
+        "purge empty project",
+        lambda a: a.config.PurgeCache(cs.PurgeCacheRequest(), metadata=a.metadata),
+        INVALID,
+        "project",
     ),
     (
         "trigger bad sha",

@@ -82,6 +82,10 @@ async def test_another_account_gets_not_found_for_everything(
             )
             == grpc.StatusCode.NOT_FOUND
         )
+        assert (
+            await code_of(other.config.PurgeCache(cs.PurgeCacheRequest(project=ref), metadata=md))
+            == grpc.StatusCode.NOT_FOUND
+        )
     listed = await other.config.ListProjects(cs.ListProjectsRequest(), metadata=md)
     assert list(listed.projects) == []
     builds = await other.config.ListBuilds(cs.ListBuildsRequest(), metadata=md)
@@ -90,6 +94,10 @@ async def test_another_account_gets_not_found_for_everything(
     assert (await other.create_project("secret-project", repo)).id != project.id
     # And the original is untouched.
     assert (await api.get(build.id)).status != 0
+    kept = await api.config.GetProject(
+        cs.GetProjectRequest(project=project.id), metadata=api.metadata
+    )
+    assert kept.project.cache_generation == 1
 
 
 async def test_a_read_token_cannot_write_and_a_revoked_token_stops_working(

@@ -51,6 +51,9 @@ def settings_from(msg: cs.CreateProjectRequest) -> ProjectSettings:
         forge_api_url=msg.forge_api_url,
         forge_repo=msg.forge_repo,
         network_isolated=msg.network_isolated,
+        cache_disabled=msg.cache_disabled,
+        cache_lockfiles=tuple(msg.cache_lockfiles),
+        cache_paths=tuple(msg.cache_paths),
     )
 
 
@@ -156,6 +159,22 @@ class ConfigServicer(AccessRpcs, ForgeRpcs, cs_grpc.ConfigServiceServicer):
         )
         build = await self.builds.get(account, build_id)
         return cs.TriggerBuildResponse(build=convert.build_to_pb(build))
+
+    async def PurgeCache(
+        self, request: cs.PurgeCacheRequest, context: Ctx
+    ) -> cs.PurgeCacheResponse:
+        account = account_of_caller()
+        async with self.db.transaction() as conn:
+            project = await self.projects.get_in(
+                conn, account, required("project", request.project)
+            )
+            generation = await self.projects.purge_cache(conn, account, project.id)
+            await self.audit.record(
+                conn, account, principal().name, "cache.purge", f"project {project.name}",
+                f"generation={generation}",
+            )  # fmt: skip
+        log.info("build cache purged: generation %d", generation, extra={"project_id": project.id})
+        return cs.PurgeCacheResponse(generation=generation)
 
     async def ListBuilds(
         self, request: cs.ListBuildsRequest, context: Ctx

@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from control.domain.build import Build, BuildStatus, Step, StepStatus
+from control.domain.cache import effective_lockfiles, effective_paths
 from control.domain.project import Project
 from control.storage.hooks import DeployHook
 from control.storage.logs import StoredLine
@@ -80,6 +81,11 @@ def project_to_pb(project: Project, *, with_secret: bool) -> pb.Project:
         forge_api_url=project.forge_api_url,
         forge_repo=project.forge_repo,
         network_isolated=project.network_isolated,
+        cache_disabled=project.cache_disabled,
+        # Clients see what builds use: the defaults when none were set.
+        cache_lockfiles=list(effective_lockfiles(project.cache_lockfiles)),
+        cache_paths=list(effective_paths(project.cache_paths)),
+        cache_generation=project.cache_generation,
     )
     timestamp(project.created_at, msg.created_at)
     timestamp(project.updated_at, msg.updated_at)

@@ -49,6 +49,7 @@ ACCESS: dict[str, str] = {
     _CONFIG + "ListBuilds": "read",
     _CONFIG + "GetBuild": "read",
     _CONFIG + "RetryBuild": "write",
+    _CONFIG + "PurgeCache": "write",
     _CONFIG + "SetEnvVar": "write",
     _CONFIG + "UnsetEnvVar": "write",
     _CONFIG + "ListEnvVars": "read",

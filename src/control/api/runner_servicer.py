@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from control.api import convert
 from control.api.edge import BEARER, Ctx
 from control.builds.lifecycle import AssignmentData, Lifecycle, StepReport, now
+from control.domain.cache import effective_lockfiles, effective_paths
 from control.errors import InvalidArgument
 from control.logs.fanout import LogHub
 from control.metrics import ControlMetrics
@@ -33,6 +34,12 @@ DISPATCH_RECHECK = 30.0
 
 def assignment_to_pb(data: AssignmentData, kill_grace: int) -> rs.ConnectResponse:
     build, project = data.build, data.project
+    # The runner reads empty lock-file patterns as "cache off".
+    lockfiles: tuple[str, ...] = ()
+    paths: tuple[str, ...] = ()
+    if not project.cache_disabled:
+        lockfiles = effective_lockfiles(project.cache_lockfiles)
+        paths = effective_paths(project.cache_paths)
     return rs.ConnectResponse(
         assignment=rs.Assignment(
             build_id=build.id,
@@ -48,6 +55,11 @@ def assignment_to_pb(data: AssignmentData, kill_grace: int) -> rs.ConnectRespons
             run_timeout_seconds=data.run_timeout,
             kill_grace_seconds=kill_grace,
             network_isolated=project.network_isolated,
+            cache_lockfiles=list(lockfiles),
+            cache_paths=list(paths),
+            production_branch=project.production_branch,
+            cache_generation=project.cache_generation,
+            production=build.production,
             env=[rs.EnvVar(name=v.name, value=v.value, secret=v.secret) for v in data.env],
         )
     )

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from urllib.parse import urlparse
 
+from control.domain.cache import validate_cache_lockfiles, validate_cache_paths
 from control.errors import InvalidArgument
 
 NAME_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
@@ -52,6 +53,12 @@ class Project:
     forge_api_url: str = ""
     forge_repo: str = ""
     network_isolated: bool = False
+    # The stored cache lists (empty: the defaults of ``control.domain.cache``)
+    # and the cache generation, which only a purge changes.
+    cache_disabled: bool = False
+    cache_lockfiles: tuple[str, ...] = ()
+    cache_paths: tuple[str, ...] = ()
+    cache_generation: int = 1
 
 
 @dataclass(frozen=True)
@@ -78,6 +85,10 @@ class ProjectSettings:
     forge_api_url: str = ""
     forge_repo: str = ""
     network_isolated: bool = False
+    # Build cache: empty lists mean the defaults (see ``control.domain.cache``).
+    cache_disabled: bool = False
+    cache_lockfiles: tuple[str, ...] = ()
+    cache_paths: tuple[str, ...] = ()
 
     def validate(self, max_run_timeout_seconds: int) -> None:
         """Raise ``InvalidArgument`` naming the first wrong field."""
@@ -97,6 +108,8 @@ class ProjectSettings:
         for field_name in ("branch_include", "branch_exclude", "watch_include", "watch_exclude"):
             validate_globs(field_name, getattr(self, field_name))
         validate_forge(self.forge, self.forge_api_url, self.forge_repo)
+        validate_cache_lockfiles(self.cache_lockfiles)
+        validate_cache_paths(self.cache_paths)
 
 
 def validate_name(name: str) -> None:

@@ -16,7 +16,8 @@ _COLUMNS = (
     " preview_command, webhook_secret, run_timeout_seconds, cancel_in_progress,"
     " build_other_branches, root_directory, created_at, updated_at,"
     " branch_include, branch_exclude, watch_include, watch_exclude,"
-    " forge, forge_api_url, forge_repo, network_isolated"
+    " forge, forge_api_url, forge_repo, network_isolated,"
+    " cache_disabled, cache_lockfiles, cache_paths, cache_generation"
 )
 UPDATABLE = frozenset(ProjectSettings.__dataclass_fields__)
 
@@ -46,6 +47,10 @@ def _project(row: Row) -> Project:
         forge_api_url=row[20],
         forge_repo=row[21],
         network_isolated=row[22],
+        cache_disabled=row[23],
+        cache_lockfiles=tuple(row[24]),
+        cache_paths=tuple(row[25]),
+        cache_generation=row[26],
     )
 
 
@@ -122,6 +127,22 @@ class ProjectStore:
             row = await cur.fetchone()
         assert row is not None
         return _project(row)
+
+    async def purge_cache(self, conn: Conn, account_id: str, project_id: str) -> int:
+        """Start a new cache generation for project ``project_id`` of
+        ``account_id`` and return it; builds dispatched afterwards use it.
+        Raises ``NotFound`` when the account holds no such project."""
+        if not is_uuid(project_id):
+            raise NotFound(f"project {project_id!r} not found")
+        cur = await conn.execute(
+            "UPDATE projects SET cache_generation = cache_generation + 1, updated_at = now()"
+            " WHERE id = %s AND account_id = %s RETURNING cache_generation",
+            (project_id, account_id),
+        )
+        row = await cur.fetchone()
+        if row is None:
+            raise NotFound(f"project {project_id!r} not found")
+        return int(row[0])
 
     async def connect_forge(
         self, conn: Conn, project_id: str, forge: str, api_url: str, repo: str

@@ -42,6 +42,9 @@ class CreateProjectRequest(_message.Message):
     FORGE_API_URL_FIELD_NUMBER: _builtins.int
     FORGE_REPO_FIELD_NUMBER: _builtins.int
     NETWORK_ISOLATED_FIELD_NUMBER: _builtins.int
+    CACHE_DISABLED_FIELD_NUMBER: _builtins.int
+    CACHE_LOCKFILES_FIELD_NUMBER: _builtins.int
+    CACHE_PATHS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     repo_url: _builtins.str
     production_branch: _builtins.str
@@ -56,6 +59,8 @@ class CreateProjectRequest(_message.Message):
     forge_api_url: _builtins.str
     forge_repo: _builtins.str
     network_isolated: _builtins.bool
+    cache_disabled: _builtins.bool
+    """Empty cache lists mean the defaults (see Project)."""
     @_builtins.property
     def branch_include(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """See Project for the meaning of these."""
@@ -66,6 +71,10 @@ class CreateProjectRequest(_message.Message):
     def watch_include(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
     def watch_exclude(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def cache_lockfiles(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def cache_paths(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
         self,
         *,
@@ -87,10 +96,13 @@ class CreateProjectRequest(_message.Message):
         forge_api_url: _builtins.str = ...,
         forge_repo: _builtins.str = ...,
         network_isolated: _builtins.bool = ...,
+        cache_disabled: _builtins.bool = ...,
+        cache_lockfiles: _abc.Iterable[_builtins.str] | None = ...,
+        cache_paths: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["branch_exclude", b"branch_exclude", "branch_include", b"branch_include", "build_command", b"build_command", "build_other_branches", b"build_other_branches", "cancel_in_progress", b"cancel_in_progress", "deploy_command", b"deploy_command", "forge", b"forge", "forge_api_url", b"forge_api_url", "forge_repo", b"forge_repo", "name", b"name", "network_isolated", b"network_isolated", "preview_command", b"preview_command", "production_branch", b"production_branch", "repo_url", b"repo_url", "root_directory", b"root_directory", "run_timeout_seconds", b"run_timeout_seconds", "watch_exclude", b"watch_exclude", "watch_include", b"watch_include"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["branch_exclude", b"branch_exclude", "branch_include", b"branch_include", "build_command", b"build_command", "build_other_branches", b"build_other_branches", "cache_disabled", b"cache_disabled", "cache_lockfiles", b"cache_lockfiles", "cache_paths", b"cache_paths", "cancel_in_progress", b"cancel_in_progress", "deploy_command", b"deploy_command", "forge", b"forge", "forge_api_url", b"forge_api_url", "forge_repo", b"forge_repo", "name", b"name", "network_isolated", b"network_isolated", "preview_command", b"preview_command", "production_branch", b"production_branch", "repo_url", b"repo_url", "root_directory", b"root_directory", "run_timeout_seconds", b"run_timeout_seconds", "watch_exclude", b"watch_exclude", "watch_include", b"watch_include"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -505,6 +517,46 @@ class RetryBuildResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RetryBuildResponse: _TypeAlias = RetryBuildResponse  # noqa: Y015
+
+@_typing.final
+class PurgeCacheRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROJECT_FIELD_NUMBER: _builtins.int
+    project: _builtins.str
+    """project is an id or a name."""
+    def __init__(
+        self,
+        *,
+        project: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["project", b"project"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PurgeCacheRequest: _TypeAlias = PurgeCacheRequest  # noqa: Y015
+
+@_typing.final
+class PurgeCacheResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GENERATION_FIELD_NUMBER: _builtins.int
+    generation: _builtins.int
+    """generation is the project's new cache generation."""
+    def __init__(
+        self,
+        *,
+        generation: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["generation", b"generation"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PurgeCacheResponse: _TypeAlias = PurgeCacheResponse  # noqa: Y015
 
 @_typing.final
 class ProjectEnvVar(_message.Message):

@@ -81,6 +81,11 @@ class ConfigServiceStub:
                 request_serializer=conveyor_dot_v1_dot_config__service__pb2.RetryBuildRequest.SerializeToString,
                 response_deserializer=conveyor_dot_v1_dot_config__service__pb2.RetryBuildResponse.FromString,
                 _registered_method=True)
+        self.PurgeCache = channel.unary_unary(
+                '/conveyor.v1.ConfigService/PurgeCache',
+                request_serializer=conveyor_dot_v1_dot_config__service__pb2.PurgeCacheRequest.SerializeToString,
+                response_deserializer=conveyor_dot_v1_dot_config__service__pb2.PurgeCacheResponse.FromString,
+                _registered_method=True)
         self.SetEnvVar = channel.unary_unary(
                 '/conveyor.v1.ConfigService/SetEnvVar',
                 request_serializer=conveyor_dot_v1_dot_config__service__pb2.SetEnvVarRequest.SerializeToString,
@@ -198,6 +203,15 @@ class ConfigServiceServicer:
 
     def RetryBuild(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PurgeCache(self, request, context):
+        """PurgeCache starts a new cache generation for a project: its builds stop
+        restoring what earlier builds saved, and runners collect the old
+        generation's objects on their next save.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -329,6 +343,11 @@ def add_ConfigServiceServicer_to_server(servicer, server):
                     servicer.RetryBuild,
                     request_deserializer=conveyor_dot_v1_dot_config__service__pb2.RetryBuildRequest.FromString,
                     response_serializer=conveyor_dot_v1_dot_config__service__pb2.RetryBuildResponse.SerializeToString,
+            ),
+            'PurgeCache': grpc.unary_unary_rpc_method_handler(
+                    servicer.PurgeCache,
+                    request_deserializer=conveyor_dot_v1_dot_config__service__pb2.PurgeCacheRequest.FromString,
+                    response_serializer=conveyor_dot_v1_dot_config__service__pb2.PurgeCacheResponse.SerializeToString,
             ),
             'SetEnvVar': grpc.unary_unary_rpc_method_handler(
                     servicer.SetEnvVar,
@@ -636,6 +655,33 @@ class ConfigService:
             '/conveyor.v1.ConfigService/RetryBuild',
             conveyor_dot_v1_dot_config__service__pb2.RetryBuildRequest.SerializeToString,
             conveyor_dot_v1_dot_config__service__pb2.RetryBuildResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PurgeCache(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/conveyor.v1.ConfigService/PurgeCache',
+            conveyor_dot_v1_dot_config__service__pb2.PurgeCacheRequest.SerializeToString,
+            conveyor_dot_v1_dot_config__service__pb2.PurgeCacheResponse.FromString,
             options,
             channel_credentials,
             insecure,

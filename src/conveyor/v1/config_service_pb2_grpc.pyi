@@ -44,6 +44,11 @@ class ConfigServiceStub:
     ListBuilds: _grpc.UnaryUnaryMultiCallable[_config_service_pb2.ListBuildsRequest, _config_service_pb2.ListBuildsResponse]
     GetBuild: _grpc.UnaryUnaryMultiCallable[_config_service_pb2.GetBuildRequest, _config_service_pb2.GetBuildResponse]
     RetryBuild: _grpc.UnaryUnaryMultiCallable[_config_service_pb2.RetryBuildRequest, _config_service_pb2.RetryBuildResponse]
+    PurgeCache: _grpc.UnaryUnaryMultiCallable[_config_service_pb2.PurgeCacheRequest, _config_service_pb2.PurgeCacheResponse]
+    """PurgeCache starts a new cache generation for a project: its builds stop
+    restoring what earlier builds saved, and runners collect the old
+    generation's objects on their next save.
+    """
     SetEnvVar: _grpc.UnaryUnaryMultiCallable[_config_service_pb2.SetEnvVarRequest, _config_service_pb2.SetEnvVarResponse]
     """Environment variables and secrets of a project. Secret values are
     write-only: no RPC ever returns them.
@@ -84,6 +89,11 @@ class ConfigServiceAsyncStub(ConfigServiceStub):
     ListBuilds: _aio.UnaryUnaryMultiCallable[_config_service_pb2.ListBuildsRequest, _config_service_pb2.ListBuildsResponse]  # type: ignore[assignment]
     GetBuild: _aio.UnaryUnaryMultiCallable[_config_service_pb2.GetBuildRequest, _config_service_pb2.GetBuildResponse]  # type: ignore[assignment]
     RetryBuild: _aio.UnaryUnaryMultiCallable[_config_service_pb2.RetryBuildRequest, _config_service_pb2.RetryBuildResponse]  # type: ignore[assignment]
+    PurgeCache: _aio.UnaryUnaryMultiCallable[_config_service_pb2.PurgeCacheRequest, _config_service_pb2.PurgeCacheResponse]  # type: ignore[assignment]
+    """PurgeCache starts a new cache generation for a project: its builds stop
+    restoring what earlier builds saved, and runners collect the old
+    generation's objects on their next save.
+    """
     SetEnvVar: _aio.UnaryUnaryMultiCallable[_config_service_pb2.SetEnvVarRequest, _config_service_pb2.SetEnvVarResponse]  # type: ignore[assignment]
     """Environment variables and secrets of a project. Secret values are
     write-only: no RPC ever returns them.
@@ -175,6 +185,17 @@ class ConfigServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _config_service_pb2.RetryBuildRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_config_service_pb2.RetryBuildResponse, _abc.Awaitable[_config_service_pb2.RetryBuildResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def PurgeCache(
+        self,
+        request: _config_service_pb2.PurgeCacheRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_config_service_pb2.PurgeCacheResponse, _abc.Awaitable[_config_service_pb2.PurgeCacheResponse]]:
+        """PurgeCache starts a new cache generation for a project: its builds stop
+        restoring what earlier builds saved, and runners collect the old
+        generation's objects on their next save.
+        """
 
     @_abc_1.abstractmethod
     def SetEnvVar(

@@ -189,6 +189,7 @@ class Assignment(_message.Message):
     CACHE_PATHS_FIELD_NUMBER: _builtins.int
     PRODUCTION_BRANCH_FIELD_NUMBER: _builtins.int
     CACHE_GENERATION_FIELD_NUMBER: _builtins.int
+    PRODUCTION_FIELD_NUMBER: _builtins.int
     build_id: _builtins.str
     build_token: _builtins.str
     project_id: _builtins.str
@@ -202,6 +203,8 @@ class Assignment(_message.Message):
     network_isolated: _builtins.bool
     production_branch: _builtins.str
     cache_generation: _builtins.int
+    production: _builtins.bool
+    """production says whether this build is a production build."""
     @_builtins.property
     def step_names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -211,9 +214,10 @@ class Assignment(_message.Message):
     @_builtins.property
     def cache_lockfiles(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The build cache: lock files whose contents key it, paths (relative to
-        the root directory) saved after a successful build, the project's
-        production branch (its newest cache is the fallback) and the cache
-        generation (a purge starts a new one).
+        the root directory, or to the build's HOME when they start with "~/")
+        saved after a successful build, the project's production branch (its
+        newest cache is the fallback) and the cache generation (a purge starts a
+        new one). Empty cache_lockfiles means the cache is off for this build.
         """
 
     @_builtins.property
@@ -239,10 +243,11 @@ class Assignment(_message.Message):
         cache_paths: _abc.Iterable[_builtins.str] | None = ...,
         production_branch: _builtins.str = ...,
         cache_generation: _builtins.int = ...,
+        production: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["branch", b"branch", "build_id", b"build_id", "build_token", b"build_token", "cache_generation", b"cache_generation", "cache_lockfiles", b"cache_lockfiles", "cache_paths", b"cache_paths", "commit_sha", b"commit_sha", "env", b"env", "kill_grace_seconds", b"kill_grace_seconds", "network_isolated", b"network_isolated", "production_branch", b"production_branch", "project_id", b"project_id", "project_name", b"project_name", "repo_url", b"repo_url", "root_directory", b"root_directory", "run_timeout_seconds", b"run_timeout_seconds", "step_commands", b"step_commands", "step_names", b"step_names"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["branch", b"branch", "build_id", b"build_id", "build_token", b"build_token", "cache_generation", b"cache_generation", "cache_lockfiles", b"cache_lockfiles", "cache_paths", b"cache_paths", "commit_sha", b"commit_sha", "env", b"env", "kill_grace_seconds", b"kill_grace_seconds", "network_isolated", b"network_isolated", "production", b"production", "production_branch", b"production_branch", "project_id", b"project_id", "project_name", b"project_name", "repo_url", b"repo_url", "root_directory", b"root_directory", "run_timeout_seconds", b"run_timeout_seconds", "step_commands", b"step_commands", "step_names", b"step_names"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -131,6 +131,10 @@ class Project(_message.Message):
     FORGE_API_URL_FIELD_NUMBER: _builtins.int
     FORGE_REPO_FIELD_NUMBER: _builtins.int
     NETWORK_ISOLATED_FIELD_NUMBER: _builtins.int
+    CACHE_DISABLED_FIELD_NUMBER: _builtins.int
+    CACHE_LOCKFILES_FIELD_NUMBER: _builtins.int
+    CACHE_PATHS_FIELD_NUMBER: _builtins.int
+    CACHE_GENERATION_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     account_id: _builtins.str
     name: _builtins.str
@@ -155,6 +159,17 @@ class Project(_message.Message):
     forge_repo: _builtins.str
     network_isolated: _builtins.bool
     """network_isolated runs the project's builds without network access."""
+    cache_disabled: _builtins.bool
+    """Build cache. cache_disabled turns it off for the project's builds.
+    cache_lockfiles are file-name globs matched in the root directory whose
+    contents key the cache; cache_paths are directories saved after a
+    successful build, relative to the root directory or starting with "~/"
+    (the build's HOME). Both lists are the effective ones: the defaults when
+    the project set none. In UpdateProject, an empty list (named in
+    update_mask) means "back to the defaults".
+    """
+    cache_generation: _builtins.int
+    """cache_generation is read-only; it increases with each PurgeCache."""
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -176,6 +191,10 @@ class Project(_message.Message):
 
     @_builtins.property
     def watch_exclude(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def cache_lockfiles(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def cache_paths(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
         self,
         *,
@@ -202,10 +221,14 @@ class Project(_message.Message):
         forge_api_url: _builtins.str = ...,
         forge_repo: _builtins.str = ...,
         network_isolated: _builtins.bool = ...,
+        cache_disabled: _builtins.bool = ...,
+        cache_lockfiles: _abc.Iterable[_builtins.str] | None = ...,
+        cache_paths: _abc.Iterable[_builtins.str] | None = ...,
+        cache_generation: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "branch_exclude", b"branch_exclude", "branch_include", b"branch_include", "build_command", b"build_command", "build_other_branches", b"build_other_branches", "cancel_in_progress", b"cancel_in_progress", "created_at", b"created_at", "deploy_command", b"deploy_command", "forge", b"forge", "forge_api_url", b"forge_api_url", "forge_repo", b"forge_repo", "id", b"id", "name", b"name", "network_isolated", b"network_isolated", "preview_command", b"preview_command", "production_branch", b"production_branch", "repo_url", b"repo_url", "root_directory", b"root_directory", "run_timeout_seconds", b"run_timeout_seconds", "updated_at", b"updated_at", "watch_exclude", b"watch_exclude", "watch_include", b"watch_include", "webhook_secret", b"webhook_secret"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "branch_exclude", b"branch_exclude", "branch_include", b"branch_include", "build_command", b"build_command", "build_other_branches", b"build_other_branches", "cache_disabled", b"cache_disabled", "cache_generation", b"cache_generation", "cache_lockfiles", b"cache_lockfiles", "cache_paths", b"cache_paths", "cancel_in_progress", b"cancel_in_progress", "created_at", b"created_at", "deploy_command", b"deploy_command", "forge", b"forge", "forge_api_url", b"forge_api_url", "forge_repo", b"forge_repo", "id", b"id", "name", b"name", "network_isolated", b"network_isolated", "preview_command", b"preview_command", "production_branch", b"production_branch", "repo_url", b"repo_url", "root_directory", b"root_directory", "run_timeout_seconds", b"run_timeout_seconds", "updated_at", b"updated_at", "watch_exclude", b"watch_exclude", "watch_include", b"watch_include", "webhook_secret", b"webhook_secret"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -35,6 +35,10 @@ class JobSpec:
     sees, ``secret_env`` the secret part of it, which a launcher must never
     write into a stored job spec or a log. ``local_paths`` are host paths the
     script must be able to read (a repository given as a local path).
+    ``cache_fds``, for a launcher whose ``supports_cache`` is true, are the
+    job's ends of the build-cache pipes (one it reads, one it writes): the
+    script must find them at ``runner.script.CACHE_IN_FD`` and
+    ``CACHE_OUT_FD``. The caller keeps and closes them after ``launch``.
     """
 
     build_id: str
@@ -45,6 +49,7 @@ class JobSpec:
     network: bool = True
     local_paths: tuple[str, ...] = ()
     labels: Mapping[str, str] = field(default_factory=dict)
+    cache_fds: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -92,9 +97,11 @@ class Job(Protocol):
 
 class Launcher(Protocol):
     """Starts jobs. ``launch`` raises ``LaunchError`` when the job could not
-    even be submitted."""
+    even be submitted. ``supports_cache`` says whether jobs can get the
+    build-cache pipes (``JobSpec.cache_fds``)."""
 
     name: str
+    supports_cache: bool
 
     async def launch(self, spec: JobSpec) -> Job: ...
 

@@ -56,6 +56,7 @@ from runner.launchers.cgroups import CgroupRoot
 from runner.launchers.local_job import Grant, LocalJob
 from runner.launchers.workspace import Workspace, hard_limits_available, sweep
 from runner.metrics import RunnerMetrics
+from runner.script import CACHE_IN_FD, CACHE_OUT_FD
 
 log = logging.getLogger(__name__)
 
@@ -94,12 +95,16 @@ printf ready >&"$ready"; exec {ready}>&-
 exec "$@"
 """
 # Inside the sandbox: export the job's variables, read NUL-separated from
-# the pipe whose number is $1, then become the build script.
+# the pipe whose number is $1; put the build-cache pipes $2 and $3 (or "-")
+# at fds 7 and 8 (through free fds, as either may already be 7 or 8); then
+# become the build script.
 _LOAD_ENV = (
-    "fd=$1; shift; while IFS= read -r -d '' -u \"$fd\" kv; do"
+    "fd=$1 cin=$2 cout=$3; shift 3; while IFS= read -r -d '' -u \"$fd\" kv; do"
     ' export -- "$kv" 2>/dev/null'
     " || printf 'conveyor: ignored the environment variable %s (not a valid name)\\n'"
-    ' "${kv%%=*}" >&2; done; exec {fd}<&-; exec "$@"'
+    ' "${kv%%=*}" >&2; done; exec {fd}<&-;'
+    ' if [ "$cin" != - ]; then exec {a}<&"$cin" {b}>&"$cout"; exec {cin}<&- {cout}>&-;'
+    f' exec {CACHE_IN_FD}<&"$a" {CACHE_OUT_FD}>&"$b"; exec {{a}}<&- {{b}}>&-; fi; exec "$@"'
 )
 
 
@@ -171,10 +176,13 @@ class LocalLauncher:
     False never (tests of the fallbacks), True requires them.
     ``keep_workspaces`` (debugging) leaves workspaces behind after their
     jobs; they then have no hard size limit, as theirs would vanish.
-    ``metrics``, when given, counts the limits builds hit.
+    ``metrics``, when given, counts the limits builds hit. ``protected``
+    are more host directories no build may read through a local repository
+    path (the runner's build cache, say).
     """
 
     name = "local"
+    supports_cache = True
 
     def __init__(
         self,
@@ -185,8 +193,10 @@ class LocalLauncher:
         cgroups: bool | None = None,
         hard_workspace_limit: bool | None = None,
         metrics: RunnerMetrics | None = None,
+        protected: Sequence[Path] = (),
     ) -> None:
         self.work_root = work_root
+        self.protected = tuple(protected)
         self.metrics = metrics
         self.bwrap = shutil.which("bwrap") if sandbox is not False else None
         if sandbox and not self.bwrap:
@@ -295,7 +305,8 @@ class LocalLauncher:
         workspace, user = grant.workspace, grant.user
         env_read, env_write = os.pipe()
         ready_read, ready_write = os.pipe() if user else (-1, -1)
-        fds = (env_read, ready_write) if user else (env_read,)
+        fds: tuple[int, ...] = (env_read, ready_write) if user else (env_read,)
+        fds += spec.cache_fds or ()
         try:
             proc = await asyncio.create_subprocess_exec(
                 *self._argv(spec, grant, env_read, ready_write),
@@ -315,8 +326,9 @@ class LocalLauncher:
                 raise LaunchError(f"could not start the sandbox: {exc}") from exc
             raise
         finally:
-            for fd in fds:
-                os.close(fd)
+            for fd in (env_read, ready_write):
+                if fd >= 0:
+                    os.close(fd)
         try:
             if user is not None:
                 await self._await_shim(proc, ready_read, workspace)
@@ -364,15 +376,16 @@ class LocalLauncher:
     def _check_local_paths(self, paths: Sequence[str]) -> None:
         """A local repository path must not expose the runner's work
         directory (other builds' workspaces) or anything above it, such as
-        the data directory of `conveyor up`. Raises ``LaunchError``."""
-        root = self.work_root.resolve()
-        for raw in paths:
-            real = Path(raw).resolve()
-            if real == root or root in real.parents or real in root.parents:
-                raise LaunchError(
-                    f"the repository path {raw} overlaps the runner's work directory {root};"
-                    " builds may not read it"
-                )
+        the data directory of `conveyor up`, or a ``protected`` directory.
+        Raises ``LaunchError``."""
+        for root in (self.work_root.resolve(), *(p.resolve() for p in self.protected)):
+            for raw in paths:
+                real = Path(raw).resolve()
+                if real == root or root in real.parents or real in root.parents:
+                    raise LaunchError(
+                        f"the repository path {raw} overlaps the runner's directory {root};"
+                        " builds may not read it"
+                    )
 
     def _forced_env(self, workspace: Workspace) -> dict[str, str]:
         if self.bwrap:
@@ -397,7 +410,11 @@ class LocalLauncher:
         if self.prlimit:
             prefix += _prlimit(spec.limits, cgroup=cgroup is not None)
         script = [self.bash, ".conveyor/build.sh"]
-        load_env = [self.bash, "--noprofile", "--norc", "-c", _LOAD_ENV, "load-env", str(env_fd)]
+        cache_in, cache_out = (str(fd) for fd in spec.cache_fds) if spec.cache_fds else ("-", "-")
+        load_env = [
+            self.bash, "--noprofile", "--norc", "-c", _LOAD_ENV, "load-env",
+            str(env_fd), cache_in, cache_out,
+        ]  # fmt: skip
         if not self.bwrap:
             return [*prefix, *load_env, *script]
         return [*prefix, *self._bwrap(spec, workspace), "--", *load_env, *script]
