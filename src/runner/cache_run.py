@@ -188,7 +188,7 @@ class CacheRun:
         finally:
             writer.close()
             with contextlib.suppress(Exception):
-                await writer.wait_closed()
+                await asyncio.wait_for(writer.wait_closed(), DRAIN_TIMEOUT)
 
     async def _report_restore(self, tar_exit: int) -> None:
         took = time.monotonic() - self._began
@@ -199,7 +199,13 @@ class CacheRun:
             names = ", ".join(self.plan.lockfiles)
             result, text = "miss", f"cache: no lock file ({names}) in the root directory; no cache"
         elif self.restore_error is not None or (found is not None and tar_exit != 0):
-            why = self.restore_error or f"unpacking it failed (tar exited with {tar_exit})"
+            # A tar that failed stops reading: its exit code says more than
+            # the broken pipe the runner saw.
+            why = (
+                f"unpacking it failed (tar exited with {tar_exit})"
+                if found is not None and tar_exit != 0
+                else self.restore_error
+            )
             result = "error"
             text = f"cache: could not restore ({why}); the build goes on without it"
         elif found is None:

@@ -233,11 +233,16 @@ async def test_a_failed_build_saves_nothing(
 async def test_a_corrupt_archive_costs_the_cache_not_the_build(
     launcher: LocalLauncher, cache: BuildCache, repo: Path
 ) -> None:
-    await build(launcher, cache, repo)
+    # Bigger than a pipe's buffer: tar stops reading mid-stream.
+    blob = "mkdir -p deps && head -c 3000000 /dev/urandom > deps/blob"
+    big = INSTALL.replace("mkdir -p deps", blob)
+    await build(launcher, cache, repo, big)
     [name] = archives(cache)
     path = Path(cache.store.root) / name  # type: ignore[attr-defined]
-    path.write_bytes(path.read_bytes()[:100] + b"garbage" * 100)
-    after = await build(launcher, cache, repo)
+    data = path.read_bytes()
+    assert len(data) > 1_000_000
+    path.write_bytes(data[:100] + b"garbage" * 1000 + data[7100:])
+    after = await build(launcher, cache, repo, big)
     assert after.exit_code == 0, after
     assert after.said("cache: could not restore (unpacking it failed")
     # What the broken archive left was removed: the install ran afresh.

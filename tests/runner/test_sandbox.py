@@ -14,6 +14,7 @@ workspace limits) are skipped, saying so, when the suite runs unprivileged.
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import os
 import secrets
@@ -29,6 +30,7 @@ import pytest
 import pytest_asyncio
 from prometheus_client import CollectorRegistry
 
+from runner.launchers import seccomp as seccomp_filter
 from runner.launchers.base import JobResult, JobSpec, LaunchError, Limits, OutputLine
 from runner.launchers.local import HIDDEN_ETC, LocalLauncher
 from runner.launchers.local_job import LocalJob
@@ -314,6 +316,66 @@ async def test_gaining_privileges_is_refused(launcher: LocalLauncher, attempt: s
 # ------------------------------------------------------------ other builds
 
 
+# ----------------------------------------------------------- system calls
+
+# Calls a system call by number from inside the sandbox; prints its errno
+# (0 when it worked).
+SYSCALL = (
+    "python3 -c 'import ctypes; libc = ctypes.CDLL(None, use_errno=True);"
+    ' r = libc.syscall({nr}{args}); print("errno", ctypes.get_errno() if r == -1 else 0)\''
+)
+DENIED_CALLS = [
+    # (number, arguments, errno without the filter: None when this host's
+    # settings refuse the call anyway)
+    # The kernel keyring is not namespaced: a key left in the build uid's
+    # keyring would reach the next build on that slot.
+    pytest.param(248, 'b"user", b"conveyor", b"leak", 4, -2', 0, id="add-key"),
+    pytest.param(250, "0, -2, 1, 0, 0", 0, id="keyctl"),
+    # io_uring: much kernel surface, and it bypasses syscall filters.
+    pytest.param(425, "8, ctypes.create_string_buffer(120)", 0, id="io-uring-setup"),
+    pytest.param(323, "0", None, id="userfaultfd"),
+    pytest.param(321, "0, ctypes.create_string_buffer(128), 128", errno.EINVAL, id="bpf"),
+    pytest.param(310, "1, 0, 0, 0, 0, 0", 0, id="process-vm-readv"),
+    # getpid through the x32 ABI: the same kernel code under other numbers.
+    pytest.param(39 | 0x40000000, "", errno.ENOSYS, id="x32-abi"),
+]
+
+
+@pytest.mark.skipif(not seccomp_filter.supported(), reason="the filter is for x86_64")
+@pytest.mark.parametrize(("number", "args", "without"), DENIED_CALLS)
+async def test_dangerous_system_calls_are_refused(
+    build_dir: Path, number: int, args: str, without: int | None
+) -> None:
+    call = SYSCALL.format(nr=number, args=f", {args}" if args else "")
+    filtered = LocalLauncher(build_dir / "filtered", sandbox=True)
+    try:
+        out = await run(filtered, call)
+    finally:
+        await filtered.close()
+    assert f"errno {errno.EPERM}" in out.stdout, out.everything
+    if without is not None:
+        # The same call in the same sandbox without the filter: the filter
+        # is what refuses it.
+        bare = LocalLauncher(build_dir / "bare", sandbox=True, seccomp=False)
+        try:
+            out = await run(bare, call)
+        finally:
+            await bare.close()
+        assert f"errno {without}" in out.stdout, out.everything
+
+
+async def test_builds_run_their_usual_tools_under_the_filter(launcher: LocalLauncher) -> None:
+    script = (
+        "set -e; git init -q r && cd r && git -c user.email=a@b -c user.name=n commit -q"
+        " --allow-empty -m x && tar -czf ../a.tgz . && python3 -c 'import os, threading;"
+        ' t = threading.Thread(target=print, args=("threads",)); t.start(); t.join()\''
+        " && echo tools-ok"
+    )
+    out = await run(launcher, script)
+    assert out.result.exit_code == 0, out.everything
+    assert "tools-ok" in out.stdout
+
+
 async def test_another_build_is_out_of_reach(launcher: LocalLauncher, host: Host) -> None:
     secret = secrets.token_hex(16)
     started = time.monotonic()
@@ -376,6 +438,20 @@ async def test_a_local_repository_path_cannot_expose_the_runner(
     exposed = path.format(data=host.data_dir, work_root=host.work_root)
     with pytest.raises(LaunchError, match="overlaps the runner's directory"):
         await launcher.launch(job_spec(f"cat {exposed}/conveyor.json", local_paths=(exposed,)))
+
+
+async def test_a_local_repository_path_cannot_expose_the_build_cache(build_dir: Path) -> None:
+    # A runner's cache may live outside its work directory
+    # (CONVEYOR_CACHE_DIR): it is protected all the same.
+    cache = build_dir / "elsewhere" / "cache"
+    (cache / "p1").mkdir(parents=True)
+    local = LocalLauncher(build_dir / "workspaces", sandbox=True, protected=(cache,))
+    try:
+        for exposed in (cache, cache / "p1", cache.parent):
+            with pytest.raises(LaunchError, match="overlaps the runner's directory"):
+                await local.launch(job_spec("ls", local_paths=(str(exposed),)))
+    finally:
+        await local.close()
 
 
 # --------------------------------------------------------------- processes

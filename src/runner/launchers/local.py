@@ -18,6 +18,9 @@ What a build gets, and what stands between it and the host:
   shim, ``setpriv``, ``prlimit``, ``bwrap``) run with a fixed environment,
   so neither a secret nor a variable such as LD_PRELOAD ever touches the
   host side, and no secret appears on a command line.
+- System calls: a seccomp filter (``seccomp``, x86_64) refuses the calls a
+  build never needs and an attacker often does (kernel keyring, BPF,
+  io_uring, userfaultfd, modules, mounts, namespaces...) with EPERM.
 - Network: the host's when ``JobSpec.network`` is true (so also the host's
   loopback services); none but a private loopback when it is false.
 - Limits: per-build cgroups where available (``cgroups``: memory, process
@@ -50,6 +53,7 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from runner.launchers import seccomp as seccomp_filter
 from runner.launchers.base import JobSpec, LaunchError, Limits
 from runner.launchers.build_users import BuildUsers
 from runner.launchers.cgroups import CgroupRoot
@@ -176,7 +180,9 @@ class LocalLauncher:
     False never (tests of the fallbacks), True requires them.
     ``keep_workspaces`` (debugging) leaves workspaces behind after their
     jobs; they then have no hard size limit, as theirs would vanish.
-    ``metrics``, when given, counts the limits builds hit. ``protected``
+    ``seccomp`` likewise for the system-call filter (``seccomp``; x86_64
+    with bubblewrap). ``metrics``, when given, counts the limits builds
+    hit. ``protected``
     are more host directories no build may read through a local repository
     path (the runner's build cache, say).
     """
@@ -194,6 +200,7 @@ class LocalLauncher:
         hard_workspace_limit: bool | None = None,
         metrics: RunnerMetrics | None = None,
         protected: Sequence[Path] = (),
+        seccomp: bool | None = None,
     ) -> None:
         self.work_root = work_root
         self.protected = tuple(protected)
@@ -219,6 +226,10 @@ class LocalLauncher:
         )
         if hard_workspace_limit and not self.hard_workspace_limit:
             raise LaunchError("hard workspace limits need root, loop devices and mkfs.ext4")
+        # The filter needs bubblewrap to load it, and a known architecture.
+        self.seccomp = bool(self.bwrap) and seccomp is not False and seccomp_filter.supported()
+        if seccomp and not self.seccomp:
+            raise LaunchError("a seccomp filter needs bubblewrap on x86_64")
         self.prlimit = shutil.which("prlimit")
         if not self.prlimit:
             log.warning("prlimit (util-linux) is missing: builds run without rlimits")
@@ -226,8 +237,10 @@ class LocalLauncher:
         self.unshare = shutil.which("unshare") or "unshare"
         sweep(work_root)
         log.info(
-            "local launcher: sandbox %s, build users %s, cgroups %s, workspace limit %s",
+            "local launcher: sandbox %s, seccomp %s, build users %s, cgroups %s,"
+            " workspace limit %s",
             "bubblewrap" if self.bwrap else "NONE",
+            "on" if self.seccomp else "off",
             "one uid per build" if self.users else "the runner's own uid",
             "v1 (memory, pids, cpuacct)" if self.cgroup_root else "none (rlimits only)",
             "hard (own filesystem)" if self.hard_workspace_limit else "measured",
@@ -305,11 +318,12 @@ class LocalLauncher:
         workspace, user = grant.workspace, grant.user
         env_read, env_write = os.pipe()
         ready_read, ready_write = os.pipe() if user else (-1, -1)
-        fds: tuple[int, ...] = (env_read, ready_write) if user else (env_read,)
-        fds += spec.cache_fds or ()
+        seccomp_fd = seccomp_filter.filter_fd() if self.seccomp else -1
+        ours = (env_read, ready_write, seccomp_fd)
+        fds = tuple(fd for fd in ours if fd >= 0) + (spec.cache_fds or ())
         try:
             proc = await asyncio.create_subprocess_exec(
-                *self._argv(spec, grant, env_read, ready_write),
+                *self._argv(spec, grant, env_read, ready_write, seccomp_fd),
                 cwd=workspace.path,
                 env=HOST_ENV,
                 stdin=asyncio.subprocess.DEVNULL,
@@ -326,7 +340,7 @@ class LocalLauncher:
                 raise LaunchError(f"could not start the sandbox: {exc}") from exc
             raise
         finally:
-            for fd in (env_read, ready_write):
+            for fd in ours:
                 if fd >= 0:
                     os.close(fd)
         try:
@@ -392,7 +406,9 @@ class LocalLauncher:
             return {"HOME": "/workspace/.conveyor", "TMPDIR": "/tmp"}
         return {"HOME": str(workspace.path / ".conveyor"), "TMPDIR": str(workspace.tmp)}
 
-    def _argv(self, spec: JobSpec, grant: Grant, env_fd: int, ready_fd: int) -> list[str]:
+    def _argv(
+        self, spec: JobSpec, grant: Grant, env_fd: int, ready_fd: int, seccomp_fd: int
+    ) -> list[str]:
         prefix: list[str] = []
         workspace, cgroup, user = grant.workspace, grant.cgroup, grant.user
         if user is not None:
@@ -417,9 +433,9 @@ class LocalLauncher:
         ]  # fmt: skip
         if not self.bwrap:
             return [*prefix, *load_env, *script]
-        return [*prefix, *self._bwrap(spec, workspace), "--", *load_env, *script]
+        return [*prefix, *self._bwrap(spec, workspace, seccomp_fd), "--", *load_env, *script]
 
-    def _bwrap(self, spec: JobSpec, workspace: Workspace) -> list[str]:
+    def _bwrap(self, spec: JobSpec, workspace: Workspace, seccomp_fd: int) -> list[str]:
         assert self.bwrap is not None
         # As Docker does, 64 MiB; less with a small memory limit, which
         # /dev/shm counts against, so that a full /dev/shm leaves room to run.
@@ -464,6 +480,8 @@ class LocalLauncher:
             real = Path(path).resolve()
             if real.exists():
                 argv += ["--ro-bind", str(real), path]
+        if seccomp_fd >= 0:
+            argv += ["--seccomp", str(seccomp_fd)]
         # Last: everything above is mounted, nothing else may be created.
         argv += ["--remount-ro", "/dev", "--remount-ro", "/"]
         return argv
