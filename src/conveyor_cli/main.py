@@ -407,6 +407,7 @@ def _launcher(settings: RunnerSettings, metrics: RunnerMetrics) -> tuple[Launche
         settings.work_dir / "workspaces",
         metrics=metrics,
         protected=(settings.cache_root, settings.cache_staging),
+        user_network=False if settings.build_network == "host" else None,
     )
     return local, local.sandboxed
 

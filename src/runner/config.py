@@ -28,6 +28,9 @@ class RunnerSettings:
     # How long SIGTERM waits for running builds before handing them back.
     drain_seconds: float = 600.0
     require_sandbox: bool = False
+    # Builds with network: "own" (a namespace of their own through
+    # slirp4netns where installed) or "host" (the host's, loopback included).
+    build_network: str = "own"
     # The build cache: "dir" (``cache_dir``, default ``work_dir/cache``),
     # "s3" (CONVEYOR_CACHE_S3_* and the usual AWS variables) or "off".
     cache: str = "dir"
@@ -74,6 +77,10 @@ class RunnerSettings:
         if env.get("CONVEYOR_WORK_DIR"):
             values["work_dir"] = Path(env["CONVEYOR_WORK_DIR"])
         values.update(_cache_values(env))
+        network = env.get("CONVEYOR_BUILD_NETWORK", "own")
+        if network not in ("own", "host"):
+            raise ValueError("CONVEYOR_BUILD_NETWORK must be own or host")
+        values["build_network"] = network
         if env.get("CONVEYOR_RUNNER_LABELS"):
             values["labels"] = tuple(
                 x.strip() for x in env["CONVEYOR_RUNNER_LABELS"].split(",") if x.strip()

@@ -1,14 +1,17 @@
 """A project can run its builds without network: such a build cannot reach
-a port listening on the build host, while a normal build can."""
+a service elsewhere on the network, while a normal build can; neither
+reaches the build host's loopback services."""
 
 from __future__ import annotations
 
 import asyncio
 from pathlib import Path
 
+import pytest
+
 from conveyor.v1 import config_service_pb2 as cs
 from conveyor.v1 import types_pb2 as pb
-from tests.helpers import Api, RunnerProcess
+from tests.helpers import Api, RunnerProcess, host_address
 
 
 async def test_network_isolated_projects_cannot_reach_the_host(
@@ -17,11 +20,18 @@ async def test_network_isolated_projects_cannot_reach_the_host(
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         writer.close()
 
-    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    address = host_address()
+    if address is None:
+        pytest.skip("this host has no address besides loopback")
+    server = await asyncio.start_server(serve, address, 0)
+    loopback = await asyncio.start_server(serve, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
+    local_port = loopback.sockets[0].getsockname()[1]
     probe = (
-        f"if (exec 3<>/dev/tcp/127.0.0.1/{port}) 2>/dev/null;"
-        " then echo network-reached; else echo network-blocked; fi"
+        f"if (exec 3<>/dev/tcp/{address}/{port}) 2>/dev/null;"
+        " then echo network-reached; else echo network-blocked; fi;"
+        f" if (exec 3<>/dev/tcp/127.0.0.1/{local_port}) 2>/dev/null;"
+        " then echo network-loopback-reached; fi"
     )
     try:
         await api.create_project("open", repo, build_command=probe)
@@ -49,5 +59,6 @@ async def test_network_isolated_projects_cannot_reach_the_host(
         )
         assert not updated.project.network_isolated
     finally:
-        server.close()
-        await server.wait_closed()
+        for each in (server, loopback):
+            each.close()
+            await each.wait_closed()

@@ -35,6 +35,7 @@ from runner.launchers.base import JobResult, JobSpec, LaunchError, Limits, Outpu
 from runner.launchers.local import HIDDEN_ETC, LocalLauncher
 from runner.launchers.local_job import LocalJob
 from runner.metrics import RunnerMetrics
+from tests.helpers import host_address
 
 pytestmark = [
     pytest.mark.timeout(60),
@@ -685,16 +686,71 @@ async def test_an_isolated_build_cannot_reach_the_host_network(
     assert [x.strip() for x in out.stdout.splitlines()] == ["lo"]
 
 
-async def test_a_build_with_network_shares_the_hosts(
-    launcher: LocalLauncher, host_service: int
+@pytest_asyncio.fixture
+async def outside_service() -> AsyncIterator[tuple[str, int]]:
+    """The same greeting on the host's own address, as a service elsewhere
+    on the network would be reached."""
+    address = host_address()
+    if address is None:
+        pytest.skip("this host has no address besides loopback")
+
+    async def greet(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"hello from outside\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(greet, address, 0)
+    try:
+        yield address, server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+needs_slirp = pytest.mark.skipif(
+    shutil.which("slirp4netns") is None, reason="needs slirp4netns (scripts/bootstrap installs it)"
+)
+
+
+@needs_slirp
+async def test_a_build_with_network_reaches_out_but_not_the_hosts_loopback(
+    launcher: LocalLauncher, build_dir: Path, host_service: int, outside_service: tuple[str, int]
 ) -> None:
-    # Documented behaviour, not an escape: with JobSpec.network (the
-    # default) a build is on the host's network, loopback included.
-    out = await run(
-        launcher, f"exec 3<>/dev/tcp/127.0.0.1/{host_service} && head -1 <&3", network=True
+    address, port = outside_service
+    probe = (
+        f"(exec 3<>/dev/tcp/{address}/{port} && head -1 <&3)\n"
+        f"(exec 3<>/dev/tcp/127.0.0.1/{host_service} && head -1 <&3)\n"
+        "cat /etc/resolv.conf\nexit 0\n"
     )
+    out = await run(launcher, probe, network=True)
     assert out.result.exit_code == 0, out.everything
-    assert out.stdout == "hello from the host"
+    assert "hello from outside" in out.stdout
+    assert "hello from the host" not in out.stdout, "host loopback reachable"
+    assert "nameserver 10.0.2.3" in out.stdout
+    # What slirp4netns stands for: sharing the host's network, a build
+    # reaches every service on its loopback.
+    shared = LocalLauncher(build_dir / "shared", sandbox=True, user_network=False)
+    try:
+        out = await run(shared, probe, network=True)
+    finally:
+        await shared.close()
+    assert "hello from the host" in out.stdout
+
+
+@needs_slirp
+async def test_the_network_helper_ends_with_the_build(launcher: LocalLauncher) -> None:
+    before = {p.pid for p in psutil.process_iter(["name"]) if p.info["name"] == "slirp4netns"}
+    out = await run(launcher, "true", network=True)
+    assert out.result.exit_code == 0, out.everything
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        left = {
+            p.pid for p in psutil.process_iter(["name"]) if p.info["name"] == "slirp4netns"
+        } - before
+        if not left:
+            break
+        await asyncio.sleep(0.05)
+    assert not left, f"slirp4netns processes left behind: {left}"
 
 
 # ------------------------------------------------------- the job environment

@@ -21,8 +21,11 @@ What a build gets, and what stands between it and the host:
 - System calls: a seccomp filter (``seccomp``, x86_64) refuses the calls a
   build never needs and an attacker often does (kernel keyring, BPF,
   io_uring, userfaultfd, modules, mounts, namespaces...) with EPERM.
-- Network: the host's when ``JobSpec.network`` is true (so also the host's
-  loopback services); none but a private loopback when it is false.
+- Network: with ``JobSpec.network``, a network namespace of its own with
+  NAT to the outside through slirp4netns (``user_network``): the host's
+  loopback services are out of reach. Without slirp4netns, the host's
+  network (loopback included), with a warning at start. Without
+  ``JobSpec.network``, nothing but a private loopback.
 - Limits: per-build cgroups where available (``cgroups``: memory, process
   count and CPU time of the build as a whole); rlimits otherwise and as a
   backstop (memory per process only without cgroups, CPU time per process,
@@ -55,9 +58,11 @@ from pathlib import Path
 
 from runner.launchers import seccomp as seccomp_filter
 from runner.launchers.base import JobSpec, LaunchError, Limits
-from runner.launchers.build_users import BuildUsers
+from runner.launchers.build_users import BuildUser, BuildUsers
 from runner.launchers.cgroups import CgroupRoot
 from runner.launchers.local_job import Grant, LocalJob
+from runner.launchers.user_network import NetworkError, SandboxPipes, UserNetwork
+from runner.launchers.user_network import available as user_network_available
 from runner.launchers.workspace import Workspace, hard_limits_available, sweep
 from runner.metrics import RunnerMetrics
 from runner.script import CACHE_IN_FD, CACHE_OUT_FD
@@ -67,6 +72,10 @@ log = logging.getLogger(__name__)
 FALLBACK_WARNING = (
     "bubblewrap (bwrap) is not installed: this build ran as a plain subprocess"
     " WITHOUT a sandbox; install bubblewrap on the build host"
+)
+SHARED_NETWORK_WARNING = (
+    "slirp4netns is not installed: builds with network share the host's network,"
+    " loopback services included; install slirp4netns on the build host"
 )
 DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
 # Host-side processes of a build see only this, never the job's variables.
@@ -98,12 +107,15 @@ done
 printf ready >&"$ready"; exec {ready}>&-
 exec "$@"
 """
-# Inside the sandbox: export the job's variables, read NUL-separated from
-# the pipe whose number is $1; put the build-cache pipes $2 and $3 (or "-")
-# at fds 7 and 8 (through free fds, as either may already be 7 or 8); then
-# become the build script.
+# Inside the sandbox: say "up" on the pipe $4 (or "-") once the sandbox is
+# set up; export the job's variables, read NUL-separated from the pipe whose
+# number is $1; put the build-cache pipes $2 and $3 (or "-") at fds 7 and 8
+# (through free fds, as either may already be 7 or 8); then become the
+# build script.
 _LOAD_ENV = (
-    "fd=$1 cin=$2 cout=$3; shift 3; while IFS= read -r -d '' -u \"$fd\" kv; do"
+    "fd=$1 cin=$2 cout=$3 up=$4; shift 4;"
+    ' if [ "$up" != - ]; then printf up >&"$up"; exec {up}>&-; fi;'
+    " while IFS= read -r -d '' -u \"$fd\" kv; do"
     ' export -- "$kv" 2>/dev/null'
     " || printf 'conveyor: ignored the environment variable %s (not a valid name)\\n'"
     ' "${kv%%=*}" >&2; done; exec {fd}<&-;'
@@ -146,6 +158,13 @@ def _ensure_traversable(path: Path) -> None:
         if not mode & 0o001:
             log.info("allowing builds to traverse %s (o+x)", parent)
             parent.chmod(mode | 0o001)
+
+
+def _open_to_all(path: str) -> bool:
+    try:
+        return os.stat(path).st_mode & 0o006 == 0o006
+    except OSError:
+        return False
 
 
 def _write_env(fd: int, env: Mapping[str, str]) -> None:
@@ -201,6 +220,7 @@ class LocalLauncher:
         metrics: RunnerMetrics | None = None,
         protected: Sequence[Path] = (),
         seccomp: bool | None = None,
+        user_network: bool | None = None,
     ) -> None:
         self.work_root = work_root
         self.protected = tuple(protected)
@@ -230,6 +250,20 @@ class LocalLauncher:
         self.seccomp = bool(self.bwrap) and seccomp is not False and seccomp_filter.supported()
         if seccomp and not self.seccomp:
             raise LaunchError("a seccomp filter needs bubblewrap on x86_64")
+        # Builds with network get their own (slirp4netns) where installed;
+        # otherwise they share the host's, loopback included.
+        self.slirp = user_network_available() if self.bwrap and user_network is not False else None
+        if user_network and not self.slirp:
+            raise LaunchError("a network of its own per build needs bubblewrap and slirp4netns")
+        if self.bwrap and not self.slirp and user_network is None:
+            log.warning(SHARED_NETWORK_WARNING)
+        # slirp4netns opens /dev/net/tun in the build's namespace: as the
+        # build's uid where the device is open to all (the usual 0666),
+        # else as root, which it then sheds (no capabilities, an empty
+        # root, a seccomp filter).
+        self.tun_open_to_all = _open_to_all("/dev/net/tun")
+        if self.slirp and self.users and not self.tun_open_to_all:
+            log.info("/dev/net/tun is not open to all: slirp4netns starts as root, then drops it")
         self.prlimit = shutil.which("prlimit")
         if not self.prlimit:
             log.warning("prlimit (util-linux) is missing: builds run without rlimits")
@@ -237,10 +271,11 @@ class LocalLauncher:
         self.unshare = shutil.which("unshare") or "unshare"
         sweep(work_root)
         log.info(
-            "local launcher: sandbox %s, seccomp %s, build users %s, cgroups %s,"
+            "local launcher: sandbox %s, seccomp %s, network %s, build users %s, cgroups %s,"
             " workspace limit %s",
             "bubblewrap" if self.bwrap else "NONE",
             "on" if self.seccomp else "off",
+            "own (slirp4netns)" if self.slirp else "the host's",
             "one uid per build" if self.users else "the runner's own uid",
             "v1 (memory, pids, cpuacct)" if self.cgroup_root else "none (rlimits only)",
             "hard (own filesystem)" if self.hard_workspace_limit else "measured",
@@ -260,7 +295,7 @@ class LocalLauncher:
             setup.add_done_callback(self._release_later)
             raise
         try:
-            proc, writer = await self._start(spec, grant)
+            proc, writer, network = await self._start(spec, grant)
         except BaseException:
             self._release_soon(grant)
             raise
@@ -277,6 +312,7 @@ class LocalLauncher:
             warning=None if self.bwrap else FALLBACK_WARNING,
             env_writer=writer,
             metrics=self.metrics,
+            network=network,
         )
 
     def _set_up(self, spec: JobSpec) -> Grant:
@@ -312,18 +348,21 @@ class LocalLauncher:
 
     async def _start(
         self, spec: JobSpec, grant: Grant
-    ) -> tuple[asyncio.subprocess.Process, asyncio.Task[None]]:
-        """Start the job, wait for its shim to have set it up, hand it its
-        environment. Raises ``LaunchError``; the caller releases ``grant``."""
+    ) -> tuple[asyncio.subprocess.Process, asyncio.Task[None], UserNetwork | None]:
+        """Start the job, wait for its shim to have set it up, give it its
+        network, hand it its environment. Raises ``LaunchError``; the caller
+        releases ``grant``."""
         workspace, user = grant.workspace, grant.user
         env_read, env_write = os.pipe()
         ready_read, ready_write = os.pipe() if user else (-1, -1)
         seccomp_fd = seccomp_filter.filter_fd() if self.seccomp else -1
+        net = SandboxPipes() if self.slirp is not None and spec.network else None
         ours = (env_read, ready_write, seccomp_fd)
         fds = tuple(fd for fd in ours if fd >= 0) + (spec.cache_fds or ())
+        fds += net.child_fds() if net else ()
         try:
             proc = await asyncio.create_subprocess_exec(
-                *self._argv(spec, grant, env_read, ready_write, seccomp_fd),
+                *self._argv(spec, grant, env_read, ready_write, seccomp_fd, net),
                 cwd=workspace.path,
                 env=HOST_ENV,
                 stdin=asyncio.subprocess.DEVNULL,
@@ -336,6 +375,8 @@ class LocalLauncher:
             for fd in (env_write, ready_read):
                 if fd >= 0:
                     os.close(fd)
+            if net is not None:
+                net.close()
             if isinstance(exc, OSError):
                 raise LaunchError(f"could not start the sandbox: {exc}") from exc
             raise
@@ -343,16 +384,51 @@ class LocalLauncher:
             for fd in ours:
                 if fd >= 0:
                     os.close(fd)
+            if net is not None:
+                net.close_child_ends()
+        network: UserNetwork | None = None
         try:
             if user is not None:
                 await self._await_shim(proc, ready_read, workspace)
+            if net is not None:
+                network = await self._give_network(net, user, spec.build_id)
         except BaseException:
             os.close(env_write)
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
             raise
+        finally:
+            if net is not None:
+                net.close()
         env = {"PATH": DEFAULT_PATH, **spec.env, **spec.secret_env, **self._forced_env(workspace)}
-        return proc, asyncio.create_task(asyncio.to_thread(_write_env, env_write, env))
+        return proc, asyncio.create_task(asyncio.to_thread(_write_env, env_write, env)), network
+
+    async def _give_network(
+        self, net: SandboxPipes, user: BuildUser | None, build_id: str
+    ) -> UserNetwork:
+        """Attach slirp4netns to the sandbox once it is set up. Raises
+        ``LaunchError``; the caller closes ``net``."""
+        assert self.slirp is not None
+        run_as: list[str] = []
+        if user is not None and self.tun_open_to_all:
+            assert self.setpriv is not None
+            run_as = [
+                self.setpriv, f"--reuid={user.uid}", f"--regid={user.gid}",
+                "--clear-groups", "--inh-caps=-all", "--",
+            ]  # fmt: skip
+        network = UserNetwork(self.slirp, run_as, HOST_ENV)
+        try:
+            pid = await asyncio.wait_for(asyncio.to_thread(net.sandbox_pid), _SET_UP_TIMEOUT)
+            await network.start(pid, build_id)
+        except TimeoutError:
+            await network.close()
+            raise LaunchError(
+                f"the sandbox was not set up within {_SET_UP_TIMEOUT:.0f} s"
+            ) from None
+        except NetworkError as exc:
+            await network.close()
+            raise LaunchError(f"could not set up the build's network: {exc}") from exc
+        return network
 
     async def _await_shim(
         self, proc: asyncio.subprocess.Process, ready_read: int, workspace: Workspace
@@ -407,7 +483,13 @@ class LocalLauncher:
         return {"HOME": str(workspace.path / ".conveyor"), "TMPDIR": str(workspace.tmp)}
 
     def _argv(
-        self, spec: JobSpec, grant: Grant, env_fd: int, ready_fd: int, seccomp_fd: int
+        self,
+        spec: JobSpec,
+        grant: Grant,
+        env_fd: int,
+        ready_fd: int,
+        seccomp_fd: int,
+        net: SandboxPipes | None,
     ) -> list[str]:
         prefix: list[str] = []
         workspace, cgroup, user = grant.workspace, grant.cgroup, grant.user
@@ -429,13 +511,16 @@ class LocalLauncher:
         cache_in, cache_out = (str(fd) for fd in spec.cache_fds) if spec.cache_fds else ("-", "-")
         load_env = [
             self.bash, "--noprofile", "--norc", "-c", _LOAD_ENV, "load-env",
-            str(env_fd), cache_in, cache_out,
+            str(env_fd), cache_in, cache_out, str(net.up_write) if net else "-",
         ]  # fmt: skip
         if not self.bwrap:
             return [*prefix, *load_env, *script]
-        return [*prefix, *self._bwrap(spec, workspace, seccomp_fd), "--", *load_env, *script]
+        sandbox = self._bwrap(spec, workspace, seccomp_fd, net)
+        return [*prefix, *sandbox, "--", *load_env, *script]
 
-    def _bwrap(self, spec: JobSpec, workspace: Workspace, seccomp_fd: int) -> list[str]:
+    def _bwrap(
+        self, spec: JobSpec, workspace: Workspace, seccomp_fd: int, net: SandboxPipes | None
+    ) -> list[str]:
         assert self.bwrap is not None
         # As Docker does, 64 MiB; less with a small memory limit, which
         # /dev/shm counts against, so that a full /dev/shm leaves room to run.
@@ -470,7 +555,12 @@ class LocalLauncher:
             if Path(lib).exists():
                 argv += ["--symlink", f"usr{lib}", lib]
         resolv = Path("/etc/resolv.conf").resolve()
-        if spec.network:
+        if net is not None:
+            # A network namespace of its own, which slirp4netns connects
+            # once bubblewrap has said which process is in it.
+            argv += ["--ro-bind-data", str(net.resolv_read), "/etc/resolv.conf"]
+            argv += ["--info-fd", str(net.info_write)]
+        elif spec.network:
             argv += ["--share-net"]
             # systemd-resolved: the real file lives under /run, which the
             # sandbox replaces; without it the build has no DNS.

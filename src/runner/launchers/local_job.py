@@ -22,6 +22,7 @@ import psutil
 from runner.launchers.base import JobResult, Limits, OutputLine, Stream
 from runner.launchers.build_users import BuildUser, BuildUsers, kill_processes_of
 from runner.launchers.cgroups import BuildCgroup
+from runner.launchers.user_network import UserNetwork
 from runner.launchers.workspace import Workspace
 from runner.metrics import RunnerMetrics
 
@@ -74,8 +75,10 @@ class LocalJob:
         warning: str | None,
         env_writer: asyncio.Task[None],
         metrics: RunnerMetrics | None = None,
+        network: UserNetwork | None = None,
     ) -> None:
         self.metrics = metrics
+        self.network = network
         self.proc = proc
         self.build_id = build_id
         self.sandboxed = warning is None
@@ -173,6 +176,8 @@ class LocalJob:
 
     async def _conclude(self) -> tuple[JobResult, list[str]]:
         code = await self.proc.wait()
+        if self.network is not None:
+            await self.network.close()
         await asyncio.gather(*self._pumps, self._env_writer, return_exceptions=True)
         self._watchdog.cancel()
         if self._stopping:
