@@ -32,7 +32,7 @@ from prometheus_client import CollectorRegistry
 
 from runner.launchers import seccomp as seccomp_filter
 from runner.launchers.base import JobResult, JobSpec, LaunchError, Limits, OutputLine
-from runner.launchers.local import HIDDEN_ETC, LocalLauncher
+from runner.launchers.local import HIDDEN_ETC, LocalLauncher, own_network_tool
 from runner.launchers.local_job import LocalJob
 from runner.metrics import RunnerMetrics
 from tests.helpers import host_address
@@ -708,7 +708,8 @@ async def outside_service() -> AsyncIterator[tuple[str, int]]:
 
 
 needs_slirp = pytest.mark.skipif(
-    shutil.which("slirp4netns") is None, reason="needs slirp4netns (scripts/bootstrap installs it)"
+    own_network_tool() is None,
+    reason="needs slirp4netns (scripts/bootstrap installs it) and /dev/net/tun",
 )
 
 

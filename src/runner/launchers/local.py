@@ -74,8 +74,9 @@ FALLBACK_WARNING = (
     " WITHOUT a sandbox; install bubblewrap on the build host"
 )
 SHARED_NETWORK_WARNING = (
-    "slirp4netns is not installed: builds with network share the host's network,"
-    " loopback services included; install slirp4netns on the build host"
+    "slirp4netns is not installed (or /dev/net/tun is not usable): builds with network"
+    " share the host's network, loopback services included; install slirp4netns on"
+    " the build host"
 )
 DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
 # Host-side processes of a build see only this, never the job's variables.
@@ -158,6 +159,14 @@ def _ensure_traversable(path: Path) -> None:
         if not mode & 0o001:
             log.info("allowing builds to traverse %s (o+x)", parent)
             parent.chmod(mode | 0o001)
+
+
+def own_network_tool() -> str | None:
+    """slirp4netns, when it is installed and can open /dev/net/tun here (as
+    root, or as this unprivileged runner); else None."""
+    tun = "/dev/net/tun"
+    usable = os.path.exists(tun) and (os.geteuid() == 0 or os.access(tun, os.R_OK | os.W_OK))
+    return user_network_available() if usable else None
 
 
 def _open_to_all(path: str) -> bool:
@@ -252,7 +261,7 @@ class LocalLauncher:
             raise LaunchError("a seccomp filter needs bubblewrap on x86_64")
         # Builds with network get their own (slirp4netns) where installed;
         # otherwise they share the host's, loopback included.
-        self.slirp = user_network_available() if self.bwrap and user_network is not False else None
+        self.slirp = own_network_tool() if self.bwrap and user_network is not False else None
         if user_network and not self.slirp:
             raise LaunchError("a network of its own per build needs bubblewrap and slirp4netns")
         if self.bwrap and not self.slirp and user_network is None:
