@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import secrets
 import shutil
 import time
 from collections.abc import Mapping
@@ -108,9 +109,12 @@ class LocalDirCache:
     def upload(self, src: Path, name: str) -> None:
         dest = self._path(name)
         dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_suffix(".partial")
-        shutil.copyfile(src, tmp)
-        tmp.replace(dest)
+        tmp = _partial(dest)
+        try:
+            shutil.copyfile(src, tmp)
+            tmp.replace(dest)
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def read_text(self, name: str) -> str | None:
         path = self._path(name)
@@ -119,9 +123,12 @@ class LocalDirCache:
     def write_text(self, name: str, text: str) -> None:
         path = self._path(name)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".partial")
-        tmp.write_text(text)
-        tmp.replace(path)
+        tmp = _partial(path)
+        try:
+            tmp.write_text(text)
+            tmp.replace(path)
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def listing(self, prefix: str) -> list[CacheObject]:
         base = self._path(prefix) if prefix else self.root
@@ -139,6 +146,13 @@ class LocalDirCache:
     def delete(self, names: list[str]) -> None:
         for name in names:
             self._path(name).unlink(missing_ok=True)
+
+
+def _partial(dest: Path) -> Path:
+    """A temporary name beside ``dest``, unique to this write: two builds
+    (or two runners sharing the directory) may save the same key at once,
+    and each must rename a whole file of its own into place."""
+    return dest.with_name(f".{dest.name}.{os.getpid()}.{secrets.token_hex(6)}.partial")
 
 
 class S3Cache:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import boto3
@@ -148,3 +149,16 @@ def test_object_names_cannot_escape_the_directory(tmp_path: Path) -> None:
     secret.write_text("do not read")
     with pytest.raises(ValueError, match="escapes"):
         LocalDirCache(tmp_path / "cache").upload(secret, "../../escape")
+
+
+def test_concurrent_saves_of_one_key_leave_one_whole_archive(tmp_path: Path) -> None:
+    # Two builds (or two runners sharing the directory) saving the same key.
+    store = LocalDirCache(tmp_path / "cache")
+    sources = [archive(tmp_path, f"src{i}", 4 * 1024 * 1024) for i in range(4)]
+    name = object_name("p", 0, PROD, "k")
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda src: store.upload(src, name), sources * 3))
+    stored = (tmp_path / "cache" / name).read_bytes()
+    assert stored in [src.read_bytes() for src in sources]
+    assert [o.name for o in store.listing("p/")] == [name]
+    assert not list((tmp_path / "cache").rglob("*.partial"))
