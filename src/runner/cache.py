@@ -26,6 +26,7 @@ import logging
 import os
 import secrets
 import shutil
+import stat
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -136,10 +137,15 @@ class LocalDirCache:
             return []
         out = []
         for path in base.rglob("*"):
-            if path.is_file() and not path.name.endswith(".partial"):
-                stat = path.stat()
+            if path.name.endswith(".partial"):
+                continue
+            try:
+                info = path.stat()
+            except FileNotFoundError:
+                continue  # collected meanwhile (another build, another runner)
+            if stat.S_ISREG(info.st_mode):
                 out.append(
-                    CacheObject(str(path.relative_to(self.root)), stat.st_size, stat.st_mtime)
+                    CacheObject(str(path.relative_to(self.root)), info.st_size, info.st_mtime)
                 )
         return out
 
@@ -289,13 +295,14 @@ class BuildCache:
         return f"cache saved: key {key[:16]}, {human_size(size)}{extra}"
 
     def collect(self, project_id: str, generation: int, now: float | None = None) -> int:
-        """Drop other generations, expired entries, and the least recently
+        """Drop older generations, expired entries, and the least recently
         used entries past the project's size limit. Returns how many
-        objects went."""
+        objects went. Newer generations stay: a build dispatched before a
+        purge may save after it."""
         now = time.time() if now is None else now
         objects = self.store.listing(f"{project_id}/")
         current = f"{project_id}/{generation}/"
-        doomed = [o for o in objects if not o.name.startswith(current)]
+        doomed = [o for o in objects if _generation(o.name) < generation]
         live = [o for o in objects if o.name.startswith(current)]
         cutoff = now - self.policy.max_age_days * 86400
         archives = sorted(
@@ -310,6 +317,14 @@ class BuildCache:
         if doomed:
             self.store.delete([o.name for o in doomed])
         return len(doomed)
+
+
+def _generation(name: str) -> int:
+    """The generation in an object name ``<project>/<generation>/...``."""
+    try:
+        return int(name.split("/")[1])
+    except (IndexError, ValueError):
+        return -1
 
 
 def human_size(size: int) -> str:

@@ -132,8 +132,9 @@ class CacheRun:
             self._began = time.monotonic()
             self._restore = asyncio.create_task(self._answer(self.key), name="cache-restore")
         elif marker.kind == "cache-restored" and self._restore is not None:
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._restore
+            # wait(), not await: the task's own end (bounded inside) without
+            # swallowing a cancellation of the build itself.
+            await asyncio.wait({self._restore})
             await self._report_restore(marker.exit_code or 0)
         elif marker.kind == "cache-save" and self._receive is None:
             if not marker.exit_code:

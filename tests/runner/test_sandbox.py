@@ -19,6 +19,7 @@ import json
 import os
 import secrets
 import shutil
+import subprocess
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -32,8 +33,14 @@ from prometheus_client import CollectorRegistry
 
 from runner.launchers import seccomp as seccomp_filter
 from runner.launchers.base import JobResult, JobSpec, LaunchError, Limits, OutputLine
-from runner.launchers.local import HIDDEN_ETC, LocalLauncher, own_network_tool
+from runner.launchers.local import (
+    HIDDEN_ETC,
+    LocalLauncher,
+    own_network_tool,
+    resolv_conf_args,
+)
 from runner.launchers.local_job import LocalJob
+from runner.launchers.user_network import RESOLV_CONF, data_fd
 from runner.metrics import RunnerMetrics
 from tests.helpers import host_address
 
@@ -843,3 +850,28 @@ async def test_without_bubblewrap_the_build_uid_alone_still_keeps_secrets(
     assert "Permission denied" in out.stderr
     assert host.token not in out.everything
     assert secret not in out.everything
+
+
+@pytest.mark.parametrize("link", ["/run/conveyor-test/stub-resolv.conf", "../run/x/resolv.conf"])
+def test_the_builds_resolver_lands_where_a_symlinked_resolv_conf_points(
+    build_dir: Path, link: str
+) -> None:
+    # systemd-resolved hosts: /etc/resolv.conf -> ../run/systemd/resolve/...
+    # and the sandbox's /run is empty. Real bubblewrap, an /etc of our own.
+    etc = build_dir / "etc"
+    etc.mkdir()
+    (etc / "resolv.conf").symlink_to(link)
+    fd = data_fd(RESOLV_CONF.encode())
+    try:
+        args = resolv_conf_args(etc / "resolv.conf", fd)
+        done = subprocess.run(
+            ["bwrap", "--unshare-all", "--ro-bind", "/usr", "/usr", "--symlink", "usr/lib", "/lib",
+             "--symlink", "usr/lib64", "/lib64", "--symlink", "usr/bin", "/bin",
+             "--ro-bind", str(etc), "/etc", "--tmpfs", "/run", *args,
+             "cat", "/etc/resolv.conf"],
+            pass_fds=(fd,), capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+    finally:
+        os.close(fd)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == RESOLV_CONF

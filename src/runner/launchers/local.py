@@ -161,6 +161,19 @@ def _ensure_traversable(path: Path) -> None:
             parent.chmod(mode | 0o001)
 
 
+def resolv_conf_args(host_resolv: Path, fd: int) -> list[str]:
+    """bubblewrap arguments that put the resolver configuration on ``fd``
+    where the sandbox's resolver reads it. /etc is the host's, read-only:
+    where /etc/resolv.conf is a symlink (systemd-resolved:
+    ../run/systemd/resolve/stub-resolv.conf), the file must appear at its
+    target, and the sandbox's /run is empty, so the directory is made."""
+    if not host_resolv.is_symlink():
+        return ["--ro-bind-data", str(fd), "/etc/resolv.conf"]
+    # Where the link leads inside the sandbox, whose /etc is the host's.
+    target = Path(os.path.normpath(os.path.join("/etc", os.readlink(host_resolv))))
+    return ["--dir", str(target.parent), "--ro-bind-data", str(fd), str(target)]
+
+
 def own_network_tool() -> str | None:
     """slirp4netns, when it is installed and can open /dev/net/tun here (as
     root, or as this unprivileged runner); else None."""
@@ -567,7 +580,7 @@ class LocalLauncher:
         if net is not None:
             # A network namespace of its own, which slirp4netns connects
             # once bubblewrap has said which process is in it.
-            argv += ["--ro-bind-data", str(net.resolv_read), "/etc/resolv.conf"]
+            argv += resolv_conf_args(Path("/etc/resolv.conf"), net.resolv_read)
             argv += ["--info-fd", str(net.info_write)]
         elif spec.network:
             argv += ["--share-net"]

@@ -179,15 +179,25 @@ class UserNetwork:
         proc = self.proc
         reading = asyncio.ensure_future(asyncio.to_thread(os.read, ready_read, 1))
         exited = asyncio.ensure_future(proc.wait())
-        # Whichever comes first: "1" on the ready pipe, or slirp4netns
-        # exiting (then the read sees the end of the pipe too).
-        await asyncio.wait({reading, exited}, timeout=_START_TIMEOUT, return_when="FIRST_COMPLETED")
-        exited.cancel()
-        ready = reading.result() if reading.done() and not reading.exception() else b""
+        try:
+            # Whichever comes first: "1" on the ready pipe, or slirp4netns
+            # exiting (then the read sees the end of the pipe too).
+            await asyncio.wait(
+                {reading, exited}, timeout=_START_TIMEOUT, return_when="FIRST_COMPLETED"
+            )
+            ready = reading.result() if reading.done() and not reading.exception() else b""
+        except BaseException:
+            ready = b""
+            raise
+        finally:
+            exited.cancel()
+            if ready != b"1":
+                # Also on cancellation: slirp4netns (root, maybe) must not
+                # outlive the launch. The read ends with its pipe.
+                await asyncio.shield(self.close())
+                await asyncio.wait({reading}, timeout=_START_TIMEOUT)
+            os.close(ready_read)
         if ready != b"1":
-            await self.close()
-            # The read ends with the pipe once slirp4netns is gone.
-            await asyncio.wait({reading}, timeout=_START_TIMEOUT)
             why = (
                 f"it exited with {proc.returncode}"
                 if proc.returncode is not None
@@ -195,9 +205,7 @@ class UserNetwork:
             )
             if self.last_words:
                 why += f" ({'; '.join(self.last_words)})"
-            os.close(ready_read)
             raise NetworkError(f"slirp4netns did not bring the build's network up: {why}")
-        os.close(ready_read)
 
     async def _log_stderr(self, build_id: str) -> None:
         """Its chatter (tap fds, exit events) at debug level; the last lines
