@@ -198,7 +198,11 @@ class CacheRun:
         found = self.found
         if self.key is None:
             names = ", ".join(self.plan.lockfiles)
-            result, text = "miss", f"cache: no lock file ({names}) in the root directory; no cache"
+            result = "miss"
+            text = (
+                f"cache: no lock file ({names}) in the root directory, or no cache path"
+                " outside the repository; no cache"
+            )
         elif self.restore_error is not None or (found is not None and tar_exit != 0):
             # A tar that failed stops reading: its exit code says more than
             # the broken pipe the runner saw.

@@ -167,17 +167,31 @@ class BuildScript:
         return "\n".join(lines) + "\n"
 
     def _restore_lines(self, cache: CachePlan) -> list[str]:
-        """Hash the lock files, ask the runner, unpack its answer. A failed
-        unpack removes what it left of paths that were not there before, so
-        a broken archive costs the time it saved, never the build."""
+        """Hash the lock files, ask the runner, unpack its answer.
+
+        Paths the repository tracks (a committed ``vendor/``) are not the
+        cache's: neither restored over the checkout nor saved. The archive
+        is unpacked aside and each path moved into place only when all of it
+        unpacked, so a broken archive costs the time it saved, never the
+        build; an exact entry that does not unpack is saved anew."""
         q = shlex.quote
         locks = " ".join(q(p) for p in cache.lockfiles)
         dirs = " ".join(q(p) for p in cache.workspace_paths(self.root_directory))
         return [
             f"CACHE_LOCKS=({locks})",
             f"CACHE_DIRS=({dirs})",
+            'there() { [ -e "$1" ] || [ -L "$1" ]; }',
+            'tracked() { [ -n "$(git -C "$WS/src" ls-files -- "$1" 2>/dev/null | head -c1)" ]; }',
+            "cache_dirs=()",
+            'for d in "${CACHE_DIRS[@]}"; do',
+            '  case $d in src/*) if tracked "${d#src/}"; then',
+            '    echo "cache: ${d#src/} is in the repository; it is not cached"; continue',
+            "  fi;; esac",
+            '  cache_dirs+=("$d")',
+            "done",
             "cache_key() {",
             "  local p f files=()",
+            '  if [ "${#cache_dirs[@]}" -eq 0 ]; then echo none; return; fi',
             "  shopt -s nullglob",
             # Unquoted on purpose: the patterns are globs (checked to hold
             # no blank or shell syntax).
@@ -186,23 +200,38 @@ class BuildScript:
             "  done",
             "  shopt -u nullglob",
             '  if [ "${#files[@]}" -eq 0 ]; then echo none; return; fi',
-            "  { printf '%s\\0' \"${CACHE_DIRS[@]}\"; printf '%s\\0' \"${files[@]}\" | sort -zu |",
+            # Native modules differ by platform: the key includes it.
+            '  { uname -m; (. /etc/os-release 2>/dev/null; echo "${ID:-}-${VERSION_ID:-}");',
+            "    printf '%s\\0' \"${cache_dirs[@]}\"; printf '%s\\0' \"${files[@]}\" | sort -zu |",
             "      while IFS= read -r -d '' f; do printf '%s\\0' \"$f\"; cat -- \"$f\"; done; }"
             " | sha256sum | cut -c1-64",
             "}",
             "cache_key=$(cache_key)",
             'printf \'%s:cache:restore:%s\\n\' "$M" "$cache_key"',
-            f"IFS= read -r -t {RESTORE_ANSWER_TIMEOUT} cache_verdict <&{CACHE_IN_FD}"
-            " || cache_verdict=miss",
+            # Short reads: a stop request is noticed within a second (a
+            # trapped signal does not interrupt read).
+            "cache_verdict=miss",
+            f"for (( i = 0; i < {RESTORE_ANSWER_TIMEOUT}; i++ )); do",
+            f"  if IFS= read -r -t 1 cache_verdict <&{CACHE_IN_FD}; then break; fi",
+            '  if [ "$?" -le 128 ] || [ -n "${stopping:-}" ]; then cache_verdict=miss; break; fi',
+            "done",
             "rc=0",
             'if [ "$cache_verdict" = exact ] || [ "$cache_verdict" = fallback ]; then',
-            "  absent=()",
-            '  for d in "${CACHE_DIRS[@]}"; do',
-            '    [ -e "$WS/$d" ] || [ -L "$WS/$d" ] || absent+=("$d")',
-            "  done",
-            f'  tar -xzf - --no-same-owner -C "$WS" <&{CACHE_IN_FD}',
+            '  aside="$WS/.conveyor/.cache-restore"',
+            '  rm -rf -- "$aside"; mkdir -p -- "$aside"',
+            f'  tar -xzf - --no-same-owner -C "$aside" <&{CACHE_IN_FD}',
             "  rc=$?",
-            '  if [ "$rc" -ne 0 ]; then for d in "${absent[@]}"; do rm -rf -- "$WS/$d"; done; fi',
+            '  if [ "$rc" -eq 0 ]; then',
+            '    for d in "${cache_dirs[@]}"; do',
+            '      if there "$aside/$d" && ! there "$WS/$d"; then',
+            '        mkdir -p -- "$(dirname -- "$WS/$d")" && mv -- "$aside/$d" "$WS/$d"',
+            "      fi",
+            "    done",
+            "  else",
+            "    cache_verdict=miss",
+            "  fi",
+            # Read-only directories (Go's module cache) would stop rm.
+            '  chmod -R u+w -- "$aside" 2>/dev/null; rm -rf -- "$aside"',
             "fi",
             f"exec {CACHE_IN_FD}<&-",
             'printf \'%s:cache:restored:%s\\n\' "$M" "$rc"',
@@ -216,8 +245,8 @@ class BuildScript:
         return [
             'if [ "$cache_key" != none ] && [ "$cache_verdict" != exact ]; then',
             "  present=()",
-            '  for d in "${CACHE_DIRS[@]}"; do',
-            '    if [ -e "$WS/$d" ] || [ -L "$WS/$d" ]; then present+=("$d"); fi',
+            '  for d in "${cache_dirs[@]}"; do',
+            '    if there "$WS/$d"; then present+=("$d"); fi',
             "  done",
             '  printf \'%s:cache:save:%s\\n\' "$M" "${#present[@]}"',
             '  if [ "${#present[@]}" -gt 0 ]; then',
@@ -230,6 +259,8 @@ class BuildScript:
             '    printf \'%s:cache:saved:%s\\n\' "$M" "$rc"',
             "  fi",
             "fi",
+            # A stop during the save ends the build as stopped, not passed.
+            'if [ -n "${stopping:-}" ]; then exit 143; fi',
         ]
 
     def parse_marker(self, line: bytes) -> Marker | None:

@@ -162,3 +162,15 @@ def test_concurrent_saves_of_one_key_leave_one_whole_archive(tmp_path: Path) -> 
     assert stored in [src.read_bytes() for src in sources]
     assert [o.name for o in store.listing("p/")] == [name]
     assert not list((tmp_path / "cache").rglob("*.partial"))
+
+
+def test_a_save_of_an_older_generation_keeps_the_newer_one(
+    store: CacheStore, tmp_path: Path
+) -> None:
+    # A build dispatched before a purge saves after it.
+    cache = BuildCache(store)
+    cache.save("p1", 4, "new", PROD, archive(tmp_path, "a", 10))
+    cache.save("p1", 3, "old", PROD, archive(tmp_path, "b", 10))
+    assert cache.find("p1", 4, "new", PROD) is not None
+    cache.save("p1", 5, "newer", PROD, archive(tmp_path, "c", 10))
+    assert {o.name.split("/")[1] for o in store.listing("p1/")} == {"5"}

@@ -245,8 +245,30 @@ async def test_a_corrupt_archive_costs_the_cache_not_the_build(
     after = await build(launcher, cache, repo, big)
     assert after.exit_code == 0, after
     assert after.said("cache: could not restore (unpacking it failed")
-    # What the broken archive left was removed: the install ran afresh.
+    # Nothing of the broken archive was left: the install ran afresh, and
+    # the entry that does not unpack is replaced.
     assert "installed" in after.stdout
+    assert after.said("cache saved")
+    third = await build(launcher, cache, repo, big)
+    assert f"deps from {after.build_id}" in third.stdout
+
+
+async def test_paths_the_repository_tracks_are_not_the_caches(
+    launcher: LocalLauncher, cache: BuildCache, repo: Path
+) -> None:
+    (repo / "vendor").mkdir()
+    commit(repo, "vendor/modules.txt", "from the repository\n")
+    command = f"cat vendor/modules.txt; echo changed > vendor/modules.txt; {INSTALL}"
+    first = await build(launcher, cache, repo, command, paths=("deps", "vendor"))
+    assert "cache: vendor is in the repository; it is not cached" in first.stdout
+    second = await build(launcher, cache, repo, command, paths=("deps", "vendor"))
+    assert f"deps from {first.build_id}" in second.stdout
+    # The checkout's vendor/, not the one the first build changed.
+    assert second.stdout.count("from the repository") == 1
+    opened = cache.store.open_read(archives(cache)[0])
+    assert opened is not None
+    with opened[0], tarfile.open(fileobj=io.BytesIO(opened[0].read()), mode="r:gz") as tar:
+        assert not [m.name for m in tar.getmembers() if m.name.startswith("src/vendor")]
 
 
 async def test_cache_paths_that_are_symlinks_never_carry_host_files(
