@@ -244,7 +244,8 @@ class BuildRun:
             )
             return None
         plan = CachePlan(tuple(a.cache_lockfiles), tuple(a.cache_paths)).usable()
-        target = CacheTarget(a.project_id, a.cache_generation, scope_for(a.production, a.branch))
+        scope = scope_for(a.production, a.branch, a.pull_request)
+        target = CacheTarget(a.project_id, a.cache_generation, scope)
 
         async def say(text: str) -> None:
             await batcher.add("system", text)

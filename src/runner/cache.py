@@ -3,10 +3,12 @@
 Objects live at ``<project>/<generation>/<scope>/<key>.tar.gz``, with a
 pointer ``<project>/<generation>/<scope>/latest`` naming the key the scope
 saved last. A scope is where a build may write: production builds write to
-``production``, every other build to its branch's own scope, so a pull
-request (whose branch name a fork chooses) can never put an archive where a
-production build would restore it. A build restores, in order: its key in
-its scope, its key in production, its scope's newest, production's newest.
+``production``, a pull request's builds to that request's scope, every
+other build to its branch's scope. So a pull request (whose branch name a
+fork chooses, "main" or "develop" as it likes) never puts an archive where
+a production build or a push to one of the team's branches restores it.
+A build restores, in order: its key in its scope, its key in production,
+its scope's newest, production's newest.
 
 A purge starts a new generation (the control plane bumps it; a save
 collects the old ones). Entries expire ``max_age_days`` after their last
@@ -52,10 +54,12 @@ class CacheObject:
     modified: float  # unix seconds
 
 
-def scope_for(production: bool, branch: str) -> str:
+def scope_for(production: bool, branch: str, pull_request: int = 0) -> str:
     """The scope a build writes to (see the module docstring)."""
     if production:
         return PRODUCTION_SCOPE
+    if pull_request:
+        return f"pull-request-{pull_request}"
     return "branch-" + hashlib.sha256(branch.encode()).hexdigest()[:32]
 
 

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 
 import pytest_asyncio
 
+from conveyor.v1 import config_service_pb2 as cs
 from conveyor.v1 import types_pb2 as pb
 from tests.fakes.github import FakeGitHub
 from tests.forge import samples
@@ -165,3 +166,35 @@ async def test_a_redelivered_pull_request_event_queues_once(
     )
     assert (status, bad["result"]) == (400, "malformed")
     assert "pull_request" in bad["error"]
+
+
+async def test_a_pull_requests_builds_and_their_retries_carry_its_number(
+    control: ControlHandle, api: Api, one_slot_runner: ProtocolRunner
+) -> None:
+    # The runner keys the build cache's scope on it (a fork names its branch
+    # as it likes); a retry stays the request's, and closing it cancels it.
+    project = await api.create_project("web", REPO, **PREVIEW)
+    url = control.http_url
+    _, opened = await samples.send_github(
+        url, project, samples.github_pull_request("opened", 7, "main", HEAD), "pull_request"
+    )
+    assignment = await one_slot_runner.next_assignment()
+    assert (assignment.build_id, assignment.pull_request) == (opened["build_id"], 7)
+    assert (assignment.branch, assignment.production) == ("main", False)
+    await one_slot_runner.report(assignment, pb.BUILD_STATUS_RUNNING)
+    await one_slot_runner.report(assignment, pb.BUILD_STATUS_FAILED)
+    await api.wait_status(opened["build_id"])
+    retry = await api.config.RetryBuild(
+        cs.RetryBuildRequest(build_id=opened["build_id"]), metadata=api.metadata
+    )
+    again = await one_slot_runner.next_assignment()
+    assert (again.build_id, again.pull_request) == (retry.build.id, 7)
+    status, reply = await samples.send_github(
+        url, project, samples.github_pull_request("closed", 7, "main", HEAD), "pull_request"
+    )
+    assert (status, reply["build_ids"]) == (200, [retry.build.id])
+    # A push to main is no request's.
+    _, pushed = await samples.send_github(url, project, samples.github_push("main", HEAD2))
+    await one_slot_runner.report(again, pb.BUILD_STATUS_CANCELED)
+    push = await one_slot_runner.next_assignment()
+    assert (push.build_id, push.pull_request, push.production) == (pushed["build_id"], 0, True)

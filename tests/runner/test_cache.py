@@ -174,3 +174,17 @@ def test_a_save_of_an_older_generation_keeps_the_newer_one(
     assert cache.find("p1", 4, "new", PROD) is not None
     cache.save("p1", 5, "newer", PROD, archive(tmp_path, "c", 10))
     assert {o.name.split("/")[1] for o in store.listing("p1/")} == {"5"}
+
+
+def test_a_pull_request_has_a_scope_of_its_own(store: CacheStore, tmp_path: Path) -> None:
+    # Its branch is whatever the fork named it: "main", or a team branch.
+    pull = scope_for(False, "develop", 12)
+    assert pull not in (PROD, scope_for(False, "develop"), scope_for(False, "develop", 13))
+    cache = BuildCache(store)
+    cache.save("p1", 0, "k", pull, archive(tmp_path, "a", 10))
+    assert cache.find("p1", 0, "k", scope_for(False, "develop")) is None
+    assert cache.find("p1", 0, "k", PROD) is None
+    cache.save("p1", 0, "k2", PROD, archive(tmp_path, "b", 10))
+    assert cache.find("p1", 0, "k2", pull) == Found(
+        object_name("p1", 0, PROD, "k2"), "k2", True, PROD
+    )

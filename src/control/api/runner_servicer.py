@@ -60,6 +60,7 @@ def assignment_to_pb(data: AssignmentData, kill_grace: int) -> rs.ConnectRespons
             production_branch=project.production_branch,
             cache_generation=project.cache_generation,
             production=build.production,
+            pull_request=data.pull_request or 0,
             env=[rs.EnvVar(name=v.name, value=v.value, secret=v.secret) for v in data.env],
         )
     )

@@ -53,6 +53,8 @@ class AssignmentData:
     step_commands: tuple[str, ...]
     run_timeout: int
     env: tuple[EnvVar, ...] = ()
+    # The pull (merge) request the build builds, if any.
+    pull_request: int | None = None
 
 
 def step_plan(project: Project, production: bool) -> list[tuple[str, str]]:
@@ -196,6 +198,14 @@ class Lifecycle:
             retry_of=retry_of,
             received_at=received_at,
         )
+        if retry_of is not None:
+            # A retry of a pull request's build is that request's too: its
+            # close cancels it, and its cache scope stays the request's.
+            await conn.execute(
+                "INSERT INTO pull_request_builds (build_id, project_id, number)"
+                " SELECT %s, project_id, number FROM pull_request_builds WHERE build_id = %s",
+                (build_id, retry_of),
+            )
         if trigger != "retry":
             superseded = await self.builds.supersede_queued(
                 conn, project.id, branch, build_id, now()
@@ -320,6 +330,11 @@ class Lifecycle:
                 (runner_id,),
             )
             ids = [str(r[0]) for r in await cur.fetchall()]
+            cur = await conn.execute(
+                "SELECT build_id, number FROM pull_request_builds WHERE build_id = ANY(%s::uuid[])",
+                (ids,),
+            )
+            requests = {str(r[0]): int(r[1]) for r in await cur.fetchall()}
             projects: dict[str, Project] = {}
             envs: dict[str, tuple[EnvVar, ...]] = {}
             tokens: list[str] = []
@@ -349,6 +364,7 @@ class Lifecycle:
                         step_commands=tuple(c for _, c in plan),
                         run_timeout=project.run_timeout_seconds,
                         env=envs[build.project_id],
+                        pull_request=requests.get(build.id),
                     )
                 )
             if assignments:

@@ -190,6 +190,7 @@ class Assignment(_message.Message):
     PRODUCTION_BRANCH_FIELD_NUMBER: _builtins.int
     CACHE_GENERATION_FIELD_NUMBER: _builtins.int
     PRODUCTION_FIELD_NUMBER: _builtins.int
+    PULL_REQUEST_FIELD_NUMBER: _builtins.int
     build_id: _builtins.str
     build_token: _builtins.str
     project_id: _builtins.str
@@ -205,6 +206,11 @@ class Assignment(_message.Message):
     cache_generation: _builtins.int
     production: _builtins.bool
     """production says whether this build is a production build."""
+    pull_request: _builtins.int
+    """pull_request is the number of the pull (merge) request this build
+    builds, or 0. Such builds keep a cache scope of their own: a fork names
+    its branch as it likes.
+    """
     @_builtins.property
     def step_names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -244,10 +250,11 @@ class Assignment(_message.Message):
         production_branch: _builtins.str = ...,
         cache_generation: _builtins.int = ...,
         production: _builtins.bool = ...,
+        pull_request: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["branch", b"branch", "build_id", b"build_id", "build_token", b"build_token", "cache_generation", b"cache_generation", "cache_lockfiles", b"cache_lockfiles", "cache_paths", b"cache_paths", "commit_sha", b"commit_sha", "env", b"env", "kill_grace_seconds", b"kill_grace_seconds", "network_isolated", b"network_isolated", "production", b"production", "production_branch", b"production_branch", "project_id", b"project_id", "project_name", b"project_name", "repo_url", b"repo_url", "root_directory", b"root_directory", "run_timeout_seconds", b"run_timeout_seconds", "step_commands", b"step_commands", "step_names", b"step_names"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["branch", b"branch", "build_id", b"build_id", "build_token", b"build_token", "cache_generation", b"cache_generation", "cache_lockfiles", b"cache_lockfiles", "cache_paths", b"cache_paths", "commit_sha", b"commit_sha", "env", b"env", "kill_grace_seconds", b"kill_grace_seconds", "network_isolated", b"network_isolated", "production", b"production", "production_branch", b"production_branch", "project_id", b"project_id", "project_name", b"project_name", "pull_request", b"pull_request", "repo_url", b"repo_url", "root_directory", b"root_directory", "run_timeout_seconds", b"run_timeout_seconds", "step_commands", b"step_commands", "step_names", b"step_names"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
