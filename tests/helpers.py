@@ -108,6 +108,16 @@ def host_address() -> str | None:
     return None if address.startswith("127.") else address
 
 
+def outside_target() -> tuple[str, int] | None:
+    """A host and port beyond this machine that it reaches now (PyPI's
+    HTTPS), or None when it reaches none (no network here)."""
+    try:
+        socket.create_connection(("pypi.org", 443), timeout=3).close()
+    except OSError:
+        return None
+    return ("pypi.org", 443)
+
+
 async def cli(control: ControlHandle, *args: str, stdin: str = "") -> tuple[int, str, str]:
     """Run the `conveyor` command against ``control`` as its admin; return
     its exit code, stdout and stderr."""

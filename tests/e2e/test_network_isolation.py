@@ -1,6 +1,6 @@
-"""A project can run its builds without network: such a build cannot reach
-a service elsewhere on the network, while a normal build can; neither
-reaches the build host's loopback services."""
+"""What a build's network reaches: with network, the world beyond the build
+host but not the host's own services (its loopback, its own addresses);
+without network (a project's `network_isolated`), nothing."""
 
 from __future__ import annotations
 
@@ -12,27 +12,31 @@ import pytest
 from conveyor.v1 import config_service_pb2 as cs
 from conveyor.v1 import types_pb2 as pb
 from runner.launchers.local import own_network_tool
-from tests.helpers import Api, RunnerProcess, host_address
+from runner.launchers.user_network import fence_tools
+from tests.helpers import Api, RunnerProcess, host_address, outside_target
 
 
-async def test_network_isolated_projects_cannot_reach_the_host(
+def reach(name: str, host: str, port: int) -> str:
+    return f"if (exec 3<>/dev/tcp/{host}/{port}) 2>/dev/null; then echo network-{name}; fi;"
+
+
+async def test_what_builds_with_and_without_network_reach(
     api: Api, runner: RunnerProcess, repo: Path
 ) -> None:
+    outside, address = outside_target(), host_address()
+    if outside is None or address is None:
+        pytest.skip("needs a route beyond this host (PyPI) and an address besides loopback")
+
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         writer.close()
 
-    address = host_address()
-    if address is None:
-        pytest.skip("this host has no address besides loopback")
-    server = await asyncio.start_server(serve, address, 0)
-    loopback = await asyncio.start_server(serve, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    local_port = loopback.sockets[0].getsockname()[1]
+    on_address = await asyncio.start_server(serve, address, 0)
+    on_loopback = await asyncio.start_server(serve, "127.0.0.1", 0)
     probe = (
-        f"if (exec 3<>/dev/tcp/{address}/{port}) 2>/dev/null;"
-        " then echo network-reached; else echo network-blocked; fi;"
-        f" if (exec 3<>/dev/tcp/127.0.0.1/{local_port}) 2>/dev/null;"
-        " then echo network-loopback-reached; fi"
+        reach("outside-reached", *outside)
+        + reach("host-reached", address, on_address.sockets[0].getsockname()[1])
+        + reach("loopback-reached", "127.0.0.1", on_loopback.sockets[0].getsockname()[1])
+        + " echo network-done"
     )
     try:
         await api.create_project("open", repo, build_command=probe)
@@ -48,12 +52,14 @@ async def test_network_isolated_projects_cannot_reach_the_host(
             results[name] = [
                 ln.text for ln in await api.logs(build.id) if ln.text.startswith("network-")
             ]
-        # With slirp4netns, a build's network is its own: the host's
-        # loopback services are out of reach even with network on.
-        open_sees = ["network-reached"] + (
-            [] if own_network_tool() else ["network-loopback-reached"]
-        )
-        assert results == {"open": open_sees, "closed": ["network-blocked"]}
+        # With slirp4netns a build's network is its own (the host's loopback
+        # out of reach); a root runner also fences the host's own addresses.
+        own = own_network_tool() is not None
+        fenced = own and fence_tools() != (None, None)
+        open_sees = ["network-outside-reached"]
+        open_sees += [] if fenced else ["network-host-reached"]
+        open_sees += [] if own else ["network-loopback-reached"]
+        assert results == {"open": [*open_sees, "network-done"], "closed": ["network-done"]}
         # And the setting can be turned off again.
         updated = await api.config.UpdateProject(
             cs.UpdateProjectRequest(
@@ -65,6 +71,6 @@ async def test_network_isolated_projects_cannot_reach_the_host(
         )
         assert not updated.project.network_isolated
     finally:
-        for each in (server, loopback):
-            each.close()
-            await each.wait_closed()
+        for server in (on_address, on_loopback):
+            server.close()
+            await server.wait_closed()

@@ -40,9 +40,9 @@ from runner.launchers.local import (
     resolv_conf_args,
 )
 from runner.launchers.local_job import LocalJob
-from runner.launchers.user_network import RESOLV_CONF, data_fd
+from runner.launchers.user_network import RESOLV_CONF, data_fd, fence_tools
 from runner.metrics import RunnerMetrics
-from tests.helpers import host_address
+from tests.helpers import host_address, outside_target
 
 pytestmark = [
     pytest.mark.timeout(60),
@@ -721,28 +721,38 @@ needs_slirp = pytest.mark.skipif(
 
 
 @needs_slirp
-async def test_a_build_with_network_reaches_out_but_not_the_hosts_loopback(
+async def test_a_build_with_network_reaches_out_but_not_the_host(
     launcher: LocalLauncher, build_dir: Path, host_service: int, outside_service: tuple[str, int]
 ) -> None:
     address, port = outside_service
     probe = (
         f"(exec 3<>/dev/tcp/{address}/{port} && head -1 <&3)\n"
         f"(exec 3<>/dev/tcp/127.0.0.1/{host_service} && head -1 <&3)\n"
-        "cat /etc/resolv.conf\nexit 0\n"
+        "(exec 3<>/dev/tcp/169.254.169.254/80 && echo METADATA-REACHED)\n"
+        "cat /etc/resolv.conf\n"
     )
+    outside = outside_target()
+    if outside is not None:
+        probe += f"(exec 3<>/dev/tcp/{outside[0]}/{outside[1]} && echo outside-reached)\n"
+    probe += "exit 0\n"
     out = await run(launcher, probe, network=True)
     assert out.result.exit_code == 0, out.everything
-    assert "hello from outside" in out.stdout
     assert "hello from the host" not in out.stdout, "host loopback reachable"
     assert "nameserver 10.0.2.3" in out.stdout
-    # What slirp4netns stands for: sharing the host's network, a build
-    # reaches every service on its loopback.
+    if fence_tools() != (None, None):
+        assert "hello from outside" not in out.stdout, "the host's own address reachable"
+        assert "METADATA-REACHED" not in out.stdout
+    if outside is not None:
+        assert "outside-reached" in out.stdout, out.everything
+    # What it stands for: sharing the host's network, a build reaches every
+    # service of the host, on its loopback and on its own address.
     shared = LocalLauncher(build_dir / "shared", sandbox=True, user_network=False)
     try:
         out = await run(shared, probe, network=True)
     finally:
         await shared.close()
     assert "hello from the host" in out.stdout
+    assert "hello from outside" in out.stdout
 
 
 @needs_slirp

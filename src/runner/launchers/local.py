@@ -61,7 +61,7 @@ from runner.launchers.base import JobSpec, LaunchError, Limits
 from runner.launchers.build_users import BuildUser, BuildUsers
 from runner.launchers.cgroups import CgroupRoot
 from runner.launchers.local_job import Grant, LocalJob
-from runner.launchers.user_network import NetworkError, SandboxPipes, UserNetwork
+from runner.launchers.user_network import NetworkError, SandboxPipes, UserNetwork, fence_tools
 from runner.launchers.user_network import available as user_network_available
 from runner.launchers.workspace import Workspace, hard_limits_available, sweep
 from runner.metrics import RunnerMetrics
@@ -279,6 +279,11 @@ class LocalLauncher:
             raise LaunchError("a network of its own per build needs bubblewrap and slirp4netns")
         if self.bwrap and not self.slirp and user_network is None:
             log.warning(SHARED_NETWORK_WARNING)
+        if self.slirp and fence_tools() == (None, None):
+            log.warning(
+                "builds with network can reach link-local addresses (cloud metadata) and this"
+                " host's own addresses: fencing them needs a root runner, nsenter and ip"
+            )
         # slirp4netns opens /dev/net/tun in the build's namespace: as the
         # build's uid where the device is open to all (the usual 0666),
         # else as root, which it then sheds (no capabilities, an empty

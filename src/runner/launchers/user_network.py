@@ -3,9 +3,13 @@
 A build with network runs in a network namespace of its own, like one
 without, and ``slirp4netns`` (user-mode TCP/IP, as rootless Podman uses)
 gives it a tap device with NAT to the outside world. What this buys over
-sharing the host's network: the host's loopback services (a Nomad agent's
-API, a database, the control plane itself) are out of reach
-(``--disable-host-loopback``), and a build cannot bind ports on the host.
+sharing the host's network: the host's services (a Nomad agent's API, a
+database, the control plane itself) are out of reach, on its loopback
+(``--disable-host-loopback``) and on its own addresses, and so are
+link-local addresses, where clouds serve instance credentials (blackhole
+routes in the build's namespace, ``_fence``); a build cannot bind ports on
+the host either. Other machines stay reachable: firewall what builds must
+not reach.
 What it costs: a process per build and user-mode packet copying (a few
 hundred Mbit/s at the least; plenty for fetching dependencies).
 
@@ -30,7 +34,10 @@ import json
 import logging
 import os
 import shutil
+import socket
 from collections.abc import Sequence
+
+import psutil
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +67,28 @@ def _owning_userns(pid: int) -> int:
         return fcntl.ioctl(net, _NS_GET_USERNS)
     finally:
         os.close(net)
+
+
+def fence_tools() -> tuple[str | None, str | None]:
+    """nsenter (util-linux) and ip (iproute2), which fence a build's
+    network, for a root runner; (None, None) when either is missing or the
+    runner is not root (a route needs CAP_NET_ADMIN over the namespace, and
+    a capability does not survive exec into an unmapped uid)."""
+    nsenter, ip = shutil.which("nsenter"), shutil.which("ip")
+    return (nsenter, ip) if nsenter and ip and os.geteuid() == 0 else (None, None)
+
+
+def fenced_prefixes() -> list[str]:
+    """What a build's own network must not reach beyond the host's
+    loopback (slirp4netns fences that): link-local addresses, where clouds
+    serve instance metadata and credentials, and this host's own IPv4
+    addresses."""
+    prefixes = ["169.254.0.0/16"]
+    for addresses in psutil.net_if_addrs().values():
+        for address in addresses:
+            if address.family == socket.AF_INET and not address.address.startswith("127."):
+                prefixes.append(f"{address.address}/32")
+    return sorted(set(prefixes))
 
 
 def data_fd(data: bytes) -> int:
@@ -129,6 +158,7 @@ class UserNetwork:
         """``run_as`` prefixes the command (``setpriv`` to the build's uid
         for a root runner, empty otherwise)."""
         self.slirp4netns = slirp4netns
+        self.nsenter, self.ip = fence_tools()
         self.run_as = list(run_as)
         self.env = env
         self.proc: asyncio.subprocess.Process | None = None
@@ -206,6 +236,40 @@ class UserNetwork:
             if self.last_words:
                 why += f" ({'; '.join(self.last_words)})"
             raise NetworkError(f"slirp4netns did not bring the build's network up: {why}")
+        try:
+            await self._fence(pid, build_id)
+        except BaseException:
+            await asyncio.shield(self.close())
+            raise
+
+    async def _fence(self, pid: int, build_id: str) -> None:
+        """Blackhole routes in the build's namespace (which the build, with
+        no capabilities, cannot remove) to link-local addresses (cloud
+        metadata: instance credentials) and to this host's own addresses
+        (its services bound to every interface). Raises ``NetworkError``."""
+        if self.ip is None or self.nsenter is None:
+            return
+        commands = "".join(f"route add blackhole {prefix}\n" for prefix in fenced_prefixes())
+        try:
+            # As root in the host's user namespace, which holds every right
+            # over the build's network namespace.
+            proc = await asyncio.create_subprocess_exec(
+                self.nsenter, f"--net=/proc/{pid}/ns/net", self.ip, "-batch", "-",
+                env=self.env, stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+            )  # fmt: skip
+        except OSError as exc:
+            raise NetworkError(f"could not fence the build's network: {exc}") from exc
+        try:
+            _out, err = await asyncio.wait_for(proc.communicate(commands.encode()), _START_TIMEOUT)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+            raise NetworkError("fencing the build's network took too long") from None
+        if proc.returncode != 0:
+            why = err.decode(errors="replace").strip()
+            raise NetworkError(f"could not fence the build's network: {why}")
+        log.debug("build network fenced", extra={"build_id": build_id})
 
     async def _log_stderr(self, build_id: str) -> None:
         """Its chatter (tap fds, exit events) at debug level; the last lines
