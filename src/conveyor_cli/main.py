@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -362,6 +363,9 @@ def _runner_start(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     configure("conveyor-runner", args.log_format)
+    # Archives a runner that died left waiting for their upload: no build
+    # runs yet, so all of them.
+    shutil.rmtree(settings.cache_staging, ignore_errors=True)
     try:
         cache = settings.open_cache(os.environ)
     except (ValueError, OSError) as exc:

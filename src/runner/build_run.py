@@ -39,6 +39,8 @@ _RESULT_LABEL: dict[BuildStatus.ValueType, str] = {
 }
 # Reports are retried this long through a control-plane outage.
 REPORT_PATIENCE = 600.0
+# A cache is stored only while this much of the run deadline is left.
+STORE_MARGIN = 10.0
 
 
 def _ts(at: datetime) -> Timestamp:
@@ -166,6 +168,26 @@ class BuildRun:
         secrets = {e.name: e.value for e in a.env if e.secret}
         masker = Masker(secrets.values())
         cache_run = await self._cache_run(batcher)
+        try:
+            return await self._launch_and_follow(batcher, masker, secrets, cache_run)
+        except LaunchError as exc:
+            self.metrics.launcher_errors.labels(self.launcher.name).inc()
+            await batcher.add("system", f"could not start the build: {exc}")
+            return pb.BUILD_STATUS_ERRORED, str(exc)
+        finally:
+            if cache_run is not None:
+                cache_run.close()
+
+    async def _launch_and_follow(
+        self,
+        batcher: LogBatcher,
+        masker: Masker,
+        secrets: dict[str, str],
+        cache_run: CacheRun | None,
+    ) -> tuple[BuildStatus.ValueType, str]:
+        """Launch the job, follow it to its end, store its cache. Raises
+        ``LaunchError``; the caller closes ``cache_run``."""
+        a = self.a
         script = BuildScript(
             repo_url=a.repo_url,
             commit_sha=a.commit_sha,
@@ -202,32 +224,29 @@ class BuildRun:
             cache_fds=cache_run.pipes.job_fds if cache_run else None,
         )
         try:
-            try:
-                self.job = await self.launcher.launch(spec)
-            finally:
-                if cache_run is not None:
-                    cache_run.pipes.close_job_ends()
-            self.metrics.launch_seconds.observe(time.perf_counter() - self.received)
-            if self.cancel_reason is not None:
-                await self.job.stop(a.kill_grace_seconds or 10)
-            self._report(pb.BUILD_STATUS_RUNNING)
-            watchdog = asyncio.create_task(self._wall_clock())
-            try:
-                failed_step = await self._follow(self.job, script, masker, batcher, cache_run)
-                result = await self.job.wait()
-            finally:
-                watchdog.cancel()
-            final = self._final(result, failed_step)
-            if cache_run is not None:
-                await cache_run.finish(final[0] == pb.BUILD_STATUS_SUCCEEDED)
-            return final
-        except LaunchError as exc:
-            self.metrics.launcher_errors.labels(self.launcher.name).inc()
-            await batcher.add("system", f"could not start the build: {exc}")
-            return pb.BUILD_STATUS_ERRORED, str(exc)
+            self.job = await self.launcher.launch(spec)
         finally:
             if cache_run is not None:
-                cache_run.close()
+                cache_run.pipes.close_job_ends()
+        self.metrics.launch_seconds.observe(time.perf_counter() - self.received)
+        if self.cancel_reason is not None:
+            await self.job.stop(a.kill_grace_seconds or 10)
+        self._report(pb.BUILD_STATUS_RUNNING)
+        # The control plane's run deadline counts from here (about).
+        deadline = time.monotonic() + (a.run_timeout_seconds or 1200)
+        watchdog = asyncio.create_task(self._wall_clock())
+        try:
+            failed_step = await self._follow(self.job, script, masker, batcher, cache_run)
+            result = await self.job.wait()
+        finally:
+            watchdog.cancel()
+        final = self._final(result, failed_step)
+        if cache_run is not None:
+            # Storing must not run the build into its deadline: it would
+            # end timed out after its deploy succeeded.
+            budget = deadline - time.monotonic() - STORE_MARGIN
+            await cache_run.finish(final[0] == pb.BUILD_STATUS_SUCCEEDED, budget)
+        return final
 
     async def _cache_run(self, batcher: LogBatcher) -> CacheRun | None:
         """The build's cache work, or None (with a log line saying why, when

@@ -157,6 +157,20 @@ class LocalDirCache:
         for name in names:
             self._path(name).unlink(missing_ok=True)
 
+    def sweep_partials(self, older_than: float = 86400.0) -> int:
+        """Delete temporary files of saves that never finished (a runner
+        killed mid-copy) older than ``older_than`` seconds; return how many."""
+        stale_before = time.time() - older_than
+        removed = 0
+        for path in self.root.rglob("*.partial"):
+            try:
+                if path.stat().st_mtime < stale_before:
+                    path.unlink()
+                    removed += 1
+            except FileNotFoundError:
+                continue
+        return removed
+
 
 def _partial(dest: Path) -> Path:
     """A temporary name beside ``dest``, unique to this write: two builds

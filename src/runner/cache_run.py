@@ -254,19 +254,19 @@ class CacheRun:
             # Closing tells a script still writing (EPIPE) to give up.
             transport.close()
 
-    async def finish(self, succeeded: bool) -> None:
+    async def finish(self, succeeded: bool, budget: float = STORE_TIMEOUT) -> None:
         """Store the archive the build made, if it succeeded and made one
-        whole; then release the pipes and the staging file. Never raises
-        (but for cancellation)."""
+        whole, within ``budget`` seconds; then release the pipes and the
+        staging file. Never raises (but for cancellation)."""
         try:
             if self._restore is not None and not self._restore.done():
                 self._restore.cancel()
             if self._receive is not None:
-                await self._save(succeeded)
+                await self._save(succeeded, min(budget, STORE_TIMEOUT))
         finally:
             self.close()
 
-    async def _save(self, succeeded: bool) -> None:
+    async def _save(self, succeeded: bool, budget: float) -> None:
         assert self._receive is not None
         error: str | None = None
         try:
@@ -288,6 +288,8 @@ class CacheRun:
             result, text = "error", f"cache not saved: making the archive {how}"
         elif not succeeded or self.key is None:
             result, text = "skipped", "cache not saved: the build did not succeed"
+        elif budget <= 0:
+            result, text = "skipped", "cache not saved: the build's run deadline is too near"
         else:
             try:
                 note = await asyncio.wait_for(
@@ -296,7 +298,7 @@ class CacheRun:
                         self.target.project_id, self.target.generation, self.key,
                         self.target.scope, self.staged,
                     ),
-                    STORE_TIMEOUT,
+                    budget,
                 )  # fmt: skip
             except Exception as exc:  # the store's errors (botocore's are not OSError)
                 result, text = "error", f"cache not saved: the store failed ({exc})"

@@ -56,7 +56,9 @@ class RunnerSettings:
                 raise ValueError("CONVEYOR_CACHE=s3 needs CONVEYOR_CACHE_S3_BUCKET")
             return BuildCache(S3Cache.from_env(env), self.cache_policy)
         self.cache_root.mkdir(mode=0o700, parents=True, exist_ok=True)
-        return BuildCache(LocalDirCache(self.cache_root), self.cache_policy)
+        store = LocalDirCache(self.cache_root)
+        store.sweep_partials()
+        return BuildCache(store, self.cache_policy)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], **overrides: object) -> RunnerSettings:

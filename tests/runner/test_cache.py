@@ -188,3 +188,17 @@ def test_a_pull_request_has_a_scope_of_its_own(store: CacheStore, tmp_path: Path
     assert cache.find("p1", 0, "k2", pull) == Found(
         object_name("p1", 0, PROD, "k2"), "k2", True, PROD
     )
+
+
+def test_temporary_files_of_unfinished_saves_are_swept(tmp_path: Path) -> None:
+    store = LocalDirCache(tmp_path / "cache")
+    store.upload(archive(tmp_path, "a", 10), object_name("p", 0, PROD, "k"))
+    stale = tmp_path / "cache" / "p" / "0" / PROD / ".k.tar.gz.123.abc.partial"
+    fresh = stale.with_name(".k.tar.gz.456.def.partial")
+    for path in (stale, fresh):
+        path.write_bytes(b"half")
+    os.utime(stale, (0, time.time() - 2 * 86400))
+    assert store.sweep_partials() == 1
+    assert not stale.exists()
+    assert fresh.exists()
+    assert [o.name for o in store.listing("p/")] == [object_name("p", 0, PROD, "k")]

@@ -380,10 +380,21 @@ class LocalLauncher:
         network, hand it its environment. Raises ``LaunchError``; the caller
         releases ``grant``."""
         workspace, user = grant.workspace, grant.user
-        env_read, env_write = os.pipe()
-        ready_read, ready_write = os.pipe() if user else (-1, -1)
-        seccomp_fd = seccomp_filter.filter_fd() if self.seccomp else -1
-        net = SandboxPipes() if self.slirp is not None and spec.network else None
+        env_read = env_write = ready_read = ready_write = seccomp_fd = -1
+        net: SandboxPipes | None = None
+        try:
+            env_read, env_write = os.pipe()
+            if user is not None:
+                ready_read, ready_write = os.pipe()
+            if self.seccomp:
+                seccomp_fd = seccomp_filter.filter_fd()
+            if self.slirp is not None and spec.network:
+                net = SandboxPipes()
+        except OSError as exc:
+            for fd in (env_read, env_write, ready_read, ready_write, seccomp_fd):
+                if fd >= 0:
+                    os.close(fd)
+            raise LaunchError(f"could not prepare the sandbox: {exc}") from exc
         ours = (env_read, ready_write, seccomp_fd)
         fds = tuple(fd for fd in ours if fd >= 0) + (spec.cache_fds or ())
         fds += net.child_fds() if net else ()

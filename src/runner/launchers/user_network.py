@@ -110,9 +110,16 @@ class SandboxPipes:
     in (``--ro-bind-data``)."""
 
     def __init__(self) -> None:
-        self.info_read, self.info_write = os.pipe()
-        self.up_read, self.up_write = os.pipe()
-        self.resolv_read = data_fd(RESOLV_CONF.encode())
+        """Raises ``OSError`` (out of descriptors), having closed its own."""
+        self.info_read = self.info_write = self.up_read = self.up_write = -1
+        self.resolv_read = -1
+        try:
+            self.info_read, self.info_write = os.pipe()
+            self.up_read, self.up_write = os.pipe()
+            self.resolv_read = data_fd(RESOLV_CONF.encode())
+        except OSError:
+            self.close()
+            raise
 
     def child_fds(self) -> tuple[int, ...]:
         return (self.info_write, self.up_write, self.resolv_read)
