@@ -45,6 +45,8 @@ class CachePolicy:
     max_entry_bytes: int = 1024 * 1024 * 1024
     max_project_bytes: int = 4 * 1024 * 1024 * 1024
     max_age_days: float = 7.0
+    # All projects together: many projects must not fill the build host.
+    max_total_bytes: int = 20 * 1024 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -308,9 +310,23 @@ class BuildCache:
             return f"cache not saved: {size} bytes is over the {limit}-byte limit"
         self.store.upload(archive, object_name(project_id, generation, scope, key))
         self.store.write_text(pointer_name(project_id, generation, scope), key)
-        removed = self.collect(project_id, generation)
+        removed = self.collect(project_id, generation) + self.collect_total()
         extra = f"; removed {removed} old entr{'y' if removed == 1 else 'ies'}" if removed else ""
         return f"cache saved: key {key[:16]}, {human_size(size)}{extra}"
+
+    def collect_total(self) -> int:
+        """Drop the least recently used archives of any project past the
+        store's total limit. Returns how many went."""
+        total = 0
+        doomed = []
+        for obj in _archives_by_use(self.store.listing("")):
+            if total + obj.size > self.policy.max_total_bytes:
+                doomed.append(obj.name)
+            else:
+                total += obj.size
+        if doomed:
+            self.store.delete(doomed)
+        return len(doomed)
 
     def collect(self, project_id: str, generation: int, now: float | None = None) -> int:
         """Drop older generations, expired entries, and the least recently
@@ -323,9 +339,7 @@ class BuildCache:
         doomed = [o for o in objects if _generation(o.name) < generation]
         live = [o for o in objects if o.name.startswith(current)]
         cutoff = now - self.policy.max_age_days * 86400
-        archives = sorted(
-            (o for o in live if o.name.endswith(".tar.gz")), key=lambda o: o.modified, reverse=True
-        )
+        archives = _archives_by_use(live)
         total = 0
         for obj in archives:
             if obj.modified < cutoff or total + obj.size > self.policy.max_project_bytes:
@@ -335,6 +349,13 @@ class BuildCache:
         if doomed:
             self.store.delete([o.name for o in doomed])
         return len(doomed)
+
+
+def _archives_by_use(objects: list[CacheObject]) -> list[CacheObject]:
+    """Archives among ``objects``, most recently used first."""
+    return sorted(
+        (o for o in objects if o.name.endswith(".tar.gz")), key=lambda o: o.modified, reverse=True
+    )
 
 
 def _generation(name: str) -> int:

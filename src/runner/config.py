@@ -100,8 +100,9 @@ class RunnerSettings:
 
 def _cache_values(env: Mapping[str, str]) -> dict[str, object]:
     """CONVEYOR_CACHE, CONVEYOR_CACHE_DIR and the limits in
-    CONVEYOR_CACHE_MAX_ENTRY_MB, CONVEYOR_CACHE_MAX_PROJECT_MB and
-    CONVEYOR_CACHE_MAX_AGE_DAYS. Raises ``ValueError`` naming a bad one."""
+    CONVEYOR_CACHE_MAX_ENTRY_MB, CONVEYOR_CACHE_MAX_PROJECT_MB,
+    CONVEYOR_CACHE_MAX_TOTAL_MB and CONVEYOR_CACHE_MAX_AGE_DAYS. Raises
+    ``ValueError`` naming a bad one."""
     values: dict[str, object] = {}
     kind = env.get("CONVEYOR_CACHE", "dir")
     if kind not in CACHE_BACKENDS:
@@ -114,6 +115,7 @@ def _cache_values(env: Mapping[str, str]) -> dict[str, object]:
     for name, attr, scale in (
         ("CONVEYOR_CACHE_MAX_ENTRY_MB", "max_entry_bytes", 1024 * 1024),
         ("CONVEYOR_CACHE_MAX_PROJECT_MB", "max_project_bytes", 1024 * 1024),
+        ("CONVEYOR_CACHE_MAX_TOTAL_MB", "max_total_bytes", 1024 * 1024),
         ("CONVEYOR_CACHE_MAX_AGE_DAYS", "max_age_days", 1),
     ):
         raw = env.get(name)
@@ -129,6 +131,7 @@ def _cache_values(env: Mapping[str, str]) -> dict[str, object]:
     values["cache_policy"] = CachePolicy(
         max_entry_bytes=int(limits.get("max_entry_bytes", defaults.max_entry_bytes)),
         max_project_bytes=int(limits.get("max_project_bytes", defaults.max_project_bytes)),
+        max_total_bytes=int(limits.get("max_total_bytes", defaults.max_total_bytes)),
         max_age_days=limits.get("max_age_days", defaults.max_age_days),
     )
     return values

@@ -202,3 +202,21 @@ def test_temporary_files_of_unfinished_saves_are_swept(tmp_path: Path) -> None:
     assert not stale.exists()
     assert fresh.exists()
     assert [o.name for o in store.listing("p/")] == [object_name("p", 0, PROD, "k")]
+
+
+def test_all_projects_together_stay_under_the_total_limit(tmp_path: Path) -> None:
+    # Many small projects, each within its own limit, must not fill the host.
+    store = LocalDirCache(tmp_path / "cache")
+    cache = BuildCache(store, CachePolicy(max_project_bytes=10_000, max_total_bytes=2500))
+    for i in range(4):
+        name = object_name(f"p{i}", 0, PROD, "k")
+        store.upload(archive(tmp_path, f"a{i}", 1000), name)
+        os.utime(tmp_path / "cache" / name, (0, time.time() - 100 + i))
+    assert cache.collect_total() == 2
+    kept = sorted(o.name.split("/")[0] for o in store.listing("") if o.name.endswith(".tar.gz"))
+    assert kept == ["p2", "p3"]  # the two most recently used
+    # A save collects it too.
+    cache.save("p9", 0, "k", PROD, archive(tmp_path, "a9", 1000))
+    archives = [o for o in store.listing("") if o.name.endswith(".tar.gz")]
+    assert sum(o.size for o in archives) <= 2500
+    assert object_name("p9", 0, PROD, "k") in [o.name for o in archives]
