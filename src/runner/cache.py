@@ -210,30 +210,27 @@ class S3Cache:
     def _key(self, name: str) -> str:
         return f"{self.prefix}/{name}"
 
-    def open_read(self, name: str) -> tuple[IO[bytes], int] | None:
+    def _get(self, name: str) -> Any | None:
+        """GetObject's reply for ``name``, or None when there is none."""
         from botocore.exceptions import ClientError
 
         try:
-            reply = self.client.get_object(Bucket=self.bucket, Key=self._key(name))
+            return self.client.get_object(Bucket=self.bucket, Key=self._key(name))
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey"):
                 return None
             raise
-        return reply["Body"], int(reply["ContentLength"])
+
+    def open_read(self, name: str) -> tuple[IO[bytes], int] | None:
+        reply = self._get(name)
+        return None if reply is None else (reply["Body"], int(reply["ContentLength"]))
 
     def upload(self, src: Path, name: str) -> None:
         self.client.upload_file(str(src), self.bucket, self._key(name))
 
     def read_text(self, name: str) -> str | None:
-        from botocore.exceptions import ClientError
-
-        try:
-            reply = self.client.get_object(Bucket=self.bucket, Key=self._key(name))
-        except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey"):
-                return None
-            raise
-        return str(reply["Body"].read().decode())
+        reply = self._get(name)
+        return None if reply is None else str(reply["Body"].read().decode())
 
     def write_text(self, name: str, text: str) -> None:
         self.client.put_object(Bucket=self.bucket, Key=self._key(name), Body=text.encode())
@@ -283,22 +280,23 @@ class BuildCache:
     def find(self, project_id: str, generation: int, key: str, scope: str) -> Found | None:
         """The archive to restore for ``key`` in ``scope``, or None."""
         scopes = [scope] if scope == PRODUCTION_SCOPE else [scope, PRODUCTION_SCOPE]
+        # One listing per scope serves every candidate in it.
+        names = {
+            where: {o.name for o in self.store.listing(f"{project_id}/{generation}/{where}/")}
+            for where in scopes
+        }
         for where in scopes:
             name = object_name(project_id, generation, where, key)
-            if self._exists(name):
+            if name in names[where]:
                 return Found(name, key, True, where)
         for where in scopes:
             latest = self.store.read_text(pointer_name(project_id, generation, where))
             latest = (latest or "").strip()
             if latest and latest != key:
                 name = object_name(project_id, generation, where, latest)
-                if self._exists(name):
+                if name in names[where]:
                     return Found(name, latest, False, where)
         return None
-
-    def _exists(self, name: str) -> bool:
-        prefix = name.rsplit("/", 1)[0] + "/"
-        return any(o.name == name for o in self.store.listing(prefix))
 
     def save(self, project_id: str, generation: int, key: str, scope: str, archive: Path) -> str:
         """Store ``archive`` under ``key`` in ``scope`` and make it the
@@ -310,22 +308,20 @@ class BuildCache:
             return f"cache not saved: {size} bytes is over the {limit}-byte limit"
         self.store.upload(archive, object_name(project_id, generation, scope, key))
         self.store.write_text(pointer_name(project_id, generation, scope), key)
-        removed = self.collect(project_id, generation) + self.collect_total()
+        objects = self.store.listing("")
+        doomed = self._project_doomed(objects, project_id, generation, time.time())
+        gone = {o.name for o in doomed}
+        doomed += self._total_doomed([o for o in objects if o.name not in gone])
+        self._delete(doomed)
+        removed = len(doomed)
         extra = f"; removed {removed} old entr{'y' if removed == 1 else 'ies'}" if removed else ""
         return f"cache saved: key {key[:16]}, {human_size(size)}{extra}"
 
     def collect_total(self) -> int:
         """Drop the least recently used archives of any project past the
         store's total limit. Returns how many went."""
-        total = 0
-        doomed = []
-        for obj in _archives_by_use(self.store.listing("")):
-            if total + obj.size > self.policy.max_total_bytes:
-                doomed.append(obj.name)
-            else:
-                total += obj.size
-        if doomed:
-            self.store.delete(doomed)
+        doomed = self._total_doomed(self.store.listing(""))
+        self._delete(doomed)
         return len(doomed)
 
     def collect(self, project_id: str, generation: int, now: float | None = None) -> int:
@@ -333,22 +329,45 @@ class BuildCache:
         used entries past the project's size limit. Returns how many
         objects went. Newer generations stay: a build dispatched before a
         purge may save after it."""
-        now = time.time() if now is None else now
         objects = self.store.listing(f"{project_id}/")
+        doomed = self._project_doomed(
+            objects, project_id, generation, time.time() if now is None else now
+        )
+        self._delete(doomed)
+        return len(doomed)
+
+    def _project_doomed(
+        self, objects: list[CacheObject], project_id: str, generation: int, now: float
+    ) -> list[CacheObject]:
+        """Of ``objects``, those of ``project_id`` that ``collect`` drops."""
+        mine = [o for o in objects if o.name.startswith(f"{project_id}/")]
         current = f"{project_id}/{generation}/"
-        doomed = [o for o in objects if _generation(o.name) < generation]
-        live = [o for o in objects if o.name.startswith(current)]
         cutoff = now - self.policy.max_age_days * 86400
-        archives = _archives_by_use(live)
-        total = 0
-        for obj in archives:
-            if obj.modified < cutoff or total + obj.size > self.policy.max_project_bytes:
-                doomed.append(obj)
-            else:
-                total += obj.size
+        older = [o for o in mine if _generation(o.name) < generation]
+        live = [o for o in mine if o.name.startswith(current)]
+        expired = [o for o in _archives_by_use(live) if o.modified < cutoff]
+        fresh = [o for o in live if o not in expired]
+        return older + expired + _over(fresh, self.policy.max_project_bytes)
+
+    def _total_doomed(self, objects: list[CacheObject]) -> list[CacheObject]:
+        return _over(objects, self.policy.max_total_bytes)
+
+    def _delete(self, doomed: list[CacheObject]) -> None:
         if doomed:
             self.store.delete([o.name for o in doomed])
-        return len(doomed)
+
+
+def _over(objects: list[CacheObject], budget: int) -> list[CacheObject]:
+    """The archives among ``objects`` that do not fit in ``budget`` bytes
+    once the most recently used are kept."""
+    total = 0
+    out = []
+    for obj in _archives_by_use(objects):
+        if total + obj.size > budget:
+            out.append(obj)
+        else:
+            total += obj.size
+    return out
 
 
 def _archives_by_use(objects: list[CacheObject]) -> list[CacheObject]:
