@@ -27,6 +27,7 @@ from typing import IO
 
 from runner.cache import BuildCache, Found, human_size
 from runner.metrics import RunnerMetrics
+from runner.pipes import close_fd
 from runner.script import CachePlan, Marker
 
 log = logging.getLogger(__name__)
@@ -66,8 +67,8 @@ class CachePipes:
     def close_job_ends(self) -> None:
         """After the launch: the job holds its own copies now, and the
         runner's would keep the pipes from ever reporting their end."""
-        self.job_reads = _close(self.job_reads)
-        self.job_writes = _close(self.job_writes)
+        self.job_reads = close_fd(self.job_reads)
+        self.job_writes = close_fd(self.job_writes)
 
     def take_writer(self) -> IO[bytes]:
         fd, self.runner_writes = self.runner_writes, -1
@@ -79,15 +80,8 @@ class CachePipes:
 
     def close(self) -> None:
         self.close_job_ends()
-        self.runner_writes = _close(self.runner_writes)
-        self.runner_reads = _close(self.runner_reads)
-
-
-def _close(fd: int) -> int:
-    if fd >= 0:
-        with contextlib.suppress(OSError):
-            os.close(fd)
-    return -1
+        self.runner_writes = close_fd(self.runner_writes)
+        self.runner_reads = close_fd(self.runner_reads)
 
 
 class CacheRun:

@@ -1,17 +1,21 @@
 """Fixtures the runner tests share: a scratch directory build users can
-reach, a local launcher in it, and moto's standalone S3 server."""
+reach, a local launcher in it, and moto's standalone S3 server with a
+store on it."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import boto3
 import pytest
 import pytest_asyncio
 from moto.server import ThreadedMotoServer
 
+from runner.cache import S3Cache
 from runner.launchers.local import LocalLauncher
 
 
@@ -36,6 +40,21 @@ async def launcher(build_dir: Path) -> AsyncIterator[LocalLauncher]:
         yield local
     finally:
         await local.close()
+
+
+@pytest.fixture
+def s3_store(moto_endpoint: str) -> S3Cache:
+    """An S3 cache store on a fresh bucket of moto's server, through boto3."""
+    client = boto3.client(
+        "s3",
+        endpoint_url=moto_endpoint,
+        region_name="us-east-1",
+        aws_access_key_id="test",
+        aws_secret_access_key="test",
+    )
+    bucket = f"b{os.urandom(4).hex()}"
+    client.create_bucket(Bucket=bucket)
+    return S3Cache(client, bucket)
 
 
 @pytest.fixture(scope="module")

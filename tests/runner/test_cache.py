@@ -8,7 +8,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import boto3
 import pytest
 
 from runner.cache import (
@@ -27,17 +26,8 @@ from runner.cache import (
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> CacheStore:
     if request.param == "local":
         return LocalDirCache(tmp_path / "cache")
-    endpoint = request.getfixturevalue("moto_endpoint")
-    client = boto3.client(
-        "s3",
-        endpoint_url=endpoint,
-        region_name="us-east-1",
-        aws_access_key_id="test",
-        aws_secret_access_key="test",
-    )
-    bucket = f"b{os.urandom(4).hex()}"
-    client.create_bucket(Bucket=bucket)
-    return S3Cache(client, bucket)
+    store: S3Cache = request.getfixturevalue("s3_store")
+    return store
 
 
 def archive(tmp_path: Path, name: str, size: int) -> Path:

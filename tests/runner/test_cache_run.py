@@ -10,13 +10,11 @@ what they found in their workspace, and what the store holds.
 from __future__ import annotations
 
 import io
-import os
 import tarfile
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-import boto3
 import pytest
 from prometheus_client import CollectorRegistry
 
@@ -148,23 +146,15 @@ async def test_the_second_build_with_the_same_lock_file_restores_the_cache(
 
 
 async def test_the_s3_store_carries_the_cache_between_builds(
-    launcher: LocalLauncher, repo: Path, moto_endpoint: str
+    launcher: LocalLauncher, repo: Path, s3_store: S3Cache
 ) -> None:
-    client = boto3.client(
-        "s3",
-        endpoint_url=moto_endpoint,
-        region_name="us-east-1",
-        aws_access_key_id="test",
-        aws_secret_access_key="test",
-    )
-    bucket = f"b{os.urandom(4).hex()}"
-    client.create_bucket(Bucket=bucket)
-    cache = BuildCache(S3Cache(client, bucket))
+    cache = BuildCache(s3_store)
     first = await build(launcher, cache, repo)
     second = await build(launcher, cache, repo)
     assert second.exit_code == 0, second
     assert f"deps from {first.build_id}" in second.stdout
-    keys = [o["Key"] for o in client.list_objects_v2(Bucket=bucket)["Contents"]]
+    listed = s3_store.client.list_objects_v2(Bucket=s3_store.bucket)["Contents"]
+    keys = [o["Key"] for o in listed]
     assert any(k.startswith("conveyor-cache/p1/1/production/") for k in keys)
 
 

@@ -40,8 +40,9 @@ from runner.launchers.local import (
     resolv_conf_args,
 )
 from runner.launchers.local_job import LocalJob
-from runner.launchers.user_network import RESOLV_CONF, data_fd, fence_tools
+from runner.launchers.user_network import RESOLV_CONF, fence_tools
 from runner.metrics import RunnerMetrics
+from runner.pipes import data_fd
 from tests.helpers import host_address, outside_target
 
 pytestmark = [

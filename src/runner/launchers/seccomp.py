@@ -18,9 +18,10 @@ call number against the list, allow everything else. bubblewrap loads it
 from __future__ import annotations
 
 import errno
-import os
 import platform
 import struct
+
+from runner.pipes import data_fd
 
 # Each name's number on x86_64 (asm/unistd_64.h).
 DENIED_X86_64: dict[str, int] = {
@@ -86,11 +87,4 @@ def filter_fd() -> int:
     """A readable descriptor of the filter, as bubblewrap's ``--seccomp``
     wants it (it reads the program to its end). The caller passes it to the
     sandbox and closes it. Raises ``OSError``."""
-    data = program()
-    read, write = os.pipe()
-    try:
-        # A pipe holds 64 KiB; the program is well under 1 KiB.
-        os.write(write, data)
-    finally:
-        os.close(write)
-    return read
+    return data_fd(program())  # well under 1 KiB

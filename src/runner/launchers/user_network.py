@@ -39,6 +39,8 @@ from collections.abc import Sequence
 
 import psutil
 
+from runner.pipes import close_fd, data_fd
+
 log = logging.getLogger(__name__)
 
 # The resolver configuration the sandbox gets in place of the host's.
@@ -91,17 +93,6 @@ def fenced_prefixes() -> list[str]:
     return sorted(set(prefixes))
 
 
-def data_fd(data: bytes) -> int:
-    """A pipe's read end holding ``data`` (under the 64 KiB a pipe holds)
-    and then its end. The caller closes it."""
-    read, write = os.pipe()
-    try:
-        os.write(write, data)
-    finally:
-        os.close(write)
-    return read
-
-
 class SandboxPipes:
     """The pipes between the runner and a sandbox that gets a network of
     its own: bubblewrap's ``--info-fd`` (the sandbox's pid), the sandbox's
@@ -127,13 +118,13 @@ class SandboxPipes:
     def close_child_ends(self) -> None:
         """After the sandbox started: it holds its own copies."""
         for fd in self.child_fds():
-            _close(fd)
+            close_fd(fd)
         self.info_write = self.up_write = self.resolv_read = -1
 
     def close(self) -> None:
         self.close_child_ends()
-        _close(self.info_read)
-        _close(self.up_read)
+        close_fd(self.info_read)
+        close_fd(self.up_read)
         self.info_read = self.up_read = -1
 
     def sandbox_pid(self) -> int:
@@ -149,12 +140,6 @@ class SandboxPipes:
         if os.read(self.up_read, 2) != b"up":
             raise NetworkError("the sandbox ended before its network could be set up")
         return pid
-
-
-def _close(fd: int) -> None:
-    if fd >= 0:
-        with contextlib.suppress(OSError):
-            os.close(fd)
 
 
 class UserNetwork:
