@@ -279,7 +279,8 @@ class LocalLauncher:
             raise LaunchError("a network of its own per build needs bubblewrap and slirp4netns")
         if self.bwrap and not self.slirp and user_network is None:
             log.warning(SHARED_NETWORK_WARNING)
-        if self.slirp and fence_tools() == (None, None):
+        self.fence = fence_tools()
+        if self.slirp and self.fence == (None, None):
             log.warning(
                 "builds with network can reach link-local addresses (cloud metadata) and this"
                 " host's own addresses: fencing them needs a root runner, nsenter and ip"
@@ -454,7 +455,7 @@ class LocalLauncher:
                 self.setpriv, f"--reuid={user.uid}", f"--regid={user.gid}",
                 "--clear-groups", "--inh-caps=-all", "--",
             ]  # fmt: skip
-        network = UserNetwork(self.slirp, run_as, HOST_ENV)
+        network = UserNetwork(self.slirp, run_as, HOST_ENV, self.fence)
         try:
             pid = await asyncio.wait_for(asyncio.to_thread(net.sandbox_pid), _SET_UP_TIMEOUT)
             await network.start(pid, build_id)

@@ -146,11 +146,18 @@ class UserNetwork:
     """One build's slirp4netns. ``start`` it once the sandbox exists and
     before the build runs; ``close`` it when the build has ended."""
 
-    def __init__(self, slirp4netns: str, run_as: Sequence[str], env: dict[str, str]) -> None:
+    def __init__(
+        self,
+        slirp4netns: str,
+        run_as: Sequence[str],
+        env: dict[str, str],
+        fence: tuple[str | None, str | None],
+    ) -> None:
         """``run_as`` prefixes the command (``setpriv`` to the build's uid
-        for a root runner, empty otherwise)."""
+        for a root runner, empty otherwise); ``fence`` is ``fence_tools()``,
+        looked up once by the launcher."""
         self.slirp4netns = slirp4netns
-        self.nsenter, self.ip = fence_tools()
+        self.nsenter, self.ip = fence
         self.run_as = list(run_as)
         self.env = env
         self.proc: asyncio.subprocess.Process | None = None
