@@ -45,6 +45,7 @@ class CreateProjectRequest(_message.Message):
     CACHE_DISABLED_FIELD_NUMBER: _builtins.int
     CACHE_LOCKFILES_FIELD_NUMBER: _builtins.int
     CACHE_PATHS_FIELD_NUMBER: _builtins.int
+    FORK_SECRETS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     repo_url: _builtins.str
     production_branch: _builtins.str
@@ -61,6 +62,7 @@ class CreateProjectRequest(_message.Message):
     network_isolated: _builtins.bool
     cache_disabled: _builtins.bool
     """Empty cache lists mean the defaults (see Project)."""
+    fork_secrets: _builtins.bool
     @_builtins.property
     def branch_include(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """See Project for the meaning of these."""
@@ -99,10 +101,11 @@ class CreateProjectRequest(_message.Message):
         cache_disabled: _builtins.bool = ...,
         cache_lockfiles: _abc.Iterable[_builtins.str] | None = ...,
         cache_paths: _abc.Iterable[_builtins.str] | None = ...,
+        fork_secrets: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["branch_exclude", b"branch_exclude", "branch_include", b"branch_include", "build_command", b"build_command", "build_other_branches", b"build_other_branches", "cache_disabled", b"cache_disabled", "cache_lockfiles", b"cache_lockfiles", "cache_paths", b"cache_paths", "cancel_in_progress", b"cancel_in_progress", "deploy_command", b"deploy_command", "forge", b"forge", "forge_api_url", b"forge_api_url", "forge_repo", b"forge_repo", "name", b"name", "network_isolated", b"network_isolated", "preview_command", b"preview_command", "production_branch", b"production_branch", "repo_url", b"repo_url", "root_directory", b"root_directory", "run_timeout_seconds", b"run_timeout_seconds", "watch_exclude", b"watch_exclude", "watch_include", b"watch_include"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["branch_exclude", b"branch_exclude", "branch_include", b"branch_include", "build_command", b"build_command", "build_other_branches", b"build_other_branches", "cache_disabled", b"cache_disabled", "cache_lockfiles", b"cache_lockfiles", "cache_paths", b"cache_paths", "cancel_in_progress", b"cancel_in_progress", "deploy_command", b"deploy_command", "forge", b"forge", "forge_api_url", b"forge_api_url", "forge_repo", b"forge_repo", "fork_secrets", b"fork_secrets", "name", b"name", "network_isolated", b"network_isolated", "preview_command", b"preview_command", "production_branch", b"production_branch", "repo_url", b"repo_url", "root_directory", b"root_directory", "run_timeout_seconds", b"run_timeout_seconds", "watch_exclude", b"watch_exclude", "watch_include", b"watch_include"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -285,6 +288,48 @@ class DeleteProjectResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DeleteProjectResponse: _TypeAlias = DeleteProjectResponse  # noqa: Y015
+
+@_typing.final
+class RotateWebhookSecretRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROJECT_FIELD_NUMBER: _builtins.int
+    project: _builtins.str
+    """project is an id or a name."""
+    def __init__(
+        self,
+        *,
+        project: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["project", b"project"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RotateWebhookSecretRequest: _TypeAlias = RotateWebhookSecretRequest  # noqa: Y015
+
+@_typing.final
+class RotateWebhookSecretResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROJECT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def project(self) -> _types_pb2.Project:
+        """project.webhook_secret holds the new secret: store it now."""
+
+    def __init__(
+        self,
+        *,
+        project: _types_pb2.Project | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["project", b"project"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["project", b"project"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RotateWebhookSecretResponse: _TypeAlias = RotateWebhookSecretResponse  # noqa: Y015
 
 @_typing.final
 class TriggerBuildRequest(_message.Message):

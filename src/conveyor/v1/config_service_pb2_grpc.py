@@ -61,6 +61,11 @@ class ConfigServiceStub:
                 request_serializer=conveyor_dot_v1_dot_config__service__pb2.DeleteProjectRequest.SerializeToString,
                 response_deserializer=conveyor_dot_v1_dot_config__service__pb2.DeleteProjectResponse.FromString,
                 _registered_method=True)
+        self.RotateWebhookSecret = channel.unary_unary(
+                '/conveyor.v1.ConfigService/RotateWebhookSecret',
+                request_serializer=conveyor_dot_v1_dot_config__service__pb2.RotateWebhookSecretRequest.SerializeToString,
+                response_deserializer=conveyor_dot_v1_dot_config__service__pb2.RotateWebhookSecretResponse.FromString,
+                _registered_method=True)
         self.TriggerBuild = channel.unary_unary(
                 '/conveyor.v1.ConfigService/TriggerBuild',
                 request_serializer=conveyor_dot_v1_dot_config__service__pb2.TriggerBuildRequest.SerializeToString,
@@ -179,6 +184,15 @@ class ConfigServiceServicer:
 
     def DeleteProject(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RotateWebhookSecret(self, request, context):
+        """RotateWebhookSecret gives a project a new webhook secret and returns it
+        (admin scope); the old one stops verifying at once. The secret is shown
+        only here and at creation.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -323,6 +337,11 @@ def add_ConfigServiceServicer_to_server(servicer, server):
                     servicer.DeleteProject,
                     request_deserializer=conveyor_dot_v1_dot_config__service__pb2.DeleteProjectRequest.FromString,
                     response_serializer=conveyor_dot_v1_dot_config__service__pb2.DeleteProjectResponse.SerializeToString,
+            ),
+            'RotateWebhookSecret': grpc.unary_unary_rpc_method_handler(
+                    servicer.RotateWebhookSecret,
+                    request_deserializer=conveyor_dot_v1_dot_config__service__pb2.RotateWebhookSecretRequest.FromString,
+                    response_serializer=conveyor_dot_v1_dot_config__service__pb2.RotateWebhookSecretResponse.SerializeToString,
             ),
             'TriggerBuild': grpc.unary_unary_rpc_method_handler(
                     servicer.TriggerBuild,
@@ -547,6 +566,33 @@ class ConfigService:
             '/conveyor.v1.ConfigService/DeleteProject',
             conveyor_dot_v1_dot_config__service__pb2.DeleteProjectRequest.SerializeToString,
             conveyor_dot_v1_dot_config__service__pb2.DeleteProjectResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RotateWebhookSecret(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/conveyor.v1.ConfigService/RotateWebhookSecret',
+            conveyor_dot_v1_dot_config__service__pb2.RotateWebhookSecretRequest.SerializeToString,
+            conveyor_dot_v1_dot_config__service__pb2.RotateWebhookSecretResponse.FromString,
             options,
             channel_credentials,
             insecure,

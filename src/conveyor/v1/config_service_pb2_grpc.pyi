@@ -40,6 +40,11 @@ class ConfigServiceStub:
     ListProjects: _grpc.UnaryUnaryMultiCallable[_config_service_pb2.ListProjectsRequest, _config_service_pb2.ListProjectsResponse]
     UpdateProject: _grpc.UnaryUnaryMultiCallable[_config_service_pb2.UpdateProjectRequest, _config_service_pb2.UpdateProjectResponse]
     DeleteProject: _grpc.UnaryUnaryMultiCallable[_config_service_pb2.DeleteProjectRequest, _config_service_pb2.DeleteProjectResponse]
+    RotateWebhookSecret: _grpc.UnaryUnaryMultiCallable[_config_service_pb2.RotateWebhookSecretRequest, _config_service_pb2.RotateWebhookSecretResponse]
+    """RotateWebhookSecret gives a project a new webhook secret and returns it
+    (admin scope); the old one stops verifying at once. The secret is shown
+    only here and at creation.
+    """
     TriggerBuild: _grpc.UnaryUnaryMultiCallable[_config_service_pb2.TriggerBuildRequest, _config_service_pb2.TriggerBuildResponse]
     ListBuilds: _grpc.UnaryUnaryMultiCallable[_config_service_pb2.ListBuildsRequest, _config_service_pb2.ListBuildsResponse]
     GetBuild: _grpc.UnaryUnaryMultiCallable[_config_service_pb2.GetBuildRequest, _config_service_pb2.GetBuildResponse]
@@ -85,6 +90,11 @@ class ConfigServiceAsyncStub(ConfigServiceStub):
     ListProjects: _aio.UnaryUnaryMultiCallable[_config_service_pb2.ListProjectsRequest, _config_service_pb2.ListProjectsResponse]  # type: ignore[assignment]
     UpdateProject: _aio.UnaryUnaryMultiCallable[_config_service_pb2.UpdateProjectRequest, _config_service_pb2.UpdateProjectResponse]  # type: ignore[assignment]
     DeleteProject: _aio.UnaryUnaryMultiCallable[_config_service_pb2.DeleteProjectRequest, _config_service_pb2.DeleteProjectResponse]  # type: ignore[assignment]
+    RotateWebhookSecret: _aio.UnaryUnaryMultiCallable[_config_service_pb2.RotateWebhookSecretRequest, _config_service_pb2.RotateWebhookSecretResponse]  # type: ignore[assignment]
+    """RotateWebhookSecret gives a project a new webhook secret and returns it
+    (admin scope); the old one stops verifying at once. The secret is shown
+    only here and at creation.
+    """
     TriggerBuild: _aio.UnaryUnaryMultiCallable[_config_service_pb2.TriggerBuildRequest, _config_service_pb2.TriggerBuildResponse]  # type: ignore[assignment]
     ListBuilds: _aio.UnaryUnaryMultiCallable[_config_service_pb2.ListBuildsRequest, _config_service_pb2.ListBuildsResponse]  # type: ignore[assignment]
     GetBuild: _aio.UnaryUnaryMultiCallable[_config_service_pb2.GetBuildRequest, _config_service_pb2.GetBuildResponse]  # type: ignore[assignment]
@@ -157,6 +167,17 @@ class ConfigServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _config_service_pb2.DeleteProjectRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_config_service_pb2.DeleteProjectResponse, _abc.Awaitable[_config_service_pb2.DeleteProjectResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def RotateWebhookSecret(
+        self,
+        request: _config_service_pb2.RotateWebhookSecretRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_config_service_pb2.RotateWebhookSecretResponse, _abc.Awaitable[_config_service_pb2.RotateWebhookSecretResponse]]:
+        """RotateWebhookSecret gives a project a new webhook secret and returns it
+        (admin scope); the old one stops verifying at once. The secret is shown
+        only here and at creation.
+        """
 
     @_abc_1.abstractmethod
     def TriggerBuild(

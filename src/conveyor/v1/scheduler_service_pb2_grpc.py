@@ -56,13 +56,16 @@ class SchedulerServiceServicer:
     """
 
     def Wake(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Wake is for the control plane's own credential only.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetQueue(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """GetQueue shows the caller's account only (read scope); the control
+        plane's own credential sees every account.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')

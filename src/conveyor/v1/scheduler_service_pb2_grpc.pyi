@@ -37,7 +37,11 @@ class SchedulerServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> SchedulerServiceAsyncStub: ...
     Wake: _grpc.UnaryUnaryMultiCallable[_scheduler_service_pb2.WakeRequest, _scheduler_service_pb2.WakeResponse]
+    """Wake is for the control plane's own credential only."""
     GetQueue: _grpc.UnaryUnaryMultiCallable[_scheduler_service_pb2.GetQueueRequest, _scheduler_service_pb2.GetQueueResponse]
+    """GetQueue shows the caller's account only (read scope); the control
+    plane's own credential sees every account.
+    """
 
 @_typing.type_check_only
 class SchedulerServiceAsyncStub(SchedulerServiceStub):
@@ -48,7 +52,11 @@ class SchedulerServiceAsyncStub(SchedulerServiceStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     Wake: _aio.UnaryUnaryMultiCallable[_scheduler_service_pb2.WakeRequest, _scheduler_service_pb2.WakeResponse]  # type: ignore[assignment]
+    """Wake is for the control plane's own credential only."""
     GetQueue: _aio.UnaryUnaryMultiCallable[_scheduler_service_pb2.GetQueueRequest, _scheduler_service_pb2.GetQueueResponse]  # type: ignore[assignment]
+    """GetQueue shows the caller's account only (read scope); the control
+    plane's own credential sees every account.
+    """
 
 class SchedulerServiceServicer(metaclass=_abc_1.ABCMeta):
     """SchedulerService picks queued builds that may start and hands them to the
@@ -61,13 +69,17 @@ class SchedulerServiceServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _scheduler_service_pb2.WakeRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_scheduler_service_pb2.WakeResponse, _abc.Awaitable[_scheduler_service_pb2.WakeResponse]]: ...
+    ) -> _typing.Union[_scheduler_service_pb2.WakeResponse, _abc.Awaitable[_scheduler_service_pb2.WakeResponse]]:
+        """Wake is for the control plane's own credential only."""
 
     @_abc_1.abstractmethod
     def GetQueue(
         self,
         request: _scheduler_service_pb2.GetQueueRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_scheduler_service_pb2.GetQueueResponse, _abc.Awaitable[_scheduler_service_pb2.GetQueueResponse]]: ...
+    ) -> _typing.Union[_scheduler_service_pb2.GetQueueResponse, _abc.Awaitable[_scheduler_service_pb2.GetQueueResponse]]:
+        """GetQueue shows the caller's account only (read scope); the control
+        plane's own credential sees every account.
+        """
 
 def add_SchedulerServiceServicer_to_server(servicer: SchedulerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -135,6 +135,7 @@ class Project(_message.Message):
     CACHE_LOCKFILES_FIELD_NUMBER: _builtins.int
     CACHE_PATHS_FIELD_NUMBER: _builtins.int
     CACHE_GENERATION_FIELD_NUMBER: _builtins.int
+    FORK_SECRETS_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     account_id: _builtins.str
     name: _builtins.str
@@ -144,7 +145,9 @@ class Project(_message.Message):
     deploy_command: _builtins.str
     preview_command: _builtins.str
     webhook_secret: _builtins.str
-    """webhook_secret is returned only by CreateProject and GetProject."""
+    """webhook_secret is returned only by CreateProject and
+    RotateWebhookSecret (shown once); every other read leaves it empty.
+    """
     run_timeout_seconds: _builtins.int
     cancel_in_progress: _builtins.bool
     build_other_branches: _builtins.bool
@@ -152,8 +155,11 @@ class Project(_message.Message):
     forge: _builtins.str
     """forge is "github", "gitlab" or empty (not connected); with forge_repo
     ("owner/repo" on GitHub, a project id or path on GitLab) and
-    forge_api_url, it says where commit statuses go. The first signed
-    webhook fills the empty ones from its payload.
+    forge_api_url, it says where commit statuses go. forge_api_url empty
+    means https://api.github.com or https://gitlab.com/api/v4; any other
+    base must be in the operator's allow-list (CONVEYOR_FORGE_API_URLS).
+    The first signed webhook may fill an empty forge and forge_repo from its
+    payload, never forge_api_url.
     """
     forge_api_url: _builtins.str
     forge_repo: _builtins.str
@@ -170,6 +176,11 @@ class Project(_message.Message):
     """
     cache_generation: _builtins.int
     """cache_generation is read-only; it increases with each PurgeCache."""
+    fork_secrets: _builtins.bool
+    """fork_secrets lets builds of pull (merge) requests whose head is in
+    another repository (a fork) have the project's secrets and its preview
+    step. Off: such builds get the plain variables only and no preview step.
+    """
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -225,10 +236,11 @@ class Project(_message.Message):
         cache_lockfiles: _abc.Iterable[_builtins.str] | None = ...,
         cache_paths: _abc.Iterable[_builtins.str] | None = ...,
         cache_generation: _builtins.int = ...,
+        fork_secrets: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "branch_exclude", b"branch_exclude", "branch_include", b"branch_include", "build_command", b"build_command", "build_other_branches", b"build_other_branches", "cache_disabled", b"cache_disabled", "cache_generation", b"cache_generation", "cache_lockfiles", b"cache_lockfiles", "cache_paths", b"cache_paths", "cancel_in_progress", b"cancel_in_progress", "created_at", b"created_at", "deploy_command", b"deploy_command", "forge", b"forge", "forge_api_url", b"forge_api_url", "forge_repo", b"forge_repo", "id", b"id", "name", b"name", "network_isolated", b"network_isolated", "preview_command", b"preview_command", "production_branch", b"production_branch", "repo_url", b"repo_url", "root_directory", b"root_directory", "run_timeout_seconds", b"run_timeout_seconds", "updated_at", b"updated_at", "watch_exclude", b"watch_exclude", "watch_include", b"watch_include", "webhook_secret", b"webhook_secret"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "branch_exclude", b"branch_exclude", "branch_include", b"branch_include", "build_command", b"build_command", "build_other_branches", b"build_other_branches", "cache_disabled", b"cache_disabled", "cache_generation", b"cache_generation", "cache_lockfiles", b"cache_lockfiles", "cache_paths", b"cache_paths", "cancel_in_progress", b"cancel_in_progress", "created_at", b"created_at", "deploy_command", b"deploy_command", "forge", b"forge", "forge_api_url", b"forge_api_url", "forge_repo", b"forge_repo", "fork_secrets", b"fork_secrets", "id", b"id", "name", b"name", "network_isolated", b"network_isolated", "preview_command", b"preview_command", "production_branch", b"production_branch", "repo_url", b"repo_url", "root_directory", b"root_directory", "run_timeout_seconds", b"run_timeout_seconds", "updated_at", b"updated_at", "watch_exclude", b"watch_exclude", "watch_include", b"watch_include", "webhook_secret", b"webhook_secret"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
