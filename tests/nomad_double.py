@@ -98,6 +98,175 @@ _VAR_PATH = re.compile(r"^[a-zA-Z0-9\-_~/]{1,128}$")
 _INTERPOLATION = re.compile(r"\$\{([^}]+)\}")
 _FRAME_BYTES = 64 * 1024
 
+# The JSON field names (and value kinds) of the api structs the launcher sends,
+# taken from hashicorp/nomad at v1.6.0 and v1.9.7: api/jobs.go (JobRegisterRequest,
+# WriteRequest, Job), api/tasks.go (TaskGroup, Task, Template, RestartPolicy,
+# ReschedulePolicy, EphemeralDisk, LogConfig), api/resources.go (Resources),
+# api/constraint.go (Constraint), api/variables.go (Variable) and
+# api/allocations.go (AllocSignalRequest). Only fields both versions have are
+# listed: Nomad's HTTP server decodes bodies with encoding/json and no
+# DisallowUnknownFields, so any other key is dropped without an error; the
+# double refuses it instead (exact spelling, though Go would also match a
+# key case-insensitively) so that a misspelled key fails a test.
+# Kinds: str, int, bool, dur (time.Duration: integer nanoseconds), strs (list
+# of str), strmap (str to str), any (not checked: driver config, structs the
+# launcher never sends), a struct name, or a struct name in brackets (a list).
+_API_STRUCTS: dict[str, dict[str, str]] = {
+    "JobRegisterRequest": {
+        "Submission": "any",
+        "Job": "Job",
+        "EnforceIndex": "bool",
+        "JobModifyIndex": "int",
+        "PolicyOverride": "bool",
+        "PreserveCounts": "bool",
+        "EvalPriority": "int",
+        # The embedded WriteRequest.
+        "Region": "str",
+        "Namespace": "str",
+        "SecretID": "str",
+    },
+    "Job": {
+        "Region": "str",
+        "Namespace": "str",
+        "ID": "str",
+        "Name": "str",
+        "Type": "str",
+        "Priority": "int",
+        "AllAtOnce": "bool",
+        "Datacenters": "strs",
+        "NodePool": "str",
+        "Constraints": "[Constraint]",
+        "Affinities": "any",
+        "TaskGroups": "[TaskGroup]",
+        "Update": "any",
+        "Multiregion": "any",
+        "Spreads": "any",
+        "Periodic": "any",
+        "ParameterizedJob": "any",
+        "Reschedule": "ReschedulePolicy",
+        "Migrate": "any",
+        "Meta": "strmap",
+        "ConsulToken": "str",
+        "VaultToken": "str",
+        "Stop": "bool",
+        "ParentID": "str",
+        "Dispatched": "bool",
+        "DispatchIdempotencyToken": "str",
+        "Payload": "str",
+        "ConsulNamespace": "str",
+        "VaultNamespace": "str",
+        "NomadTokenID": "str",
+        "Status": "str",
+        "StatusDescription": "str",
+        "Stable": "bool",
+        "Version": "int",
+        "SubmitTime": "int",
+        "CreateIndex": "int",
+        "ModifyIndex": "int",
+        "JobModifyIndex": "int",
+    },
+    "TaskGroup": {
+        "Name": "str",
+        "Count": "int",
+        "Constraints": "[Constraint]",
+        "Affinities": "any",
+        "Tasks": "[Task]",
+        "Spreads": "any",
+        "Volumes": "any",
+        "RestartPolicy": "RestartPolicy",
+        "ReschedulePolicy": "ReschedulePolicy",
+        "EphemeralDisk": "EphemeralDisk",
+        "Update": "any",
+        "Migrate": "any",
+        "Networks": "any",
+        "Meta": "strmap",
+        "Services": "any",
+        "ShutdownDelay": "dur",
+        "StopAfterClientDisconnect": "dur",
+        "MaxClientDisconnect": "dur",
+        "Scaling": "any",
+        "Consul": "any",
+    },
+    "Task": {
+        "Name": "str",
+        "Driver": "str",
+        "User": "str",
+        "Lifecycle": "any",
+        "Config": "any",
+        "Constraints": "[Constraint]",
+        "Affinities": "any",
+        "Env": "strmap",
+        "Services": "any",
+        "Resources": "Resources",
+        "RestartPolicy": "RestartPolicy",
+        "Meta": "strmap",
+        "KillTimeout": "dur",
+        "LogConfig": "LogConfig",
+        "Artifacts": "any",
+        "Vault": "any",
+        "Templates": "[Template]",
+        "DispatchPayload": "any",
+        "VolumeMounts": "any",
+        "CSIPluginConfig": "any",
+        "Leader": "bool",
+        "ShutdownDelay": "dur",
+        "KillSignal": "str",
+        "Kind": "str",
+        "ScalingPolicies": "any",
+        "Identity": "any",
+    },
+    "Template": {
+        "SourcePath": "str",
+        "DestPath": "str",
+        "EmbeddedTmpl": "str",
+        "ChangeMode": "str",
+        "ChangeScript": "any",
+        "ChangeSignal": "str",
+        "Splay": "dur",
+        "Perms": "str",
+        "Uid": "int",
+        "Gid": "int",
+        "LeftDelim": "str",
+        "RightDelim": "str",
+        "Envvars": "bool",
+        "VaultGrace": "dur",
+        "Wait": "any",
+        "ErrMissingKey": "bool",
+    },
+    "Resources": {
+        "CPU": "int",
+        "Cores": "int",
+        "MemoryMB": "int",
+        "MemoryMaxMB": "int",
+        "DiskMB": "int",
+        "Networks": "any",
+        "Devices": "any",
+        "IOPS": "int",
+    },
+    "RestartPolicy": {"Interval": "dur", "Attempts": "int", "Delay": "dur", "Mode": "str"},
+    "ReschedulePolicy": {
+        "Attempts": "int",
+        "Interval": "dur",
+        "Delay": "dur",
+        "DelayFunction": "str",
+        "MaxDelay": "dur",
+        "Unlimited": "bool",
+    },
+    "EphemeralDisk": {"Sticky": "bool", "Migrate": "bool", "SizeMB": "int"},
+    "LogConfig": {"MaxFiles": "int", "MaxFileSizeMB": "int", "Enabled": "bool", "Disabled": "bool"},
+    "Constraint": {"LTarget": "str", "RTarget": "str", "Operand": "str"},
+    "Variable": {
+        "Namespace": "str",
+        "Path": "str",
+        "CreateIndex": "int",
+        "ModifyIndex": "int",
+        "CreateTime": "int",
+        "ModifyTime": "int",
+        "Items": "strmap",
+    },
+    "AllocSignalRequest": {"Task": "str", "Signal": "str"},
+}
+
 
 @dataclass(frozen=True)
 class RecordedRequest:
@@ -333,7 +502,9 @@ class NomadDouble:
 
     async def _register(self, request: web.Request) -> web.Response:
         try:
-            job = (await request.json())["Job"]
+            body = await request.json()
+            check_fields(body, "JobRegisterRequest", "")
+            job = body["Job"]
             _validate_job(job)
         except (ValueError, KeyError, TypeError) as exc:
             return web.Response(status=400, text=f"invalid job: {exc}")
@@ -747,7 +918,7 @@ class NomadDouble:
             dest.parent.mkdir(parents=True, exist_ok=True)
             dest.write_text(rendered)
             dest.chmod(int(str(template.get("Perms") or "0644"), 8))
-            if template.get("Envvar"):
+            if template.get("Envvars"):
                 try:
                     template_env.update(_parse_env(rendered))
                 except ValueError as exc:
@@ -799,6 +970,10 @@ class NomadDouble:
         if alloc is None:
             return web.Response(status=404, text="alloc not found")
         body = await request.json()
+        try:
+            check_fields(body, "AllocSignalRequest")
+        except ValueError as exc:
+            return web.Response(status=400, text=str(exc))
         process = alloc.task.process
         if process is None or process.poll() is not None:
             return web.Response(status=400, text="Task not running")
@@ -830,6 +1005,10 @@ class NomadDouble:
         if request.method not in ("PUT", "POST"):
             return web.Response(status=405, text="method not allowed")
         body = await request.json()
+        try:
+            check_fields(body, "Variable")
+        except ValueError as exc:
+            return web.Response(status=400, text=str(exc))
         items = body.get("Items")
         if not isinstance(items, dict) or not items:
             return web.Response(status=400, text="variable missing required Items object")
@@ -1043,6 +1222,49 @@ def _collect(
     finally:
         out.close()
         pipe.close()
+
+
+def check_fields(value: Any, struct: str, where: str = "") -> None:
+    """Raise ``ValueError`` naming the first key of ``value`` that Nomad's
+    ``api.<struct>`` has no field for (Nomad would drop it), or a value Go's
+    encoding/json could not decode into its field's type."""
+    where = where or struct
+    if value is None:
+        return  # every struct field the launcher sends is a pointer or a slice
+    if not isinstance(value, dict):
+        raise ValueError(f"{where}: expected a JSON object for api.{struct}")
+    fields = _API_STRUCTS[struct]
+    for key, item in value.items():
+        kind = fields.get(key)
+        if kind is None:
+            raise ValueError(
+                f"{where}: api.{struct} has no field {key!r}; Nomad would silently drop it"
+            )
+        _check_kind(item, kind, f"{where}.{key}")
+
+
+def _check_kind(value: Any, kind: str, where: str) -> None:
+    if value is None or kind == "any":
+        return
+    if kind.startswith("["):
+        if not isinstance(value, list):
+            raise ValueError(f"{where}: expected a JSON array")
+        for i, item in enumerate(value):
+            check_fields(item, kind[1:-1], f"{where}[{i}]")
+        return
+    if kind in _API_STRUCTS:
+        check_fields(value, kind, where)
+        return
+    ok = {
+        "str": lambda v: isinstance(v, str),
+        "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+        "dur": lambda v: isinstance(v, int) and not isinstance(v, bool),
+        "bool": lambda v: isinstance(v, bool),
+        "strs": lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
+        "strmap": lambda v: isinstance(v, dict) and all(isinstance(x, str) for x in v.values()),
+    }[kind]
+    if not ok(value):
+        raise ValueError(f"{where}: json: cannot unmarshal {json.dumps(value)[:40]} into {kind}")
 
 
 def _validate_job(job: Any) -> None:

@@ -191,7 +191,7 @@ def test_build_job_for_docker_with_secrets() -> None:
     assert secrets_template == {
         "EmbeddedTmpl": SECRETS_TEMPLATE % "nomad/jobs/conveyor-build-b-42",
         "DestPath": "secrets/env",
-        "Envvar": True,
+        "Envvars": True,
         "ChangeMode": "noop",
     }
 

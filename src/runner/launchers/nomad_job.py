@@ -175,7 +175,10 @@ def build_job(spec: JobSpec, settings: NomadSettings) -> dict[str, Any]:
             {
                 "EmbeddedTmpl": SECRETS_TEMPLATE % variable_path(nomad_job_id),
                 "DestPath": SECRETS_DEST,
-                "Envvar": True,
+                # api.Template's field is Envvars (HCL's `env`); Nomad drops
+                # an unknown key without a word, so a misspelling leaves every
+                # secret unset.
+                "Envvars": True,
                 # Deleting the Variable when the job ends must not restart it.
                 "ChangeMode": "noop",
             }
