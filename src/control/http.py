@@ -8,9 +8,11 @@ import logging
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from control.api.transcoder import Transcoder
 from control.builds.lifecycle import Lifecycle
 from control.errors import ConveyorError
 from control.metrics import ControlMetrics
+from control.services.registry import Services
 from control.storage import migrate
 from control.storage.db import Database
 from control.storage.projects import ProjectStore
@@ -36,12 +38,17 @@ class HttpApp:
         lifecycle: Lifecycle,
         metrics: ControlMetrics,
         max_body: int,
+        *,
+        api: Transcoder | None = None,
+        services: Services | None = None,
     ) -> None:
         self.db = db
         self.projects = projects
         self.lifecycle = lifecycle
         self.metrics = metrics
         self.max_body = max_body
+        self.api = api
+        self.services = services
         metrics.db_pool.watch(db.stats)
         self.webhooks = WebhookReceiver(db, projects, lifecycle, metrics, max_body)
         self.deploy_hooks = DeployHookReceiver(db, projects, lifecycle, metrics)
@@ -54,6 +61,8 @@ class HttpApp:
         app.router.add_get("/metrics", self.metrics_endpoint)
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/readyz", self.readyz)
+        if self.api is not None:
+            self.api.add_to(app)
         return app
 
     async def metrics_endpoint(self, request: web.Request) -> web.Response:

@@ -8,9 +8,11 @@ import secrets
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 from aiohttp import web
+from google.protobuf.descriptor import ServiceDescriptor
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
@@ -23,6 +25,7 @@ from control.api.config_servicer import ConfigServicer
 from control.api.edge import Authenticator, EdgeInterceptor
 from control.api.runner_servicer import RunnerServicer
 from control.api.scheduler_servicer import SchedulerServicer
+from control.api.transcoder import Transcoder, routes_of
 from control.builds.lifecycle import Lifecycle
 from control.config import Settings
 from control.forge.links import Links
@@ -32,6 +35,10 @@ from control.logs.fanout import LogHub
 from control.metrics import ControlMetrics
 from control.scheduler.loop import Scheduler
 from control.secrets import SecretBox
+from control.services.builds import BuildService
+from control.services.projects import ProjectService
+from control.services.registry import Services
+from control.services.runners import RunnerService
 from control.storage.accounts import AccountStore
 from control.storage.audit import AuditLog
 from control.storage.builds import BuildStore
@@ -41,6 +48,7 @@ from control.storage.logs import LogStore
 from control.storage.migrate import migrate
 from control.storage.notify import Notifier
 from control.storage.projects import ProjectStore
+from control.storage.pushes import PushLog
 from control.storage.runners import RunnerStore
 from conveyor.v1 import (
     build_manager_pb2,
@@ -54,6 +62,13 @@ from conveyor.v1 import (
 )
 
 log = logging.getLogger(__name__)
+
+
+def _service(module: Any, name: str) -> ServiceDescriptor:
+    """The descriptor of service ``name`` of a generated ``_pb2`` module."""
+    found: ServiceDescriptor = module.DESCRIPTOR.services_by_name[name]
+    return found
+
 
 SERVICE_NAMES = (
     config_service_pb2.DESCRIPTOR.services_by_name["ConfigService"].full_name,
@@ -115,19 +130,26 @@ class ControlPlane:
             self.env,
         )
         self.hub = LogHub(self.logs, self.notifier)
+        self.services = Services(
+            builds=BuildService(
+                self.builds, self.projects, self.lifecycle, self.logs, self.hub, PushLog(self.db)
+            ),
+            projects=ProjectService(self.projects, self.builds, self.env),
+            runners=RunnerService(self.runners),
+        )
         # Commit statuses to GitHub/GitLab: registered with the lifecycle
         # before anything can change a build.
         self.links = Links(s.public_url)
         self.reporter = StatusReporter(
-            self.lifecycle, self.metrics.forge, self.links, self.forge_retry
-        )
+            self.lifecycle, self.metrics.forge, self.links, self.forge_retry,
+            forge_api_urls=s.forge_api_urls,
+        )  # fmt: skip
         await self.reporter.start()
         self.internal_token = f"cvi_{secrets.token_urlsafe(32)}"
 
+        self.authenticator = Authenticator(self.accounts, self.internal_token)
         self.server = aio.server(
-            interceptors=[
-                EdgeInterceptor(Authenticator(self.accounts, self.internal_token), self.metrics)
-            ],
+            interceptors=[EdgeInterceptor(self.authenticator, self.metrics)],
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -169,25 +191,41 @@ class ControlPlane:
             runner_alive=s.lifecycle.runner_lost_after,
             global_capacity=s.global_capacity,
         )
+        config_servicer = ConfigServicer(
+            self.db,
+            self.projects,
+            self.builds,
+            self.lifecycle,
+            self.env,
+            self.audit,
+            s.lifecycle.max_run_timeout,
+            self.links,
+            forge_api_urls=s.forge_api_urls,
+        )
         config_service_pb2_grpc.add_ConfigServiceServicer_to_server(
-            ConfigServicer(
-                self.db,
-                self.projects,
-                self.builds,
-                self.lifecycle,
-                self.env,
-                self.audit,
-                s.lifecycle.max_run_timeout,
-                self.links,
-            ),
+            config_servicer,
             self.server,
+        )
+        scheduler_servicer = SchedulerServicer(
+            self.scheduler, self.db, s.lifecycle.runner_lost_after
         )
         scheduler_service_pb2_grpc.add_SchedulerServiceServicer_to_server(
-            SchedulerServicer(self.scheduler, self.db, s.lifecycle.runner_lost_after), self.server
+            scheduler_servicer, self.server
+        )
+        build_manager_servicer = BuildManagerServicer(
+            self.lifecycle, self.builds, self.logs, self.hub, self.metrics
         )
         build_manager_pb2_grpc.add_BuildManagerServicer_to_server(
-            BuildManagerServicer(self.lifecycle, self.builds, self.logs, self.hub, self.metrics),
-            self.server,
+            build_manager_servicer, self.server
+        )
+        # The HTTP/JSON API calls these same servicers, routed by the
+        # google.api.http annotations of their methods.
+        self.api_routes = routes_of(
+            {
+                _service(config_service_pb2, "ConfigService"): config_servicer,
+                _service(scheduler_service_pb2, "SchedulerService"): scheduler_servicer,
+                _service(build_manager_pb2, "BuildManager"): build_manager_servicer,
+            }
         )
         runner_service_pb2_grpc.add_RunnerServiceServicer_to_server(
             RunnerServicer(
@@ -210,7 +248,15 @@ class ControlPlane:
         for name in (*SERVICE_NAMES, ""):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
-        http = HttpApp(self.db, self.projects, self.lifecycle, self.metrics, s.webhook_max_bytes)
+        http = HttpApp(
+            self.db,
+            self.projects,
+            self.lifecycle,
+            self.metrics,
+            s.webhook_max_bytes,
+            api=Transcoder(self.api_routes, self.authenticator, self.metrics),
+            services=self.services,
+        )
         self.http_runner = web.AppRunner(http.app(), access_log=None, shutdown_timeout=2.0)
         await self.http_runner.setup()
         hhost, _, hport = s.http_addr.rpartition(":")

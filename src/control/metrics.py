@@ -141,6 +141,19 @@ class ControlMetrics:
             buckets=_FAST_BUCKETS,
             registry=registry,
         )
+        self.http_api_requests = Counter(
+            "conveyor_http_api_requests_total",
+            "HTTP/JSON API requests, by gRPC method and status code.",
+            ["method", "code"],
+            registry=registry,
+        )
+        self.http_api_seconds = Histogram(
+            "conveyor_http_api_request_seconds",
+            "HTTP/JSON API request latency (to the end of the stream for SSE), by method.",
+            ["method"],
+            buckets=_FAST_BUCKETS,
+            registry=registry,
+        )
         self.db_pool = PoolCollector()
         registry.register(self.db_pool)
         # Forge integration (issue 8): declared in ForgeMetrics below.

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from psycopg.rows import class_row
+
+from control.domain.runner import AccountQueue, RunnerInfo
 from control.storage.db import Conn, Database
 
 # A build holds a slot from assignment until it is final.
@@ -148,3 +151,34 @@ class RunnerStore:
             (lost_after_seconds, lost_after_seconds),
         )
         return [str(r[0]) for r in await cur.fetchall()]
+
+    async def list_all(self) -> list[RunnerInfo]:
+        """Every registered runner, connected ones first, then by name. A
+        draining runner reports capacity 0 in its heartbeats (see
+        ``heartbeat``), so a connected runner with no capacity is draining."""
+        async with self.db.connection() as conn:
+            cur = conn.cursor(row_factory=class_row(RunnerInfo))
+            await cur.execute(
+                f"SELECT r.id::text AS id, r.name, r.labels, r.launcher, r.capacity,"
+                f" {_BUSY}::int AS busy, r.connected, (r.connected AND r.capacity = 0) AS draining,"
+                f" r.connected_at, r.last_seen_at"
+                f" FROM runners r ORDER BY r.connected DESC, r.name, r.id"
+            )
+            return await cur.fetchall()
+
+    async def queues(self, account_id: str | None) -> list[AccountQueue]:
+        """Queue depth per account (one account, or all when ``None``)."""
+        async with self.db.connection() as conn:
+            cur = conn.cursor(row_factory=class_row(AccountQueue))
+            await cur.execute(
+                "SELECT a.id::text AS account_id, a.concurrency_limit AS limit,"
+                " (count(*) FILTER (WHERE b.status = 'queued' AND b.runner_id IS NULL))::int"
+                " AS queued,"
+                " (count(*) FILTER (WHERE b.status IN ('initializing', 'running')"
+                "   OR (b.status = 'queued' AND b.runner_id IS NOT NULL)))::int AS active"
+                " FROM accounts a LEFT JOIN builds b ON b.account_id = a.id"
+                " AND b.status IN ('queued', 'initializing', 'running')"
+                " WHERE %s::uuid IS NULL OR a.id = %s::uuid GROUP BY a.id ORDER BY a.id",
+                (account_id, account_id),
+            )
+            return await cur.fetchall()
