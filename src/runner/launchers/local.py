@@ -61,8 +61,13 @@ from runner.launchers.base import JobSpec, LaunchError, Limits
 from runner.launchers.build_users import BuildUser, BuildUsers
 from runner.launchers.cgroups import CgroupRoot
 from runner.launchers.local_job import Grant, LocalJob
-from runner.launchers.user_network import NetworkError, SandboxPipes, UserNetwork, fence_tools
-from runner.launchers.user_network import available as user_network_available
+from runner.launchers.user_network import (
+    NetworkError,
+    NetworkTools,
+    SandboxPipes,
+    UserNetwork,
+    network_tools,
+)
 from runner.launchers.workspace import Workspace, hard_limits_available, sweep
 from runner.metrics import RunnerMetrics
 from runner.script import CACHE_IN_FD, CACHE_OUT_FD
@@ -175,18 +180,10 @@ def resolv_conf_args(host_resolv: Path, fd: int) -> list[str]:
 
 
 def own_network_tool() -> str | None:
-    """slirp4netns, when it is installed and can open /dev/net/tun here (as
-    root, or as this unprivileged runner); else None."""
-    tun = "/dev/net/tun"
-    usable = os.path.exists(tun) and (os.geteuid() == 0 or os.access(tun, os.R_OK | os.W_OK))
-    return user_network_available() if usable else None
-
-
-def _open_to_all(path: str) -> bool:
-    try:
-        return os.stat(path).st_mode & 0o006 == 0o006
-    except OSError:
-        return False
+    """slirp4netns, when this host can give builds their own network
+    (``user_network.network_tools``); else None."""
+    tools = network_tools()
+    return tools.slirp4netns if tools else None
 
 
 def _write_env(fd: int, env: Mapping[str, str]) -> None:
@@ -274,24 +271,18 @@ class LocalLauncher:
             raise LaunchError("a seccomp filter needs bubblewrap on x86_64")
         # Builds with network get their own (slirp4netns) where installed;
         # otherwise they share the host's, loopback included.
-        self.slirp = own_network_tool() if self.bwrap and user_network is not False else None
-        if user_network and not self.slirp:
+        self.network: NetworkTools | None = None
+        if self.bwrap and user_network is not False:
+            self.network = network_tools()
+        if user_network and not self.network:
             raise LaunchError("a network of its own per build needs bubblewrap and slirp4netns")
-        if self.bwrap and not self.slirp and user_network is None:
+        if self.bwrap and not self.network and user_network is None:
             log.warning(SHARED_NETWORK_WARNING)
-        self.fence = fence_tools()
-        if self.slirp and self.fence == (None, None):
+        if self.network and (self.network.root is None or self.network.ip is None):
             log.warning(
                 "builds with network can reach link-local addresses (cloud metadata) and this"
                 " host's own addresses: fencing them needs a root runner, nsenter and ip"
             )
-        # slirp4netns opens /dev/net/tun in the build's namespace: as the
-        # build's uid where the device is open to all (the usual 0666),
-        # else as root, which it then sheds (no capabilities, an empty
-        # root, a seccomp filter).
-        self.tun_open_to_all = _open_to_all("/dev/net/tun")
-        if self.slirp and self.users and not self.tun_open_to_all:
-            log.info("/dev/net/tun is not open to all: slirp4netns starts as root, then drops it")
         self.prlimit = shutil.which("prlimit")
         if not self.prlimit:
             log.warning("prlimit (util-linux) is missing: builds run without rlimits")
@@ -303,7 +294,7 @@ class LocalLauncher:
             " workspace limit %s",
             "bubblewrap" if self.bwrap else "NONE",
             "on" if self.seccomp else "off",
-            "own (slirp4netns)" if self.slirp else "the host's",
+            "own (slirp4netns)" if self.network else "the host's",
             "one uid per build" if self.users else "the runner's own uid",
             "v1 (memory, pids, cpuacct)" if self.cgroup_root else "none (rlimits only)",
             "hard (own filesystem)" if self.hard_workspace_limit else "measured",
@@ -389,7 +380,7 @@ class LocalLauncher:
                 ready_read, ready_write = os.pipe()
             if self.seccomp:
                 seccomp_fd = seccomp_filter.filter_fd()
-            if self.slirp is not None and spec.network:
+            if self.network is not None and spec.network:
                 net = SandboxPipes()
         except OSError as exc:
             for fd in (env_read, env_write, ready_read, ready_write, seccomp_fd):
@@ -447,15 +438,8 @@ class LocalLauncher:
     ) -> UserNetwork:
         """Attach slirp4netns to the sandbox once it is set up. Raises
         ``LaunchError``; the caller closes ``net``."""
-        assert self.slirp is not None
-        run_as: list[str] = []
-        if user is not None and self.tun_open_to_all:
-            assert self.setpriv is not None
-            run_as = [
-                self.setpriv, f"--reuid={user.uid}", f"--regid={user.gid}",
-                "--clear-groups", "--inh-caps=-all", "--",
-            ]  # fmt: skip
-        network = UserNetwork(self.slirp, run_as, HOST_ENV, self.fence)
+        assert self.network is not None
+        network = UserNetwork(self.network, (user.uid, user.gid) if user else None, HOST_ENV)
         try:
             pid = await asyncio.wait_for(asyncio.to_thread(net.sandbox_pid), _SET_UP_TIMEOUT)
             await network.start(pid, build_id)

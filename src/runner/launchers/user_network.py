@@ -13,11 +13,23 @@ not reach.
 What it costs: a process per build and user-mode packet copying (a few
 hundred Mbit/s at the least; plenty for fetching dependencies).
 
-slirp4netns runs outside the sandbox, with the build's uid where
-/dev/net/tun is open to all (the usual mode), joins the user namespace that
-owns the sandbox's network namespace to configure the device, and sandboxes
-itself (its own mount namespace with nothing in it, a seccomp filter; when
-started as root, no capabilities either): it parses the build's packets.
+slirp4netns runs outside the sandbox, never as root, whatever the mode
+of /dev/net/tun: for a root runner, as the build's uid, with a tun device
+node of its own (``_TUN_SHIM``: a private /dev/net holding a node the build
+uid owns), so it works alike where the device is 0600 and where it is open
+to all (udev's 0666). It joins the user namespace that owns the sandbox's
+network namespace to configure the device, then sandboxes itself (its own
+mount namespace with /etc and /run read-only, no capabilities, a seccomp
+filter): it parses the build's packets. slirp4netns 1.2 sandboxes itself,
+when not root, as root of the user namespace of the process it is pointed
+at, which must map root: bubblewrap's namespaces map the build's uid alone
+and allow no more nested ones (``--disable-userns``), so the runner points
+it at an anchor (``_anchor``), a process in the build's network namespace
+and in a user namespace of the build uid's own that maps root to it.
+An unprivileged runner can make no such anchor (entering the build's
+network namespace from outside takes root): there slirp4netns runs as the
+runner's uid with its seccomp filter but not its own sandbox, and needs
+/dev/net/tun open to all.
 It exits when the runner closes its exit pipe, also when the runner dies.
 
 DNS inside is slirp4netns's forwarder at 10.0.2.3 (``RESOLV_CONF``), which
@@ -35,7 +47,7 @@ import logging
 import os
 import shutil
 import socket
-from collections.abc import Sequence
+from dataclasses import dataclass
 
 import psutil
 
@@ -49,6 +61,22 @@ RESOLV_CONF = "nameserver 10.0.2.3\n"
 MTU = 65520
 _START_TIMEOUT = 10.0
 _NS_GET_USERNS = 0xB701  # ioctl_ns(2)
+TUN = "/dev/net/tun"
+
+# As root, in a mount namespace of slirp4netns's own: a /dev/net holding a
+# tun device node (numbers $3 $4) that the build uid ($1:$2) owns, so the
+# host device's own mode does not matter; then the rest of the command
+# line (setpriv first: root ends here).
+_TUN_SHIM = """
+uid=$1 gid=$2 major=$3 minor=$4; shift 4
+mount -t tmpfs -o size=16k,mode=0755,nosuid,noexec conveyor-tun /dev/net \\
+  && mknod -m 0600 /dev/net/tun c "$major" "$minor" && chown "$uid:$gid" /dev/net/tun \\
+  || { echo "conveyor: could not make a tun device for slirp4netns" >&2; exit 125; }
+exec "$@"
+"""
+# The anchor, once in its user namespace: say so, then wait for its stdin
+# to close (the runner's word, or the runner's death).
+_ANCHOR = "printf up; exec cat"
 
 
 class NetworkError(Exception):
@@ -60,15 +88,70 @@ def available() -> str | None:
     return shutil.which("slirp4netns")
 
 
-def _owning_userns(pid: int) -> int:
-    """A descriptor of the user namespace that owns ``pid``'s network
-    namespace: bubblewrap nests the build in a further user namespace
-    (``--disable-userns``), which holds no rights over the network one."""
-    net = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+@dataclass(frozen=True)
+class RootTools:
+    """What a root runner needs besides slirp4netns: setpriv, unshare and
+    nsenter (util-linux) and bash, for the anchor and the tun shim."""
+
+    setpriv: str
+    unshare: str
+    nsenter: str
+    bash: str
+
+
+@dataclass(frozen=True)
+class NetworkTools:
+    """What giving builds their own network takes on this host, looked up
+    once (``network_tools``). ``root`` is set for a root runner only;
+    ``ip`` (iproute2, the fence) only for a root runner that has it."""
+
+    slirp4netns: str
+    root: RootTools | None = None
+    ip: str | None = None
+
+
+def network_tools() -> NetworkTools | None:
+    """The tools for builds' own networks, or None when this host cannot
+    give them one: slirp4netns missing, no /dev/net/tun, or (unprivileged
+    runner) a device this runner may not open; a root runner also needs
+    setpriv, unshare and nsenter (util-linux) and bash."""
+    slirp = available()
+    if slirp is None or not os.path.exists(TUN):
+        return None
+    if os.geteuid() != 0:
+        return NetworkTools(slirp) if os.access(TUN, os.R_OK | os.W_OK) else None
+    found = [shutil.which(name) for name in ("setpriv", "unshare", "nsenter", "bash")]
+    setpriv, unshare, nsenter, bash = found
+    if setpriv is None or unshare is None or nsenter is None or bash is None:
+        return None
+    return NetworkTools(slirp, RootTools(setpriv, unshare, nsenter, bash), fence_tools()[1])
+
+
+def _owning_userns(net: int) -> int:
+    """A descriptor of the user namespace that owns the network namespace
+    ``net`` (a descriptor): bubblewrap nests the build in a further user
+    namespace (``--disable-userns``), which holds no rights over the
+    network one. Raises ``OSError``."""
+    return fcntl.ioctl(net, _NS_GET_USERNS)
+
+
+def _setpriv(setpriv: str, uid: int, gid: int) -> list[str]:
+    """The prefix that makes the rest of a command line run as ``uid``
+    for good, with no capabilities (as the launcher drops to build uids)."""
+    return [setpriv, f"--reuid={uid}", f"--regid={gid}", "--clear-groups", "--inh-caps=-all", "--"]
+
+
+async def _end_anchor(proc: asyncio.subprocess.Process) -> None:
+    """Close the anchor's stdin (it exits then) and reap it. Bounded;
+    never raises."""
+    if proc.stdin is not None:
+        proc.stdin.close()
     try:
-        return fcntl.ioctl(net, _NS_GET_USERNS)
-    finally:
-        os.close(net)
+        await asyncio.wait_for(proc.wait(), 5)
+    except TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
 
 
 def fence_tools() -> tuple[str | None, str | None]:
@@ -147,18 +230,14 @@ class UserNetwork:
     before the build runs; ``close`` it when the build has ended."""
 
     def __init__(
-        self,
-        slirp4netns: str,
-        run_as: Sequence[str],
-        env: dict[str, str],
-        fence: tuple[str | None, str | None],
+        self, tools: NetworkTools, build_user: tuple[int, int] | None, env: dict[str, str]
     ) -> None:
-        """``run_as`` prefixes the command (``setpriv`` to the build's uid
-        for a root runner, empty otherwise); ``fence`` is ``fence_tools()``,
-        looked up once by the launcher."""
-        self.slirp4netns = slirp4netns
-        self.nsenter, self.ip = fence
-        self.run_as = list(run_as)
+        """``build_user`` is the build's (uid, gid) for a root runner (whose
+        ``tools`` are ``rooted``), None for an unprivileged one."""
+        if (build_user is not None) != (tools.root is not None):
+            raise ValueError("a build user goes with a root runner's tools, and only then")
+        self.tools = tools
+        self.build_user = build_user
         self.env = env
         self.proc: asyncio.subprocess.Process | None = None
         self._exit_write = -1
@@ -169,25 +248,119 @@ class UserNetwork:
         """Attach a configured tap device to the network namespace of
         ``pid`` and return once it is up. Raises ``NetworkError``."""
         try:
-            owner = _owning_userns(pid)
+            net = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
         except OSError as exc:
             raise NetworkError(f"the sandbox's network namespace is gone ({exc})") from exc
-        ready_read, ready_write = os.pipe()
-        exit_read, self._exit_write = os.pipe()
-        argv = [
-            *self.run_as,
-            self.slirp4netns,
+        try:
+            try:
+                owner = _owning_userns(net)
+            except OSError as exc:
+                raise NetworkError(f"the sandbox's network namespace is gone ({exc})") from exc
+            try:
+                await self._start_in(net, pid, owner, build_id)
+            finally:
+                os.close(owner)
+        finally:
+            os.close(net)
+        try:
+            await self._fence(pid, build_id)
+        except BaseException:
+            await asyncio.shield(self.close())
+            raise
+
+    async def _start_in(self, net: int, pid: int, owner: int, build_id: str) -> None:
+        """Start slirp4netns for the sandbox ``pid``: for a root runner,
+        pointed at an anchor, which ends once slirp4netns is up (it has
+        joined the anchor's user namespace by then) or failed."""
+        if self.build_user is None or self.tools.root is None:
+            await self._start(pid, owner, build_id)
+            return
+        anchor = await self._anchor(net, self.tools.root, *self.build_user)
+        try:
+            await self._start(anchor.pid, owner, build_id)
+        finally:
+            await asyncio.shield(_end_anchor(anchor))
+
+    def _argv(self, target: int, owner: int, ready: int, exit_fd: int) -> list[str]:
+        """slirp4netns's command line; for a root runner, behind the tun
+        shim and setpriv to the build's uid, and sandboxed in the user
+        namespace of the anchor ``target``."""
+        tools = self.tools
+        slirp = [
+            tools.slirp4netns,
             "--configure",
             f"--mtu={MTU}",
             "--disable-host-loopback",
-            "--enable-sandbox",
             "--enable-seccomp",
             f"--userns-path=/proc/self/fd/{owner}",
-            f"--ready-fd={ready_write}",
-            f"--exit-fd={exit_read}",
-            str(pid),
-            "tap0",
+            f"--ready-fd={ready}",
+            f"--exit-fd={exit_fd}",
         ]
+        if self.build_user is None or tools.root is None:
+            return [*slirp, str(target), "tap0"]
+        root = tools.root
+        uid, gid = self.build_user
+        rdev = os.stat(TUN).st_rdev
+        return [
+            root.unshare, "--mount", "--propagation", "private", "--",
+            root.bash, "--noprofile", "--norc", "-c", _TUN_SHIM, "tun-shim",
+            str(uid), str(gid), str(os.major(rdev)), str(os.minor(rdev)),
+            *_setpriv(root.setpriv, uid, gid),
+            *slirp, "--enable-sandbox", str(target), "tap0",
+        ]  # fmt: skip
+
+    async def _anchor(
+        self, net: int, root: RootTools, uid: int, gid: int
+    ) -> asyncio.subprocess.Process:
+        """A process in the build's network namespace (``net``, a
+        descriptor) and in a new user namespace, of the build's uid, that
+        maps root to it; up once it said so. Stop it with ``_end_anchor``.
+        Raises ``NetworkError``."""
+        # Root enters the network namespace (which takes root in the
+        # host's user namespace), then, as the build's uid, makes the user
+        # namespace: a child of the host's, so the build uid owns it.
+        argv = [
+            root.nsenter, f"--net=/proc/self/fd/{net}", "--",
+            *_setpriv(root.setpriv, uid, gid),
+            root.unshare, "--user", "--map-root-user", "--",
+            root.bash, "--noprofile", "--norc", "-c", _ANCHOR,
+        ]  # fmt: skip
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *argv,
+                env=self.env,
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                pass_fds=(net,),
+                start_new_session=True,
+            )
+        except OSError as exc:
+            raise NetworkError(f"could not start slirp4netns's anchor: {exc}") from exc
+        assert proc.stdout is not None
+        assert proc.stderr is not None
+        try:
+            said = await asyncio.wait_for(proc.stdout.readexactly(2), _START_TIMEOUT)
+        except asyncio.IncompleteReadError as exc:
+            said = exc.partial
+        except BaseException:
+            await asyncio.shield(_end_anchor(proc))
+            raise
+        if said != b"up":
+            await asyncio.shield(_end_anchor(proc))
+            why = (await proc.stderr.read(4096)).decode(errors="replace").strip()
+            raise NetworkError(
+                f"could not prepare slirp4netns's user namespace: {why or 'the anchor failed'}"
+            )
+        return proc
+
+    async def _start(self, target: int, owner: int, build_id: str) -> None:
+        """Start slirp4netns for the network namespace of ``target`` (the
+        sandbox or its anchor), the user namespace ``owner`` (a descriptor)
+        owning it, and wait until it is up. Raises ``NetworkError``."""
+        ready_read, ready_write = os.pipe()
+        exit_read, self._exit_write = os.pipe()
+        argv = self._argv(target, owner, ready_write, exit_read)
         try:
             self.proc = await asyncio.create_subprocess_exec(
                 *argv,
@@ -202,7 +375,7 @@ class UserNetwork:
             os.close(ready_read)
             raise NetworkError(f"could not start slirp4netns: {exc}") from exc
         finally:
-            for fd in (ready_write, exit_read, owner):
+            for fd in (ready_write, exit_read):
                 os.close(fd)
         self._stderr = asyncio.create_task(self._log_stderr(build_id))
         proc = self.proc
@@ -221,8 +394,8 @@ class UserNetwork:
         finally:
             exited.cancel()
             if ready != b"1":
-                # Also on cancellation: slirp4netns (root, maybe) must not
-                # outlive the launch. The read ends with its pipe.
+                # Also on cancellation: slirp4netns must not outlive the
+                # launch. The read ends with its pipe.
                 await asyncio.shield(self.close())
                 await asyncio.wait({reading}, timeout=_START_TIMEOUT)
             os.close(ready_read)
@@ -235,25 +408,21 @@ class UserNetwork:
             if self.last_words:
                 why += f" ({'; '.join(self.last_words)})"
             raise NetworkError(f"slirp4netns did not bring the build's network up: {why}")
-        try:
-            await self._fence(pid, build_id)
-        except BaseException:
-            await asyncio.shield(self.close())
-            raise
 
     async def _fence(self, pid: int, build_id: str) -> None:
         """Blackhole routes in the build's namespace (which the build, with
         no capabilities, cannot remove) to link-local addresses (cloud
         metadata: instance credentials) and to this host's own addresses
         (its services bound to every interface). Raises ``NetworkError``."""
-        if self.ip is None or self.nsenter is None:
+        root, ip = self.tools.root, self.tools.ip
+        if ip is None or root is None:
             return
         commands = "".join(f"route add blackhole {prefix}\n" for prefix in fenced_prefixes())
         try:
             # As root in the host's user namespace, which holds every right
             # over the build's network namespace.
             proc = await asyncio.create_subprocess_exec(
-                self.nsenter, f"--net=/proc/{pid}/ns/net", self.ip, "-batch", "-",
+                root.nsenter, f"--net=/proc/{pid}/ns/net", ip, "-batch", "-",
                 env=self.env, stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
             )  # fmt: skip
