@@ -6,15 +6,21 @@ It follows these pages of https://developer.hashicorp.com/nomad/api-docs:
   read (GET /v1/job/:id), list allocations (GET /v1/job/:id/allocations) and
   deregister (DELETE /v1/job/:id, ``purge``);
 - ``allocations``: read (GET /v1/allocation/:id) with ``TaskStates`` and their
-  ``Events``; ``client``'s signal (POST /v1/client/allocation/:id/signal);
+  ``Events`` (the last 10 only, as Nomad keeps them); ``client``'s signal
+  (POST /v1/client/allocation/:id/signal), which adds a ``Signaling`` event;
 - ``evaluations``: read (GET /v1/evaluation/:id), with ``FailedTGAllocs`` (an
   AllocMetric per group) and a ``BlockedEval`` when no node fits;
 - ``variables``: create, read, delete (PUT/GET/DELETE /v1/var/:path);
-- ``client``'s stream logs (GET /v1/client/fs/logs/:alloc_id): newline-ended
-  JSON frames ``{"File", "Offset", "Data"}`` (Offset is the file offset just
-  past Data, Data is base64) and ``{}`` heartbeats; ``follow``, ``offset``,
-  ``origin`` and ``plain`` as documented, offsets counted across rotated
-  files from the first one the way Nomad's ``findClosest`` does;
+- ``client``'s stream logs (GET /v1/client/fs/logs/:alloc_id): JSON frames
+  ``{"Offset", "Data", "File", "FileEvent"}`` (empty fields left out, Data in
+  base64) and ``{}`` heartbeats, back to back with nothing between them, made
+  the way client/fs_endpoint.go and client/lib/streamframer/framer.go make
+  them: reads of ``read_bytes`` merge into frames of up to ``frame_bytes``
+  sent every ``batch_seconds``, and a frame's Offset is its first read's end
+  (plus the frame size per split), not the end of its Data; ``follow``,
+  ``offset``, ``origin`` and ``plain`` as documented, offsets counted across
+  rotated files from the first one the way Nomad's ``findClosest`` does, and
+  a ``file deleted`` event when the file being read disappears;
 - the index page's blocking queries: ``?index=N&wait=D`` and ``X-Nomad-Index``.
 
 It is one client node, ``double-node`` in datacenter ``dc1``, with the node meta
@@ -40,8 +46,13 @@ Templates: only what Conveyor emits, which is literal text (any delimiters) and
 env templates are parsed like Nomad's parser (hashicorp/go-envparse). A
 missing Variable fails the template (real Nomad would wait for it).
 
+Request bodies: every key of a job, a Variable or a signal request must be a
+field of Nomad's api struct for it (``_API_STRUCTS``, ``check_fields``), or
+the double answers 400 where Nomad would silently drop the key.
+
 Switches for tests: ``node_meta``, ``drivers``, ``log_rotate_bytes``,
-``frame_bytes`` (most log bytes in a frame; Nomad's 64 KiB by default) and
+``frame_bytes`` and ``read_bytes`` (Nomad's 64 KiB by default),
+``batch_seconds`` (Nomad's 200 ms) and
 ``cut_log_streams_after`` (every log stream connection is cut in the middle of
 a frame once it has sent that many bytes of log data; ``log_stream_cuts``
 counts the cuts). ``requests`` records every request (method, path and query,
@@ -97,6 +108,7 @@ _ENV_DENYLIST = frozenset(
 _VAR_PATH = re.compile(r"^[a-zA-Z0-9\-_~/]{1,128}$")
 _INTERPOLATION = re.compile(r"\$\{([^}]+)\}")
 _FRAME_BYTES = 64 * 1024
+_MAX_EVENTS = 10
 
 # The JSON field names (and value kinds) of the api structs the launcher sends,
 # taken from hashicorp/nomad at v1.6.0 and v1.9.7: api/jobs.go (JobRegisterRequest,
@@ -295,7 +307,8 @@ class _Task:
             "Restarts": 0,
             "StartedAt": self.started_at or _ZERO_TIME,
             "FinishedAt": self.finished_at or _ZERO_TIME,
-            "Events": copy.deepcopy(self.events),
+            # Nomad keeps a task's last 10 events (taskrunner's defaultMaxEvents).
+            "Events": copy.deepcopy(self.events[-_MAX_EVENTS:]),
         }
 
 
@@ -362,6 +375,7 @@ class NomadDouble:
         drivers: tuple[str, ...] = ("raw_exec", "exec", "docker"),
         log_rotate_bytes: int | None = None,
         heartbeat_seconds: float = 0.5,
+        batch_seconds: float = 0.2,
     ) -> None:
         self.root = root
         self.node_meta = dict(node_meta or {})
@@ -373,6 +387,8 @@ class NomadDouble:
         self.log_connections = 0
         self.log_stream_cuts = 0
         self.frame_bytes = _FRAME_BYTES
+        self.read_bytes = _FRAME_BYTES
+        self.batch_seconds = batch_seconds
         self._jobs: dict[str, dict[str, Any]] = {}
         self._evals: dict[str, dict[str, Any]] = {}
         self._allocs: dict[str, _Alloc] = {}
@@ -981,6 +997,8 @@ class NomadDouble:
             number = signal.Signals[str(body.get("Signal") or "")]
         except KeyError:
             return web.Response(status=400, text=f"unknown signal {body.get('Signal')!r}")
+        # allocRunner.Signal: a "Signaling" event, then the signal.
+        self._event(alloc, "Signaling", "Task being sent a signal", Details={"signal": number.name})
         with contextlib.suppress(ProcessLookupError):
             process.send_signal(number)
         return self._json({})
@@ -1082,8 +1100,79 @@ class _Cut(Exception):
     pass
 
 
+class _Framer:
+    """Nomad's StreamFramer (client/lib/streamframer/framer.go, v1.6.0-v1.9.7)
+    for one response, driven by ``_LogStream`` instead of goroutines.
+
+    ``send`` takes a read of a file and the file offset just past it. Reads
+    of one file merge into the current frame, which keeps the offset of the
+    first read merged; a frame reaching ``frame_bytes`` goes out at once and
+    its offset grows by the size sent; ``tick`` (every ``batch_seconds``, 200
+    ms in Nomad) sends whatever is pending. So a frame's ``Offset`` is not the
+    end of its ``Data``, before it or after it.
+    """
+
+    def __init__(self, frame_bytes: int) -> None:
+        self._frame_bytes = frame_bytes
+        self._frame: dict[str, Any] | None = None  # Offset, File, FileEvent
+        self._data = bytearray()
+        self.out: list[dict[str, Any]] = []
+
+    def send(self, file: str, event: str, data: bytes, offset: int) -> None:
+        if self._frame is not None and (
+            self._frame["File"] != file or self._frame["FileEvent"] != event
+        ):
+            self.tick()
+        if self._frame is None:
+            self._frame = {"Offset": offset, "File": file, "FileEvent": event}
+        self._data += data
+        force = not self._data and event != ""
+        while len(self._data) >= self._frame_bytes or force:
+            force = False
+            chunk = self._take()
+            self.out.append({**self._frame, "Data": chunk})
+            self._frame["Offset"] += len(chunk)
+
+    def tick(self) -> None:
+        """The batch window's flush (``send()`` in framer.go)."""
+        if self._frame is not None:
+            self.out.append({**self._frame, "Data": self._take()})
+            self._frame = None
+
+    def destroy(self) -> None:
+        """The last frame, sent only when it holds data."""
+        if self._frame is not None and self._data:
+            self.tick()
+        self._frame = None
+
+    def _take(self) -> bytes:
+        chunk = bytes(self._data[: self._frame_bytes])
+        del self._data[: self._frame_bytes]
+        return chunk
+
+
+def _exists(path: Path) -> bool:
+    return path.exists()
+
+
+def _encode_frame(frame: Mapping[str, Any]) -> bytes:
+    """A StreamFrame as Nomad's JSON codec writes it: fields in struct order,
+    empty ones left out (``omitempty``), Data in base64, no separator."""
+    out: dict[str, Any] = {}
+    if frame.get("Offset"):
+        out["Offset"] = frame["Offset"]
+    if frame.get("Data"):
+        out["Data"] = base64.b64encode(frame["Data"]).decode()
+    if frame.get("File"):
+        out["File"] = frame["File"]
+    if frame.get("FileEvent"):
+        out["FileEvent"] = frame["FileEvent"]
+    return json.dumps(out, separators=(",", ":")).encode()
+
+
 class _LogStream:
-    """One fs/logs response, after Nomad's client/fs_endpoint.go ``logs``."""
+    """One fs/logs response, after Nomad's client/fs_endpoint.go (``logsImpl``
+    picks the files, ``streamFile`` reads each) and the framer above."""
 
     def __init__(
         self,
@@ -1104,6 +1193,10 @@ class _LogStream:
         self._plain = plain
         self._follow = follow
         self._sent = 0
+        self._framer = _Framer(double.frame_bytes)
+        now = time.monotonic()
+        self._next_flush = now + double.batch_seconds
+        self._next_heartbeat = now + double.heartbeat_seconds
 
     def _files(self) -> list[tuple[int, Path]]:
         found = []
@@ -1114,6 +1207,8 @@ class _LogStream:
         return sorted(found)
 
     def _closest(self, wanted: int, offset: int) -> tuple[int, Path, int]:
+        """``findClosest``: the file and offset that ``offset`` (counted from
+        file ``wanted``, or back from its end when negative) falls in."""
         files = self._files()
         if not files:
             raise FileNotFoundError(self._prefix)
@@ -1142,61 +1237,91 @@ class _LogStream:
         wanted = 0 if origin == "start" else 1 << 62
         if origin == "end":
             offset = -offset
-        last_index = None if self._follow else self._files()[-1][0]
         while True:
+            last_index = None if self._follow else self._files()[-1][0]
             index, path, position = self._closest(wanted, offset)
             if last_index is not None and index > last_index:
-                return
-            await self._stream_file(index, path, position, at_end=index == last_index)
-            if index == last_index:
-                return
+                break
+            at_end = index == last_index
+            await self._stream_file(index, path, position, cancel_after_first_eof=at_end)
+            if at_end:
+                break
             offset, wanted = 0, index + 1
+        self._framer.destroy()
+        await self._pump()
 
-    async def _stream_file(self, index: int, path: Path, position: int, *, at_end: bool) -> None:
+    async def _stream_file(
+        self, index: int, path: Path, offset: int, *, cancel_after_first_eof: bool
+    ) -> None:
         name = f"alloc/logs/{path.name}"
-        idle_since = time.monotonic()
-        with path.open("rb") as file:
-            file.seek(position)
+        read_bytes = self._double.read_bytes
+        cancel_received = cancel_after_first_eof
+        try:
+            file = path.open("rb")
+        except FileNotFoundError:
+            return  # rotated out from under us: logsImpl lists the files again
+        with file:
+            file.seek(offset)
             while True:
-                data = file.read(self._double.frame_bytes)
+                data = file.read(read_bytes)
                 if data:
-                    position += len(data)
-                    await self._send(name, position, data)
-                    idle_since = time.monotonic()
-                    continue
-                if at_end or not self._follow:
+                    offset += len(data)
+                    self._send(name, "", data, offset)
+                    await self._pump()
+                    if len(data) == read_bytes:
+                        continue
+                if cancel_received:
                     return
-                if any(idx > index for idx, _ in self._files()):
-                    # Rotated: the file is complete once its successor exists.
-                    rest = file.read()
-                    if rest:
-                        position += len(rest)
-                        await self._send(name, position, rest)
-                    return
-                if time.monotonic() - idle_since >= self._double.heartbeat_seconds:
-                    await self._write(b"{}\n")
-                    idle_since = time.monotonic()
-                await asyncio.sleep(0.02)
+                # At the end of the file: wait for it to grow, to be deleted,
+                # or for its successor (then read once more and stop).
+                while True:
+                    await asyncio.sleep(0.01)
+                    await self._pump()
+                    if os.fstat(file.fileno()).st_size > offset:
+                        break
+                    if not _exists(path):
+                        self._send(name, "file deleted", b"", offset)
+                        await self._pump()
+                        return
+                    if any(idx > index for idx, _ in self._files()):
+                        cancel_received = True
+                        break
 
-    async def _send(self, name: str, end_offset: int, data: bytes) -> None:
+    def _send(self, name: str, event: str, data: bytes, offset: int) -> None:
         if self._plain:
-            await self._write(data)
+            self._framer.out.append({"Data": data})
+        else:
+            self._framer.send(name, event, data, offset)
+
+    async def _pump(self) -> None:
+        """Run the framer's tickers, then write every frame it made."""
+        now = time.monotonic()
+        if now >= self._next_flush:
+            self._framer.tick()
+            self._next_flush = now + self._double.batch_seconds
+        if now >= self._next_heartbeat and not self._plain:
+            self._framer.out.append({})
+            self._next_heartbeat = now + self._double.heartbeat_seconds
+        frames, self._framer.out = self._framer.out, []
+        for frame in frames:
+            await self._write_frame(frame)
+
+    async def _write_frame(self, frame: Mapping[str, Any]) -> None:
+        data = frame.get("Data") or b""
+        if self._plain:
+            await self._response.write(data)
             return
-        frame = {"File": name, "Offset": end_offset, "Data": base64.b64encode(data).decode()}
-        encoded = (json.dumps(frame) + "\n").encode()
+        encoded = _encode_frame(frame)
         cut = self._double.cut_log_streams_after
-        if cut is not None and self._sent >= cut:
-            await self._write(encoded[: len(encoded) // 2])
+        if cut is not None and data and self._sent >= cut:
+            await self._response.write(encoded[: len(encoded) // 2])
             transport = self._request.transport
             if transport is not None:
                 transport.close()
             self._double.log_stream_cuts += 1
             raise _Cut
-        await self._write(encoded)
+        await self._response.write(encoded)
         self._sent += len(data)
-
-    async def _write(self, data: bytes) -> None:
-        await self._response.write(data)
 
 
 def _collect(

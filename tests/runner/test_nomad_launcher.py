@@ -22,13 +22,11 @@ from runner.launchers.base import JobResult, JobSpec, LaunchError, Limits, Outpu
 from runner.launchers.nomad import NomadLauncher, NomadSettings
 from runner.launchers.nomad_job import (
     SECRETS_TEMPLATE,
-    FrameDecoder,
-    LineSplitter,
-    LogCursor,
     build_job,
     placement_failure,
     task_result,
 )
+from runner.launchers.nomad_logs import FrameDecoder, LineSplitter
 from tests import nomad_double
 from tests.nomad_double import NomadDouble
 
@@ -510,15 +508,6 @@ def test_frames_split_anywhere_decode_the_same() -> None:
         decoder = FrameDecoder()
         assert decoder.feed(stream[:cut]) + decoder.feed(stream[cut:]) == frames
         assert not decoder.pending
-
-
-def test_cursor_counts_across_rotated_files() -> None:
-    cursor = LogCursor()
-    cursor.advance("alloc/logs/build.stdout.0", 100)
-    cursor.advance("alloc/logs/build.stdout.0", 250)
-    assert cursor.position == 250
-    cursor.advance("alloc/logs/build.stdout.1", 40)
-    assert cursor.position == 290
 
 
 def test_line_splitter_keeps_partial_lines() -> None:

@@ -12,8 +12,6 @@ stream resume without repeating a line.
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import contextlib
 import logging
 import ssl
@@ -29,20 +27,23 @@ from nomad.api import exceptions as nomad_errors
 from runner.launchers.base import JobResult, JobSpec, LaunchError, OutputLine
 from runner.launchers.nomad_job import (
     TASK,
-    FrameDecoder,
-    LineSplitter,
-    LogCursor,
-    LogStreamError,
+    EventCursor,
     NomadSettings,
     build_job,
     describe_event,
     next_index,
     pick_allocation,
     placement_failure,
-    task_events,
     task_result,
     task_started,
     variable_path,
+)
+from runner.launchers.nomad_logs import (
+    FrameDecoder,
+    LineSplitter,
+    LogCursor,
+    LogStreamError,
+    parse_frame,
 )
 from runner.metrics import RunnerMetrics
 
@@ -431,7 +432,7 @@ class NomadJob:
         path = f"/v1/allocation/{alloc_id}"
         patience = _Patience(self._settings.unreachable_seconds)
         index = 0
-        reported = 0
+        events = EventCursor()
         while True:
             try:
                 alloc, new_index = await self._launcher.api.blocking_get(path, index)
@@ -443,12 +444,10 @@ class NomadJob:
                 await patience.failed(exc)
                 continue
             patience.ok()
-            events = task_events(alloc)
-            for event in events[reported:]:
+            for event in events.take_new(alloc):
                 await self._queue.put(
                     OutputLine("system", f"nomad: {describe_event(event)}".encode())
                 )
-            reported = len(events)
             if task_started(alloc) and not self._followers:
                 self._followers = [
                     asyncio.create_task(self._follow(alloc_id, "stdout")),
@@ -541,18 +540,19 @@ class NomadJob:
                     if frames.pending:
                         raise LogStreamError("the log stream ended inside a frame")
                     return
-                for frame in frames.feed(chunk):
-                    data = frame.get("Data")
-                    if not data:
-                        continue  # a heartbeat or a file event
-                    try:
-                        raw = base64.b64decode(data, validate=True)
-                    except binascii.Error as exc:
-                        raise LogStreamError(f"a log frame is not base64: {exc}") from None
-                    complete = lines.feed(raw)
+                for raw in frames.feed(chunk):
+                    frame = parse_frame(raw)
+                    if frame is None:
+                        continue  # a heartbeat
+                    if frame.file_event:
+                        # Logmon deleted (rotated away) or truncated the file
+                        # being read: what it held past here is gone.
+                        note = f"nomad: {stream} log {frame.file}: {frame.file_event}"
+                        await self._queue.put(OutputLine("system", note.encode()))
+                    complete = lines.feed(frame.data)
                     # Advance before yielding lines: a stream broken while we
                     # wait on the consumer must not deliver them twice.
-                    cursor.advance(str(frame.get("File") or ""), int(frame.get("Offset") or 0))
+                    cursor.advance(len(frame.data))
                     last_data = time.monotonic()
                     for line in complete:
                         await self._queue.put(OutputLine(stream, line))

@@ -2,8 +2,8 @@
 
 Pure: ``build_job`` turns a ``JobSpec`` into the JSON job the jobs API takes
 (developer.hashicorp.com/nomad/api-docs/json-jobs); ``placement_failure``,
-``task_result`` and the log-frame readers at the end turn evaluations, task
-states and fs/logs streams back into Conveyor's terms.
+``task_result`` and the event readers turn evaluations and task states back
+into Conveyor's terms. ``runner.launchers.nomad_logs`` reads log streams and
 ``runner.launchers.nomad`` does the talking.
 
 The secret part of the environment never enters the job: it lives in a Nomad
@@ -14,9 +14,7 @@ as a template too, so it never passes through Nomad's ``${...}`` interpolation.
 
 from __future__ import annotations
 
-import codecs
 import hashlib
-import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -310,8 +308,50 @@ def task_events(alloc: Mapping[str, Any]) -> list[Mapping[str, Any]]:
 
 
 def task_started(alloc: Mapping[str, Any]) -> bool:
-    """Whether the task ever started, so that it has logs to read."""
+    """Whether the task ever started, so that it has logs to read.
+
+    Nomad keeps only a task's last 10 events (``defaultMaxEvents`` in
+    client/allocrunner/taskrunner/task_runner.go), so the ``Started`` event
+    may be gone; ``StartedAt``, which the fs/logs endpoint itself checks,
+    stays set once the task started.
+    """
+    state = (alloc.get("TaskStates") or {}).get(TASK) or {}
+    started_at = str(state.get("StartedAt") or "")
+    if started_at and not started_at.startswith("0001-01-01"):
+        return True
     return any(event.get("Type") == "Started" for event in task_events(alloc))
+
+
+class EventCursor:
+    """Picks the task events not yet reported out of the last 10 that Nomad
+    keeps: an index into the list would stop at 10 once the oldest are
+    dropped. Events come in order of ``Time`` (Unix nanoseconds); events
+    sharing one ``Time`` are told apart by how many of them were taken."""
+
+    def __init__(self) -> None:
+        self._last_time: int | None = None
+        self._taken_at_last = 0
+
+    def take_new(self, alloc: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+        """The build task's events that no earlier call returned, oldest first."""
+        fresh: list[Mapping[str, Any]] = []
+        seen_at_last = 0
+        for event in task_events(alloc):
+            at = _as_int(event.get("Time")) or 0
+            if self._last_time is not None and at < self._last_time:
+                continue
+            if at == self._last_time:
+                seen_at_last += 1
+                if seen_at_last <= self._taken_at_last:
+                    continue
+            fresh.append(event)
+        for event in fresh:
+            at = _as_int(event.get("Time")) or 0
+            if at == self._last_time:
+                self._taken_at_last += 1
+            else:
+                self._last_time, self._taken_at_last = at, 1
+        return fresh
 
 
 def describe_event(event: Mapping[str, Any]) -> str:
@@ -396,101 +436,6 @@ def _as_int(value: object) -> int | None:
         except ValueError:
             return None
     return None
-
-
-# Reading fs/logs: https://developer.hashicorp.com/nomad/api-docs/client#stream-logs
-
-MAX_LINE_BYTES = 1 << 20
-MAX_UNPARSED_CHARS = 4 << 20
-
-
-class LogStreamError(ValueError):
-    """A log stream did not hold the frames the API documents."""
-
-
-class LogCursor:
-    """Where a log stream was read to, as the fs/logs ``offset`` counts it.
-
-    Frames carry the file they came from and the offset in it just past their
-    data; with ``origin=start`` Nomad counts ``offset`` across the rotated files
-    from the first one, so the position is the sizes of the files already read
-    plus the offset in the current one.
-    """
-
-    def __init__(self) -> None:
-        self._file: str | None = None
-        self._base = 0
-        self._offset = 0
-
-    @property
-    def position(self) -> int:
-        return self._base + self._offset
-
-    def advance(self, file: str, end_offset: int) -> None:
-        if self._file is not None and file != self._file:
-            self._base += self._offset
-            self._offset = 0
-        self._file = file
-        self._offset = max(self._offset, end_offset)
-
-
-class FrameDecoder:
-    """Splits the fs/logs response, a run of JSON objects, into frames."""
-
-    def __init__(self) -> None:
-        self._text = ""
-        self._utf8 = codecs.getincrementaldecoder("utf-8")()
-        self._json = json.JSONDecoder()
-
-    @property
-    def pending(self) -> bool:
-        return bool(self._text.strip())
-
-    def feed(self, chunk: bytes) -> list[dict[str, Any]]:
-        text = self._text + self._utf8.decode(chunk)
-        frames: list[dict[str, Any]] = []
-        position = 0
-        while True:
-            while position < len(text) and text[position].isspace():
-                position += 1
-            if position == len(text):
-                break
-            try:
-                frame, position = self._json.raw_decode(text, position)
-            except json.JSONDecodeError:
-                break  # the rest of this frame is still on its way
-            if isinstance(frame, dict):
-                frames.append(frame)
-        self._text = text[position:]
-        if len(self._text) > MAX_UNPARSED_CHARS:
-            raise LogStreamError("the log stream is not a sequence of JSON frames")
-        return frames
-
-
-class LineSplitter:
-    """Cuts bytes into lines without their newline; a line longer than
-    ``MAX_LINE_BYTES`` is cut into pieces of that size."""
-
-    def __init__(self) -> None:
-        self._partial = bytearray()
-
-    def feed(self, data: bytes) -> list[bytes]:
-        self._partial += data
-        *lines, rest = self._partial.split(b"\n")
-        self._partial = bytearray(rest)
-        out = [bytes(line) for line in lines]
-        while len(self._partial) > MAX_LINE_BYTES:
-            out.append(bytes(self._partial[:MAX_LINE_BYTES]))
-            del self._partial[:MAX_LINE_BYTES]
-        return out
-
-    def flush(self) -> bytes | None:
-        """The last line when it had no newline."""
-        if not self._partial:
-            return None
-        tail = bytes(self._partial)
-        self._partial.clear()
-        return tail
 
 
 def pick_allocation(allocs: Any, eval_id: str) -> str | None:
