@@ -19,10 +19,11 @@ import json
 import os
 import secrets
 import shutil
+import stat
 import subprocess
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,12 +36,13 @@ from runner.launchers import seccomp as seccomp_filter
 from runner.launchers.base import JobResult, JobSpec, LaunchError, Limits, OutputLine
 from runner.launchers.local import (
     HIDDEN_ETC,
+    SHARED_NETWORK_WARNING,
     LocalLauncher,
     own_network_tool,
     resolv_conf_args,
 )
 from runner.launchers.local_job import LocalJob
-from runner.launchers.user_network import RESOLV_CONF, fence_tools
+from runner.launchers.user_network import RESOLV_CONF, TUN, fence_tools
 from runner.metrics import RunnerMetrics
 from runner.pipes import data_fd
 from tests.helpers import host_address, outside_target
@@ -770,6 +772,98 @@ async def test_the_network_helper_ends_with_the_build(launcher: LocalLauncher) -
             break
         await asyncio.sleep(0.05)
     assert not left, f"slirp4netns processes left behind: {left}"
+
+
+@pytest.fixture(params=[0o600, 0o666], ids=["tun-0600", "tun-0666"])
+def tun_mode(request: pytest.FixtureRequest) -> Iterator[int]:
+    """/dev/net/tun set to each mode a build host may have: 0600 (a bare
+    kernel's) and 0666 (udev's, wherever udev is installed); then put back."""
+    if not ROOT:
+        pytest.skip("changing /dev/net/tun's mode needs root")
+    before = stat.S_IMODE(os.stat(TUN).st_mode)
+    os.chmod(TUN, request.param)
+    try:
+        yield request.param
+    finally:
+        os.chmod(TUN, before)
+
+
+@needs_slirp
+async def test_a_build_gets_its_network_whatever_the_tun_device_mode(
+    build_dir: Path, tun_mode: int, host_service: int
+) -> None:
+    local = LocalLauncher(build_dir / "workspaces", sandbox=True, user_network=True)
+    try:
+        job = await local.launch(
+            job_spec(
+                "cut -d: -f1 /proc/net/dev | tail -n +3 | tr -d ' '\n"
+                "grep -c '^tap0' /proc/net/route\n"
+                f"(exec 3<>/dev/tcp/127.0.0.1/{host_service} && head -1 <&3)\n"
+                "echo ready\nread -r -t 20 _ || true\n",
+                network=True,
+            )
+        )
+        started = time.monotonic()
+        seen = await asyncio.wait_for(until_ready(job), 30)
+        # slirp4netns parses the build's packets: never root, whatever the
+        # device's mode, and sandboxed in its own mount namespace.
+        assert job.network is not None
+        assert job.network.proc is not None
+        slirp = psutil.Process(job.network.proc.pid)
+        assert slirp.name() == "slirp4netns"
+        assert job.user is not None
+        assert set(slirp.uids()) == {job.user.uid}
+        assert set(slirp.gids()) == {job.user.gid}
+        assert os.readlink(f"/proc/{slirp.pid}/ns/mnt") != os.readlink("/proc/self/ns/mnt")
+        await job.stop(grace_seconds=1)
+        out = await asyncio.wait_for(finish(job, started, seen), 30)
+    finally:
+        await local.close()
+    stdout = out.stdout.splitlines()
+    assert sorted(stdout[:2]) == ["lo", "tap0"], out.everything
+    assert stdout[2] == "2", out.everything  # its subnet and the default route
+    assert "hello from the host" not in out.stdout
+    assert stat.S_IMODE(os.stat(TUN).st_mode) == tun_mode  # the launcher left it alone
+
+
+@pytest.fixture
+def path_without_slirp4netns(build_dir: Path) -> str:
+    """A PATH with every tool of this host but slirp4netns (and bash, which
+    the sandbox runs: the launcher then takes /bin/bash, a path that exists
+    inside the sandbox as well)."""
+    bin_dir = build_dir / "bin"
+    bin_dir.mkdir()
+    for directory in ("/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin"):
+        for tool in Path(directory).iterdir():
+            if tool.name not in ("slirp4netns", "bash") and not (bin_dir / tool.name).exists():
+                (bin_dir / tool.name).symlink_to(tool)
+    return str(bin_dir)
+
+
+@needs_slirp
+async def test_without_slirp4netns_builds_share_the_host_network_with_a_warning(
+    build_dir: Path,
+    host_service: int,
+    path_without_slirp4netns: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setenv("PATH", path_without_slirp4netns)
+    assert own_network_tool() is None
+    with pytest.raises(LaunchError, match="slirp4netns"):
+        LocalLauncher(build_dir / "strict", sandbox=True, user_network=True)
+    caplog.set_level("WARNING", logger="runner.launchers.local")
+    local = LocalLauncher(build_dir / "workspaces", sandbox=True)
+    monkeypatch.undo()
+    assert SHARED_NETWORK_WARNING in caplog.text
+    try:
+        out = await run(
+            local, f"(exec 3<>/dev/tcp/127.0.0.1/{host_service} && head -1 <&3)", network=True
+        )
+    finally:
+        await local.close()
+    assert out.result.exit_code == 0, out.everything
+    assert "hello from the host" in out.stdout
 
 
 # ------------------------------------------------------- the job environment
