@@ -24,9 +24,12 @@ It follows these pages of https://developer.hashicorp.com/nomad/api-docs:
 - the index page's blocking queries: ``?index=N&wait=D`` and ``X-Nomad-Index``.
 
 It is one client node, ``double-node`` in datacenter ``dc1``, with the node meta
-given to the constructor; a constraint on a meta key it lacks, a driver it does
-not offer or more CPU/memory than it has gives an evaluation with
-``FailedTGAllocs`` and a blocked evaluation, and no allocation.
+and the CPU and memory given to the constructor; a constraint on a meta key it
+lacks, a driver it does not offer or more CPU/memory than it has left (its
+running allocations hold theirs) gives an evaluation with ``FailedTGAllocs``
+and a blocked evaluation, and no allocation. Whenever an allocation ends, the
+blocked evaluations that now fit are placed, as Nomad's blocked-evals tracker
+does when capacity frees up.
 
 Each task group must hold exactly one task. Tasks run like Nomad's ``raw_exec``
 driver whatever the driver: ``Config.command`` with ``Config.args`` in the task
@@ -376,8 +379,12 @@ class NomadDouble:
         log_rotate_bytes: int | None = None,
         heartbeat_seconds: float = 0.5,
         batch_seconds: float = 0.2,
+        node_cpu_mhz: int = NODE_CPU_MHZ,
+        node_memory_mb: int = NODE_MEMORY_MB,
     ) -> None:
         self.root = root
+        self.node_cpu_mhz = node_cpu_mhz
+        self.node_memory_mb = node_memory_mb
         self.node_meta = dict(node_meta or {})
         self.drivers = drivers
         self.log_rotate_bytes = log_rotate_bytes
@@ -698,17 +705,36 @@ class NomadDouble:
         if any(t.get("Driver") not in self.drivers for t in tasks):
             metric.update(NodesFiltered=1, ConstraintFiltered={"missing drivers": 1})
             return metric
-        cpu = sum(int((t.get("Resources") or {}).get("CPU") or 100) for t in tasks)
-        memory = sum(int((t.get("Resources") or {}).get("MemoryMB") or 300) for t in tasks)
+        cpu, memory = _demand(tasks)
+        used_cpu, used_memory = 0, 0
+        for alloc in self._allocs.values():
+            if not alloc.terminal:
+                alloc_cpu, alloc_memory = _demand([alloc.task.spec])
+                used_cpu, used_memory = used_cpu + alloc_cpu, used_memory + alloc_memory
         exhausted = {}
-        if cpu > NODE_CPU_MHZ:
+        if cpu > self.node_cpu_mhz - used_cpu:
             exhausted["cpu"] = 1
-        if memory > NODE_MEMORY_MB:
+        if memory > self.node_memory_mb - used_memory:
             exhausted["memory"] = 1
         if exhausted:
             metric.update(NodesExhausted=1, DimensionExhausted=exhausted)
             return metric
         return None
+
+    async def _unblock(self) -> None:
+        """The blocked-evals tracker: capacity changed, so retry every blocked
+        evaluation; one that now fits places its allocations and completes
+        (they carry its ID), one that does not stays blocked."""
+        for evaluation in list(self._evals.values()):
+            job = self._jobs.get(evaluation["JobID"])
+            if evaluation["Status"] != "blocked" or job is None or job.get("Stop"):
+                continue
+            if any(self._fit(job, group) is not None for group in job["TaskGroups"]):
+                continue
+            for group in job["TaskGroups"]:
+                self._place(job, group, evaluation["ID"])
+            job["Status"] = "running"
+            evaluation.update(Status="complete", ModifyIndex=self._bump())
 
     def _satisfies(self, constraint: Mapping[str, Any]) -> bool:
         left = self._resolve(str(constraint.get("LTarget") or ""))
@@ -799,6 +825,7 @@ class NomadDouble:
         if job is alloc.job:
             job["Status"] = "dead"
         self._changed_alloc(alloc)
+        self._spawn(self._unblock())
 
     async def _run_task(self, alloc: _Alloc) -> None:
         task = alloc.task
@@ -1149,6 +1176,13 @@ class _Framer:
         chunk = bytes(self._data[: self._frame_bytes])
         del self._data[: self._frame_bytes]
         return chunk
+
+
+def _demand(tasks: list[dict[str, Any]]) -> tuple[int, int]:
+    """CPU MHz and memory MB the tasks ask for, with Nomad's defaults (100, 300)."""
+    cpu = sum(int((t.get("Resources") or {}).get("CPU") or 100) for t in tasks)
+    memory = sum(int((t.get("Resources") or {}).get("MemoryMB") or 300) for t in tasks)
+    return cpu, memory
 
 
 def _exists(path: Path) -> bool:

@@ -48,6 +48,11 @@ class RunnerMetrics:
             ["launcher"],
             registry=registry,
         )
+        self.nomad_capacity_waits = Gauge(
+            "conveyor_runner_nomad_capacity_waiting_builds",
+            "Nomad builds queued by Nomad (a blocked evaluation) until it has capacity.",
+            registry=registry,
+        )
         self.sandbox_limit_hits = Counter(
             "conveyor_runner_sandbox_limit_hits_total",
             "Local builds that hit a sandbox limit, by limit (memory, processes, cpu, workspace).",

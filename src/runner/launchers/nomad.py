@@ -37,6 +37,7 @@ from runner.launchers.nomad_job import (
     task_result,
     task_started,
     variable_path,
+    waits_for_capacity,
 )
 from runner.launchers.nomad_logs import (
     FrameDecoder,
@@ -207,6 +208,10 @@ class NomadLauncher:
     def api(self) -> _Api:
         return self._api
 
+    @property
+    def metrics(self) -> RunnerMetrics | None:
+        return self._metrics
+
     async def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Run a python-nomad call in a thread; it raises python-nomad's errors."""
         return await asyncio.to_thread(fn, *args, **kwargs)
@@ -261,6 +266,7 @@ class NomadJob:
         self._ended = asyncio.Event()
         self._deregistered = False
         self._followers: list[asyncio.Task[None]] = []
+        self._launched_at = time.monotonic()
         self.task: asyncio.Task[JobResult] = asyncio.create_task(
             self._run(), name=f"nomad job {nomad_job_id}"
         )
@@ -354,18 +360,54 @@ class NomadJob:
 
     async def _supervise(self) -> JobResult:
         evaluation = await self._await_evaluation()
+        waiting_since: float | None = None
+        reason: str | None = None
         if evaluation is not None:
             if evaluation.get("Status") == "failed":
                 why = evaluation.get("StatusDescription") or "evaluation failed"
                 return JobResult(None, error=f"Nomad could not schedule the job: {why}")
             reason = placement_failure(evaluation)
             if reason is not None:
-                return JobResult(None, error=f"placement failed: {reason}")
-        alloc_id = await self._await_allocation()
+                if not waits_for_capacity(evaluation):
+                    return JobResult(None, error=f"placement failed: {reason}")
+                waiting_since = time.monotonic()
+        if waiting_since is None:
+            alloc_id = await self._await_allocation()
+        else:
+            try:
+                alloc_id = await self._await_capacity(str(reason))
+            except TimeoutError:
+                limit = self._settings.startup_timeout_seconds
+                return JobResult(
+                    None, error=f"placement failed: no Nomad capacity within {limit:g} s: {reason}"
+                )
+            if alloc_id is not None:
+                waited = time.monotonic() - waiting_since
+                log.info("Nomad placed job %s after %.1f s", self.job_id, waited)
+                note = f"nomad: placed after waiting {waited:.0f} s for capacity"
+                await self._queue.put(OutputLine("system", note.encode()))
         if alloc_id is None:
             return JobResult(None, killed=True)
         self._alloc_id = alloc_id
         return await self._watch_allocation(alloc_id)
+
+    async def _await_capacity(self, reason: str) -> str | None:
+        """Wait for the allocation of a job Nomad queued (a blocked
+        evaluation) until the startup deadline, counted from the launch.
+        Raises ``TimeoutError`` when it passes first."""
+        remaining = self._launched_at + self._settings.startup_timeout_seconds - time.monotonic()
+        log.info("Nomad job %s waits for capacity: %s", self.job_id, reason)
+        note = f"nomad: waiting for Nomad capacity ({reason}), up to {max(remaining, 0):.0f} s"
+        await self._queue.put(OutputLine("system", note.encode()))
+        metrics = self._launcher.metrics
+        if metrics is not None:
+            metrics.nomad_capacity_waits.inc()
+        try:
+            async with asyncio.timeout(max(remaining, 0.0)):
+                return await self._await_allocation()
+        finally:
+            if metrics is not None:
+                metrics.nomad_capacity_waits.dec()
 
     async def _await_evaluation(self) -> Mapping[str, Any] | None:
         if not self._eval_id:

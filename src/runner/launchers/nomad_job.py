@@ -57,7 +57,10 @@ class NomadSettings:
 
     Build it with ``from_env`` from the same variables the ``nomad`` CLI reads.
     ``kill_timeout_seconds`` is the job's KillTimeout: after a stop Nomad sends
-    SIGTERM, waits that long, then SIGKILL. ``log_drain_seconds`` is how long a
+    SIGTERM, waits that long, then SIGKILL (capped by the client's
+    ``max_kill_timeout``, 30 s unless the operator raised it).
+    ``startup_timeout_seconds`` bounds how long a build may wait, after it was
+    launched, for Nomad to find capacity for it. ``log_drain_seconds`` is how long a
     log stream must stay quiet after the task died before it counts as
     complete (Nomad's log collector may still be writing the last bytes).
     """
@@ -83,12 +86,13 @@ class NomadSettings:
     blocking_wait_seconds: float = 30.0
     log_drain_seconds: float = 0.5
     unreachable_seconds: float = 120.0
+    startup_timeout_seconds: float = 300.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> NomadSettings:
         """Read NOMAD_ADDR, NOMAD_TOKEN, NOMAD_NAMESPACE, NOMAD_REGION, NOMAD_CACERT,
         NOMAD_CLIENT_CERT, NOMAD_CLIENT_KEY, NOMAD_SKIP_VERIFY and Conveyor's
-        CONVEYOR_NOMAD_{DRIVER,IMAGE,SHELL,DATACENTERS,KILL_TIMEOUT}.
+        CONVEYOR_NOMAD_{DRIVER,IMAGE,SHELL,DATACENTERS,KILL_TIMEOUT,STARTUP_TIMEOUT}.
 
         Raises ``ValueError`` naming the variable that holds a bad value.
         """
@@ -99,13 +103,8 @@ class NomadSettings:
         datacenters = tuple(
             dc.strip() for dc in env.get("CONVEYOR_NOMAD_DATACENTERS", "").split(",") if dc.strip()
         )
-        kill_timeout = env.get("CONVEYOR_NOMAD_KILL_TIMEOUT", "")
-        try:
-            kill_timeout_seconds = float(kill_timeout) if kill_timeout else None
-        except ValueError:
-            raise ValueError("CONVEYOR_NOMAD_KILL_TIMEOUT must be a number of seconds") from None
-        if kill_timeout_seconds is not None and kill_timeout_seconds < 0:
-            raise ValueError("CONVEYOR_NOMAD_KILL_TIMEOUT must not be negative")
+        kill_timeout_seconds = _seconds(env, "CONVEYOR_NOMAD_KILL_TIMEOUT")
+        startup_timeout_seconds = _seconds(env, "CONVEYOR_NOMAD_STARTUP_TIMEOUT")
         return cls(
             address=env.get("NOMAD_ADDR") or default.address,
             token=env.get("NOMAD_TOKEN") or None,
@@ -124,7 +123,27 @@ class NomadSettings:
                 if kill_timeout_seconds is None
                 else kill_timeout_seconds
             ),
+            startup_timeout_seconds=(
+                default.startup_timeout_seconds
+                if startup_timeout_seconds is None
+                else startup_timeout_seconds
+            ),
         )
+
+
+def _seconds(env: Mapping[str, str], name: str) -> float | None:
+    """A non-negative number of seconds from ``env[name]``, or None when unset.
+    Raises ``ValueError`` naming the variable."""
+    text = env.get(name, "")
+    if not text:
+        return None
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise ValueError(f"{name} must be a number of seconds") from None
+    if seconds < 0:
+        raise ValueError(f"{name} must not be negative")
+    return seconds
 
 
 def job_id(build_id: str) -> str:
@@ -279,6 +298,26 @@ def placement_failure(evaluation: Mapping[str, Any]) -> str | None:
     for _group, metric in sorted(failed.items()):
         reasons.extend(_metric_reasons(metric or {}))
     return "; ".join(dict.fromkeys(reasons)) or "no node can run the job"
+
+
+def waits_for_capacity(evaluation: Mapping[str, Any]) -> bool:
+    """Whether Nomad queued the job until capacity frees up: it made a
+    blocked evaluation (``BlockedEval``) and some node that passed the
+    constraints lacked resources or quota. When every node was filtered out
+    instead (a label no node has, a missing driver), nothing the cluster
+    finishes will make room, so the build should fail now."""
+    if not evaluation.get("BlockedEval"):
+        return False
+    for metric in (evaluation.get("FailedTGAllocs") or {}).values():
+        metric = metric or {}
+        if (
+            metric.get("NodesExhausted")
+            or metric.get("DimensionExhausted")
+            or metric.get("ClassExhausted")
+            or metric.get("QuotaExhausted")
+        ):
+            return True
+    return False
 
 
 def _metric_reasons(metric: Mapping[str, Any]) -> list[str]:
