@@ -17,6 +17,7 @@ from control.storage import migrate
 from control.storage.db import Database
 from control.storage.projects import ProjectStore
 from control.storage.stats import BuildCounts, build_counts
+from control.web.app import mount as mount_dashboard
 from control.webhooks.deploy_hooks import DeployHookReceiver
 from control.webhooks.receiver import WebhookReceiver, respond
 
@@ -63,6 +64,8 @@ class HttpApp:
         app.router.add_get("/readyz", self.readyz)
         if self.api is not None:
             self.api.add_to(app)
+        if self.services is not None:
+            mount_dashboard(app, self.services, self.db)
         return app
 
     async def metrics_endpoint(self, request: web.Request) -> web.Response:

@@ -50,6 +50,7 @@ from control.storage.notify import Notifier
 from control.storage.projects import ProjectStore
 from control.storage.pushes import PushLog
 from control.storage.runners import RunnerStore
+from control.web.sessions import principal_of, require_csrf
 from conveyor.v1 import (
     build_manager_pb2,
     build_manager_pb2_grpc,
@@ -201,6 +202,7 @@ class ControlPlane:
             s.lifecycle.max_run_timeout,
             self.links,
             forge_api_urls=s.forge_api_urls,
+            services=self.services,
         )
         config_service_pb2_grpc.add_ConfigServiceServicer_to_server(
             config_servicer,
@@ -213,7 +215,7 @@ class ControlPlane:
             scheduler_servicer, self.server
         )
         build_manager_servicer = BuildManagerServicer(
-            self.lifecycle, self.builds, self.logs, self.hub, self.metrics
+            self.lifecycle, self.builds, self.logs, self.hub, self.metrics, self.services
         )
         build_manager_pb2_grpc.add_BuildManagerServicer_to_server(
             build_manager_servicer, self.server
@@ -248,13 +250,20 @@ class ControlPlane:
         for name in (*SERVICE_NAMES, ""):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
+        self.api = Transcoder(
+            self.api_routes,
+            self.authenticator,
+            self.metrics,
+            cookie_auth=principal_of,
+            csrf_check=require_csrf,
+        )
         http = HttpApp(
             self.db,
             self.projects,
             self.lifecycle,
             self.metrics,
             s.webhook_max_bytes,
-            api=Transcoder(self.api_routes, self.authenticator, self.metrics),
+            api=self.api,
             services=self.services,
         )
         self.http_runner = web.AppRunner(http.app(), access_log=None, shutdown_timeout=2.0)

@@ -6,18 +6,23 @@ from collections.abc import AsyncIterator
 
 from control.api import convert
 from control.api.edge import Ctx, account_of_caller, principal
+from control.api.fields import required
 from control.builds.lifecycle import Lifecycle
 from control.domain import cursor
 from control.domain.build import BuildStatus
 from control.errors import InvalidArgument
 from control.logs.fanout import MESSAGE_LINES, LogHub
 from control.metrics import ControlMetrics
+from control.services.registry import Services
 from control.storage.builds import BuildStore, is_uuid
 from control.storage.logs import LogStore, encode_chunk
 from conveyor.v1 import build_manager_pb2 as bm
 from conveyor.v1 import build_manager_pb2_grpc as bm_grpc
 
 MAX_START_BATCH = 1000
+# Lines of one ReadLogs page: the default, and the most a caller may ask.
+DEFAULT_READ_LINES = 1000
+MAX_READ_LINES = 10_000
 # Lines per page of a packed history read (one message per stored chunk).
 PACKED_PAGE_LINES = 50_000
 
@@ -30,7 +35,9 @@ class BuildManagerServicer(bm_grpc.BuildManagerServicer):
         logs: LogStore,
         hub: LogHub,
         metrics: ControlMetrics,
+        services: Services,
     ) -> None:
+        self.services = services
         self.lifecycle = lifecycle
         self.builds = builds
         self.logs = logs
@@ -111,6 +118,30 @@ class BuildManagerServicer(bm_grpc.BuildManagerServicer):
                     )
         finally:
             self.metrics.log_streams.dec()
+
+    async def ReadLogs(self, request: bm.ReadLogsRequest, context: Ctx) -> bm.ReadLogsResponse:
+        caller = principal()
+        build_id = required("build_id", request.build_id)
+        builds = self.services.builds
+        if request.tail:
+            lines = await builds.log_tail(caller, build_id, request.tail)
+        else:
+            limit = request.limit or DEFAULT_READ_LINES
+            if limit < 0 or limit > MAX_READ_LINES:
+                raise InvalidArgument("limit", f"must be between 0 and {MAX_READ_LINES}")
+            lines = await builds.log_lines(caller, build_id, cursor.decode(request.cursor), limit)
+        # The status is read after the lines: a final status with no line
+        # after this page means the log is complete.
+        build = await builds.get(caller, build_id)
+        after = lines[-1].number if lines else cursor.decode(request.cursor)
+        complete = build.status.final and not await self.logs.read(build.id, after, 1)
+        return bm.ReadLogsResponse(
+            lines=[convert.line_to_pb(x) for x in lines],
+            cursor=cursor.encode(after),
+            first_line=lines[0].number if lines else 0,
+            status=convert.BUILD_STATUS_TO_PB[build.status],
+            complete=complete,
+        )
 
     async def _status(self, build_id: str) -> BuildStatus:
         return (await self.builds.get(None, build_id)).status

@@ -11,13 +11,15 @@ from control.api import convert
 from control.api.access_servicer import AccessRpcs
 from control.api.edge import Ctx, account_of_caller, principal
 from control.api.fields import required
+from control.api.fleet_servicer import FleetRpcs
 from control.api.forge_servicer import ForgeRpcs
 from control.builds.lifecycle import Lifecycle
 from control.domain import project as proj
 from control.domain.project import ProjectSettings
-from control.errors import FailedPrecondition, InvalidArgument
+from control.errors import InvalidArgument
 from control.forge.links import Links
-from control.forge.remote import resolve_branch_head
+from control.services.builds import BuildFilter
+from control.services.registry import Services
 from control.storage.audit import AuditLog
 from control.storage.builds import BuildStore
 from control.storage.db import Database
@@ -25,6 +27,7 @@ from control.storage.env import EnvStore
 from control.storage.projects import UPDATABLE, ProjectStore
 from conveyor.v1 import config_service_pb2 as cs
 from conveyor.v1 import config_service_pb2_grpc as cs_grpc
+from conveyor.v1 import types_pb2 as pb
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +57,11 @@ def settings_from(msg: cs.CreateProjectRequest) -> ProjectSettings:
         cache_disabled=msg.cache_disabled,
         cache_lockfiles=tuple(msg.cache_lockfiles),
         cache_paths=tuple(msg.cache_paths),
+        fork_secrets=msg.fork_secrets,
     )
 
 
-class ConfigServicer(AccessRpcs, ForgeRpcs, cs_grpc.ConfigServiceServicer):
+class ConfigServicer(AccessRpcs, ForgeRpcs, FleetRpcs, cs_grpc.ConfigServiceServicer):
     def __init__(
         self,
         db: Database,
@@ -68,7 +72,11 @@ class ConfigServicer(AccessRpcs, ForgeRpcs, cs_grpc.ConfigServiceServicer):
         audit: AuditLog,
         max_run_timeout: int,
         links: Links | None = None,
+        forge_api_urls: tuple[str, ...] = (),
+        *,
+        services: Services,
     ) -> None:
+        self.services = services
         self.db = db
         self.projects = projects
         self.builds = builds
@@ -77,17 +85,18 @@ class ConfigServicer(AccessRpcs, ForgeRpcs, cs_grpc.ConfigServiceServicer):
         self.audit = audit
         self.max_run_timeout = max_run_timeout
         self.links = links or Links()
+        self.forge_api_urls = frozenset(forge_api_urls)
 
     async def CreateProject(
         self, request: cs.CreateProjectRequest, context: Ctx
     ) -> cs.CreateProjectResponse:
         settings = settings_from(request)
-        settings.validate(self.max_run_timeout)
+        settings.validate(self.max_run_timeout, self.forge_api_urls)
         account = account_of_caller()
         project = await self.projects.create(account, settings)
         await self.audit.record(
             None, account, principal().name, "project.create", f"project {project.name}",
-            f"repo_url={project.repo_url}",
+            f"repo_url={project.repo_url} fork_secrets={_on_off(project.fork_secrets)}",
         )  # fmt: skip
         log.info("project created", extra={"project_id": project.id})
         return cs.CreateProjectResponse(project=convert.project_to_pb(project, with_secret=True))
@@ -96,7 +105,8 @@ class ConfigServicer(AccessRpcs, ForgeRpcs, cs_grpc.ConfigServiceServicer):
         self, request: cs.GetProjectRequest, context: Ctx
     ) -> cs.GetProjectResponse:
         project = await self.projects.get(account_of_caller(), required("project", request.project))
-        return cs.GetProjectResponse(project=convert.project_to_pb(project, with_secret=True))
+        # The webhook secret signs pushes that deploy: a read never shows it.
+        return cs.GetProjectResponse(project=convert.project_to_pb(project, with_secret=False))
 
     async def ListProjects(
         self, request: cs.ListProjectsRequest, context: Ctx
@@ -122,13 +132,15 @@ class ConfigServicer(AccessRpcs, ForgeRpcs, cs_grpc.ConfigServiceServicer):
         )
         values = {m: _plain(getattr(request.values, m)) for m in request.update_mask}
         updated = replace(base, **values)
-        updated.validate(self.max_run_timeout)
+        updated.validate(self.max_run_timeout, self.forge_api_urls)
         changes = {k: v for k, v in asdict(updated).items() if k in values}
         project = await self.projects.update(account, current.id, changes)
+        details = "changed=" + ",".join(sorted(changes))
+        if "fork_secrets" in changes:
+            details += f" fork_secrets={_on_off(project.fork_secrets)}"
         await self.audit.record(
-            None, account, principal().name, "project.update", f"project {project.name}",
-            "changed=" + ",".join(sorted(changes)),
-        )  # fmt: skip
+            None, account, principal().name, "project.update", f"project {project.name}", details
+        )
         return cs.UpdateProjectResponse(project=convert.project_to_pb(project, with_secret=False))
 
     async def DeleteProject(
@@ -142,22 +154,33 @@ class ConfigServicer(AccessRpcs, ForgeRpcs, cs_grpc.ConfigServiceServicer):
         log.info("project deleted", extra={"project_id": project.id})
         return cs.DeleteProjectResponse()
 
+    async def RotateWebhookSecret(
+        self, request: cs.RotateWebhookSecretRequest, context: Ctx
+    ) -> cs.RotateWebhookSecretResponse:
+        account = account_of_caller()
+        async with self.db.transaction() as conn:
+            current = await self.projects.get_in(
+                conn, account, required("project", request.project)
+            )
+            project = await self.projects.rotate_webhook_secret(conn, account, current.id)
+            await self.audit.record(
+                conn, account, principal().name, "project.rotate_webhook_secret",
+                f"project {project.name}",
+            )  # fmt: skip
+        log.info("webhook secret rotated", extra={"project_id": project.id})
+        return cs.RotateWebhookSecretResponse(
+            project=convert.project_to_pb(project, with_secret=True)
+        )
+
     async def TriggerBuild(
         self, request: cs.TriggerBuildRequest, context: Ctx
     ) -> cs.TriggerBuildResponse:
-        account = account_of_caller()
-        project = await self.projects.get(account, required("project", request.project))
-        branch = request.branch or project.production_branch
-        proj.validate_branch("branch", branch)
-        if request.commit_sha:
-            proj.validate_commit_sha("commit_sha", request.commit_sha)
-            sha = request.commit_sha
-        else:
-            sha = await resolve_branch_head(project.repo_url, branch)
-        build_id = await self.lifecycle.queue(
-            project, branch=branch, commit_sha=sha, trigger="manual"
+        build = await self.services.builds.trigger(
+            principal(),
+            required("project", request.project),
+            branch=request.branch,
+            commit_sha=request.commit_sha,
         )
-        build = await self.builds.get(account, build_id)
         return cs.TriggerBuildResponse(build=convert.build_to_pb(build))
 
     async def PurgeCache(
@@ -179,45 +202,47 @@ class ConfigServicer(AccessRpcs, ForgeRpcs, cs_grpc.ConfigServiceServicer):
     async def ListBuilds(
         self, request: cs.ListBuildsRequest, context: Ctx
     ) -> cs.ListBuildsResponse:
-        account = account_of_caller()
-        if request.limit < 0 or request.limit > MAX_LIST:
-            raise InvalidArgument("limit", f"must be between 0 and {MAX_LIST}")
-        project_id = None
-        if request.project:
-            project_id = (await self.projects.get(account, request.project)).id
-        builds = await self.builds.list_for(account, project_id, request.limit or 50)
+        caller = principal()
+        status = convert.BUILD_STATUS_FROM_PB.get(request.status)
+        if status is None and request.status != pb.BUILD_STATUS_UNSPECIFIED:
+            raise InvalidArgument("status", f"{request.status} is not a build status")
+        filters = BuildFilter(
+            branch=request.branch, status=status.value if status else "", trigger=request.trigger
+        )
+        page = await self.services.builds.list(
+            caller,
+            request.project or None,
+            filters=filters,
+            limit=request.limit,
+            page_token=request.page_token,
+        )
         skipped = []
         if request.include_skipped:
-            skipped = await self.skipped_pushes(account, project_id, request.limit or 50)
+            pushes = await self.services.builds.skipped(
+                caller, request.project or None, request.limit
+            )
+            skipped = [convert.skipped_push_to_pb(p) for p in pushes]
         return cs.ListBuildsResponse(
-            builds=[convert.build_to_pb(b) for b in builds], skipped=skipped
+            builds=[convert.build_to_pb(b) for b in page.builds],
+            skipped=skipped,
+            next_page_token=page.next_page_token,
         )
 
     async def GetBuild(self, request: cs.GetBuildRequest, context: Ctx) -> cs.GetBuildResponse:
-        build = await self.builds.get(account_of_caller(), required("build_id", request.build_id))
+        build = await self.services.builds.get(principal(), required("build_id", request.build_id))
         return cs.GetBuildResponse(build=convert.build_to_pb(build))
 
     async def RetryBuild(
         self, request: cs.RetryBuildRequest, context: Ctx
     ) -> cs.RetryBuildResponse:
-        account = account_of_caller()
-        old = await self.builds.get(account, required("build_id", request.build_id))
-        if not old.status.final:
-            raise FailedPrecondition(
-                f"build is {old.status.value}; only a finished build can be retried"
-            )
-        project = await self.projects.get(account, old.project_id)
-        build_id = await self.lifecycle.queue(
-            project,
-            branch=old.branch,
-            commit_sha=old.commit_sha,
-            trigger="retry",
-            production=old.production,
-            retry_of=old.id,
+        build = await self.services.builds.retry(
+            principal(), required("build_id", request.build_id)
         )
-        log.info("retry of %s by %s", old.id, principal().name, extra={"build_id": build_id})
-        build = await self.builds.get(account, build_id)
         return cs.RetryBuildResponse(build=convert.build_to_pb(build))
+
+
+def _on_off(flag: bool) -> str:
+    return "on" if flag else "off"
 
 
 def _plain(value: Any) -> Any:

@@ -10,6 +10,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from control.domain.build import Build, BuildStatus, Step, StepStatus
 from control.domain.cache import effective_lockfiles, effective_paths
 from control.domain.project import Project
+from control.domain.runner import RunnerInfo
 from control.storage.hooks import DeployHook
 from control.storage.logs import StoredLine
 from control.storage.pushes import SkippedPush
@@ -86,6 +87,7 @@ def project_to_pb(project: Project, *, with_secret: bool) -> pb.Project:
         cache_lockfiles=list(effective_lockfiles(project.cache_lockfiles)),
         cache_paths=list(effective_paths(project.cache_paths)),
         cache_generation=project.cache_generation,
+        fork_secrets=project.fork_secrets,
     )
     timestamp(project.created_at, msg.created_at)
     timestamp(project.updated_at, msg.updated_at)
@@ -125,6 +127,22 @@ def build_to_pb(build: Build) -> pb.Build:
     timestamp(build.running_at, msg.running_at)
     timestamp(build.finished_at, msg.finished_at)
     return msg
+
+
+def runner_to_pb(runner: RunnerInfo) -> cs.Runner:
+    out = cs.Runner(
+        id=runner.id,
+        name=runner.name,
+        labels=runner.labels,
+        launcher=runner.launcher,
+        capacity=runner.capacity,
+        busy=runner.busy,
+        connected=runner.connected,
+        draining=runner.draining,
+    )
+    timestamp(runner.connected_at, out.connected_at)
+    timestamp(runner.last_seen_at, out.last_seen_at)
+    return out
 
 
 def line_to_pb(line: StoredLine) -> pb.LogLine:

@@ -36,19 +36,22 @@ _SCHED = "/conveyor.v1.SchedulerService/"
 _BM = "/conveyor.v1.BuildManager/"
 _RUNNER = "/conveyor.v1.RunnerService/"
 
-# What each method needs: a user scope, "internal" (this process or an admin),
-# "runner" (a runner token) or "build" (the build's own token, checked by the
-# handler against the build it names).
+# What each method needs: a user scope, "internal" (the control plane's own
+# credential, never a user token whatever its scopes: the scheduler's RPCs
+# bypass accounts and limits), "runner" (a runner token) or "build" (the
+# build's own token, checked by the handler against the build it names).
 ACCESS: dict[str, str] = {
     _CONFIG + "CreateProject": "write",
     _CONFIG + "GetProject": "read",
     _CONFIG + "ListProjects": "read",
     _CONFIG + "UpdateProject": "write",
     _CONFIG + "DeleteProject": "write",
+    _CONFIG + "RotateWebhookSecret": "admin",
     _CONFIG + "TriggerBuild": "write",
     _CONFIG + "ListBuilds": "read",
     _CONFIG + "GetBuild": "read",
     _CONFIG + "RetryBuild": "write",
+    _CONFIG + "ListRunners": "read",
     _CONFIG + "PurgeCache": "write",
     _CONFIG + "SetEnvVar": "write",
     _CONFIG + "UnsetEnvVar": "write",
@@ -67,6 +70,7 @@ ACCESS: dict[str, str] = {
     _BM + "StartBuild": "internal",
     _BM + "CancelBuild": "write",
     _BM + "StreamLogs": "read",
+    _BM + "ReadLogs": "read",
     _RUNNER + "Connect": "runner",
     _RUNNER + "ReportStatus": "build",
     _RUNNER + "AppendLogs": "build",
@@ -131,9 +135,9 @@ def _check(method: str, who: Principal | None, token: str) -> Principal:
             raise PermissionDenied("this call needs a runner token")
         return who
     if need == "internal":
-        if who.kind == "internal" or {"admin", "system"} & who.scopes:
+        if who.kind == "internal":
             return who
-        raise PermissionDenied("this call is for the control plane itself or an admin token")
+        raise PermissionDenied("this call is for the control plane itself")
     if who.kind == "internal":
         return who
     if who.kind != "user":

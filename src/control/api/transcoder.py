@@ -154,11 +154,14 @@ def routes_of(services: dict[ServiceDescriptor, object]) -> list[Route]:
 class ApiError(Exception):
     """An error answered as JSON with an HTTP status."""
 
-    def __init__(self, code: grpc.StatusCode, message: str, field: str = "") -> None:
+    def __init__(
+        self, code: grpc.StatusCode, message: str, field: str = "", http_status: int = 0
+    ) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.field = field
+        self.http_status = http_status or HTTP_STATUS.get(code, 500)
 
     @classmethod
     def of(cls, exc: ConveyorError) -> ApiError:
@@ -169,7 +172,7 @@ class ApiError(Exception):
         body: dict[str, str] = {"code": self.code.name, "message": self.message}
         if self.field:
             body["field"] = self.field
-        return web.json_response(body, status=HTTP_STATUS.get(self.code, 500))
+        return web.json_response(body, status=self.http_status)
 
 
 def _bad(field: str, reason: str) -> ApiError:
@@ -267,6 +270,7 @@ class Transcoder:
                 raise ApiError(
                     grpc.StatusCode.UNIMPLEMENTED,
                     f"{verb} is not allowed on {path}; use {', '.join(sorted(verbs))}",
+                    http_status=405,
                 )
             raise ApiError(grpc.StatusCode.NOT_FOUND, f"no API method at {verb} {path}")
         for route, params in found:
@@ -463,8 +467,11 @@ class Transcoder:
         return producer, item
 
 
-def _to_json(message: Message) -> dict[str, Any]:
-    return json_format.MessageToDict(message, always_print_fields_with_no_presence=True)
+def _to_json(message: Message, *, defaults: bool = True) -> dict[str, Any]:
+    """The proto3 JSON form. Responses spell out fields at their default
+    value (a client sees every field); stream events leave them out, so an
+    event holds only what it carries (a log page, or the final status)."""
+    return json_format.MessageToDict(message, always_print_fields_with_no_presence=defaults)
 
 
 def _dumps(value: object) -> str:
@@ -472,7 +479,7 @@ def _dumps(value: object) -> str:
 
 
 def _event(message: Message) -> bytes:
-    data = _dumps(_to_json(message))
+    data = _dumps(_to_json(message, defaults=False))
     cursor = getattr(message, "cursor", "")
     head = f"id: {cursor}\n" if isinstance(cursor, str) and cursor else ""
     return f"{head}data: {data}\n\n".encode()

@@ -179,6 +179,12 @@ class BuildService:
                 f"build is {old.status.value}; only a finished build can be retried"
             )
         project = await self.projects.get(account, old.project_id)
+        async with self.pushes.db.connection() as conn:
+            fork = await self.pushes.is_fork_build(conn, old.id)
+        if fork:
+            # The retry is the fork's too: no secrets, no deploy, as the
+            # original got.
+            project = proj.without_fork_privileges(project)
         new_id = await self.lifecycle.queue(
             project,
             branch=old.branch,

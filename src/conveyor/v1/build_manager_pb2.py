@@ -23,9 +23,10 @@ _sym_db = _symbol_database.Default()
 
 
 from conveyor.v1 import types_pb2 as conveyor_dot_v1_dot_types__pb2
+from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x63onveyor/v1/build_manager.proto\x12\x0b\x63onveyor.v1\x1a\x17\x63onveyor/v1/types.proto\"K\n\x11StartBuildRequest\x12\x19\n\x08\x62uild_id\x18\x01 \x01(\tR\x07\x62uildId\x12\x1b\n\tbuild_ids\x18\x02 \x03(\tR\x08\x62uildIds\"\xcf\x01\n\x12StartBuildResponse\x12\x18\n\x07started\x18\x01 \x01(\x08R\x07started\x12\x1b\n\trunner_id\x18\x02 \x01(\tR\x08runnerId\x12\x46\n\x07runners\x18\x03 \x03(\x0b\x32,.conveyor.v1.StartBuildResponse.RunnersEntryR\x07runners\x1a:\n\x0cRunnersEntry\x12\x10\n\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n\x05value\x18\x02 \x01(\tR\x05value:\x02\x38\x01\"/\n\x12\x43\x61ncelBuildRequest\x12\x19\n\x08\x62uild_id\x18\x01 \x01(\tR\x07\x62uildId\"?\n\x13\x43\x61ncelBuildResponse\x12(\n\x05\x62uild\x18\x01 \x01(\x0b\x32\x12.conveyor.v1.BuildR\x05\x62uild\"v\n\x11StreamLogsRequest\x12\x19\n\x08\x62uild_id\x18\x01 \x01(\tR\x07\x62uildId\x12\x16\n\x06\x63ursor\x18\x02 \x01(\tR\x06\x63ursor\x12\x16\n\x06\x66ollow\x18\x03 \x01(\x08R\x06\x66ollow\x12\x16\n\x06packed\x18\x04 \x01(\x08R\x06packed\"\xc1\x01\n\x12StreamLogsResponse\x12*\n\x05lines\x18\x01 \x03(\x0b\x32\x14.conveyor.v1.LogLineR\x05lines\x12\x16\n\x06\x63ursor\x18\x02 \x01(\tR\x06\x63ursor\x12\x30\n\x06status\x18\x03 \x01(\x0e\x32\x18.conveyor.v1.BuildStatusR\x06status\x12\x16\n\x06packed\x18\x04 \x01(\x0cR\x06packed\x12\x1d\n\nfirst_line\x18\x05 \x01(\x03R\tfirstLine2\x80\x02\n\x0c\x42uildManager\x12M\n\nStartBuild\x12\x1e.conveyor.v1.StartBuildRequest\x1a\x1f.conveyor.v1.StartBuildResponse\x12P\n\x0b\x43\x61ncelBuild\x12\x1f.conveyor.v1.CancelBuildRequest\x1a .conveyor.v1.CancelBuildResponse\x12O\n\nStreamLogs\x12\x1e.conveyor.v1.StreamLogsRequest\x1a\x1f.conveyor.v1.StreamLogsResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x63onveyor/v1/build_manager.proto\x12\x0b\x63onveyor.v1\x1a\x17\x63onveyor/v1/types.proto\x1a\x1cgoogle/api/annotations.proto\"n\n\x0fReadLogsRequest\x12\x19\n\x08\x62uild_id\x18\x01 \x01(\tR\x07\x62uildId\x12\x16\n\x06\x63ursor\x18\x02 \x01(\tR\x06\x63ursor\x12\x14\n\x05limit\x18\x03 \x01(\x05R\x05limit\x12\x12\n\x04tail\x18\x04 \x01(\x05R\x04tail\"\xc3\x01\n\x10ReadLogsResponse\x12*\n\x05lines\x18\x01 \x03(\x0b\x32\x14.conveyor.v1.LogLineR\x05lines\x12\x16\n\x06\x63ursor\x18\x02 \x01(\tR\x06\x63ursor\x12\x1d\n\nfirst_line\x18\x03 \x01(\x03R\tfirstLine\x12\x30\n\x06status\x18\x04 \x01(\x0e\x32\x18.conveyor.v1.BuildStatusR\x06status\x12\x1a\n\x08\x63omplete\x18\x05 \x01(\x08R\x08\x63omplete\"K\n\x11StartBuildRequest\x12\x19\n\x08\x62uild_id\x18\x01 \x01(\tR\x07\x62uildId\x12\x1b\n\tbuild_ids\x18\x02 \x03(\tR\x08\x62uildIds\"\xcf\x01\n\x12StartBuildResponse\x12\x18\n\x07started\x18\x01 \x01(\x08R\x07started\x12\x1b\n\trunner_id\x18\x02 \x01(\tR\x08runnerId\x12\x46\n\x07runners\x18\x03 \x03(\x0b\x32,.conveyor.v1.StartBuildResponse.RunnersEntryR\x07runners\x1a:\n\x0cRunnersEntry\x12\x10\n\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n\x05value\x18\x02 \x01(\tR\x05value:\x02\x38\x01\"/\n\x12\x43\x61ncelBuildRequest\x12\x19\n\x08\x62uild_id\x18\x01 \x01(\tR\x07\x62uildId\"?\n\x13\x43\x61ncelBuildResponse\x12(\n\x05\x62uild\x18\x01 \x01(\x0b\x32\x12.conveyor.v1.BuildR\x05\x62uild\"v\n\x11StreamLogsRequest\x12\x19\n\x08\x62uild_id\x18\x01 \x01(\tR\x07\x62uildId\x12\x16\n\x06\x63ursor\x18\x02 \x01(\tR\x06\x63ursor\x12\x16\n\x06\x66ollow\x18\x03 \x01(\x08R\x06\x66ollow\x12\x16\n\x06packed\x18\x04 \x01(\x08R\x06packed\"\xc1\x01\n\x12StreamLogsResponse\x12*\n\x05lines\x18\x01 \x03(\x0b\x32\x14.conveyor.v1.LogLineR\x05lines\x12\x16\n\x06\x63ursor\x18\x02 \x01(\tR\x06\x63ursor\x12\x30\n\x06status\x18\x03 \x01(\x0e\x32\x18.conveyor.v1.BuildStatusR\x06status\x12\x16\n\x06packed\x18\x04 \x01(\x0cR\x06packed\x12\x1d\n\nfirst_line\x18\x05 \x01(\x03R\tfirstLine2\xc6\x03\n\x0c\x42uildManager\x12M\n\nStartBuild\x12\x1e.conveyor.v1.StartBuildRequest\x1a\x1f.conveyor.v1.StartBuildResponse\x12}\n\x0b\x43\x61ncelBuild\x12\x1f.conveyor.v1.CancelBuildRequest\x1a .conveyor.v1.CancelBuildResponse\"+\x82\xd3\xe4\x93\x02%\" /api/v1/builds/{build_id}:cancel:\x01*\x12w\n\nStreamLogs\x12\x1e.conveyor.v1.StreamLogsRequest\x1a\x1f.conveyor.v1.StreamLogsResponse\"&\x82\xd3\xe4\x93\x02 \x12\x1e/api/v1/builds/{build_id}/logs0\x01\x12o\n\x08ReadLogs\x12\x1c.conveyor.v1.ReadLogsRequest\x1a\x1d.conveyor.v1.ReadLogsResponse\"&\x82\xd3\xe4\x93\x02 \x12\x1e/api/v1/builds/{build_id}/logsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,20 +35,30 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_STARTBUILDRESPONSE_RUNNERSENTRY']._loaded_options = None
   _globals['_STARTBUILDRESPONSE_RUNNERSENTRY']._serialized_options = b'8\001'
-  _globals['_STARTBUILDREQUEST']._serialized_start=73
-  _globals['_STARTBUILDREQUEST']._serialized_end=148
-  _globals['_STARTBUILDRESPONSE']._serialized_start=151
-  _globals['_STARTBUILDRESPONSE']._serialized_end=358
-  _globals['_STARTBUILDRESPONSE_RUNNERSENTRY']._serialized_start=300
-  _globals['_STARTBUILDRESPONSE_RUNNERSENTRY']._serialized_end=358
-  _globals['_CANCELBUILDREQUEST']._serialized_start=360
-  _globals['_CANCELBUILDREQUEST']._serialized_end=407
-  _globals['_CANCELBUILDRESPONSE']._serialized_start=409
-  _globals['_CANCELBUILDRESPONSE']._serialized_end=472
-  _globals['_STREAMLOGSREQUEST']._serialized_start=474
-  _globals['_STREAMLOGSREQUEST']._serialized_end=592
-  _globals['_STREAMLOGSRESPONSE']._serialized_start=595
-  _globals['_STREAMLOGSRESPONSE']._serialized_end=788
-  _globals['_BUILDMANAGER']._serialized_start=791
-  _globals['_BUILDMANAGER']._serialized_end=1047
+  _globals['_BUILDMANAGER'].methods_by_name['CancelBuild']._loaded_options = None
+  _globals['_BUILDMANAGER'].methods_by_name['CancelBuild']._serialized_options = b'\202\323\344\223\002%\" /api/v1/builds/{build_id}:cancel:\001*'
+  _globals['_BUILDMANAGER'].methods_by_name['StreamLogs']._loaded_options = None
+  _globals['_BUILDMANAGER'].methods_by_name['StreamLogs']._serialized_options = b'\202\323\344\223\002 \022\036/api/v1/builds/{build_id}/logs'
+  _globals['_BUILDMANAGER'].methods_by_name['ReadLogs']._loaded_options = None
+  _globals['_BUILDMANAGER'].methods_by_name['ReadLogs']._serialized_options = b'\202\323\344\223\002 \022\036/api/v1/builds/{build_id}/logs'
+  _globals['_READLOGSREQUEST']._serialized_start=103
+  _globals['_READLOGSREQUEST']._serialized_end=213
+  _globals['_READLOGSRESPONSE']._serialized_start=216
+  _globals['_READLOGSRESPONSE']._serialized_end=411
+  _globals['_STARTBUILDREQUEST']._serialized_start=413
+  _globals['_STARTBUILDREQUEST']._serialized_end=488
+  _globals['_STARTBUILDRESPONSE']._serialized_start=491
+  _globals['_STARTBUILDRESPONSE']._serialized_end=698
+  _globals['_STARTBUILDRESPONSE_RUNNERSENTRY']._serialized_start=640
+  _globals['_STARTBUILDRESPONSE_RUNNERSENTRY']._serialized_end=698
+  _globals['_CANCELBUILDREQUEST']._serialized_start=700
+  _globals['_CANCELBUILDREQUEST']._serialized_end=747
+  _globals['_CANCELBUILDRESPONSE']._serialized_start=749
+  _globals['_CANCELBUILDRESPONSE']._serialized_end=812
+  _globals['_STREAMLOGSREQUEST']._serialized_start=814
+  _globals['_STREAMLOGSREQUEST']._serialized_end=932
+  _globals['_STREAMLOGSRESPONSE']._serialized_start=935
+  _globals['_STREAMLOGSRESPONSE']._serialized_end=1128
+  _globals['_BUILDMANAGER']._serialized_start=1131
+  _globals['_BUILDMANAGER']._serialized_end=1585
 # @@protoc_insertion_point(module_scope)

@@ -20,6 +20,84 @@ else:
 DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
+class ReadLogsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BUILD_ID_FIELD_NUMBER: _builtins.int
+    CURSOR_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    TAIL_FIELD_NUMBER: _builtins.int
+    build_id: _builtins.str
+    cursor: _builtins.str
+    """cursor is opaque (from a LogLine page or a stream); empty means from
+    the first line.
+    """
+    limit: _builtins.int
+    """limit is the most lines to return: 0 means 1,000; more than 10,000 is
+    refused.
+    """
+    tail: _builtins.int
+    """tail, when set, returns the last tail lines instead (cursor ignored);
+    at most 10,000.
+    """
+    def __init__(
+        self,
+        *,
+        build_id: _builtins.str = ...,
+        cursor: _builtins.str = ...,
+        limit: _builtins.int = ...,
+        tail: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["build_id", b"build_id", "cursor", b"cursor", "limit", b"limit", "tail", b"tail"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReadLogsRequest: _TypeAlias = ReadLogsRequest  # noqa: Y015
+
+@_typing.final
+class ReadLogsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LINES_FIELD_NUMBER: _builtins.int
+    CURSOR_FIELD_NUMBER: _builtins.int
+    FIRST_LINE_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    COMPLETE_FIELD_NUMBER: _builtins.int
+    cursor: _builtins.str
+    """cursor resumes right after the last line returned (or stays where the
+    request's was when none was).
+    """
+    first_line: _builtins.int
+    """first_line is the number of the first line returned (lines count from
+    1); 0 when none was.
+    """
+    status: _types_pb2.BuildStatus.ValueType
+    """status is the build's status when the page was read; complete is true
+    when the build is final and no line follows this page.
+    """
+    complete: _builtins.bool
+    @_builtins.property
+    def lines(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.LogLine]: ...
+    def __init__(
+        self,
+        *,
+        lines: _abc.Iterable[_types_pb2.LogLine] | None = ...,
+        cursor: _builtins.str = ...,
+        first_line: _builtins.int = ...,
+        status: _types_pb2.BuildStatus.ValueType = ...,
+        complete: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["complete", b"complete", "cursor", b"cursor", "first_line", b"first_line", "lines", b"lines", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReadLogsResponse: _TypeAlias = ReadLogsResponse  # noqa: Y015
+
+@_typing.final
 class StartBuildRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -51,6 +51,11 @@ class BuildManagerStub:
                 request_serializer=conveyor_dot_v1_dot_build__manager__pb2.StreamLogsRequest.SerializeToString,
                 response_deserializer=conveyor_dot_v1_dot_build__manager__pb2.StreamLogsResponse.FromString,
                 _registered_method=True)
+        self.ReadLogs = channel.unary_unary(
+                '/conveyor.v1.BuildManager/ReadLogs',
+                request_serializer=conveyor_dot_v1_dot_build__manager__pb2.ReadLogsRequest.SerializeToString,
+                response_deserializer=conveyor_dot_v1_dot_build__manager__pb2.ReadLogsResponse.FromString,
+                _registered_method=True)
 
 
 class BuildManagerServicer:
@@ -74,7 +79,19 @@ class BuildManagerServicer:
 
     def StreamLogs(self, request, context):
         """StreamLogs returns the stored lines after the cursor, then, with follow,
-        live lines until the build is final. No gap and no duplicate.
+        live lines until the build is final. No gap and no duplicate. Over HTTP
+        it is Server-Sent Events (Accept: text/event-stream), each event's id
+        the cursor after it, so Last-Event-ID resumes with no gap.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReadLogs(self, request, context):
+        """ReadLogs returns one page of stored lines: after the cursor, or the
+        last tail lines, with the build's status and whether the log is
+        complete. Over HTTP it answers the same path as StreamLogs unless the
+        client asks for text/event-stream.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -97,6 +114,11 @@ def add_BuildManagerServicer_to_server(servicer, server):
                     servicer.StreamLogs,
                     request_deserializer=conveyor_dot_v1_dot_build__manager__pb2.StreamLogsRequest.FromString,
                     response_serializer=conveyor_dot_v1_dot_build__manager__pb2.StreamLogsResponse.SerializeToString,
+            ),
+            'ReadLogs': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReadLogs,
+                    request_deserializer=conveyor_dot_v1_dot_build__manager__pb2.ReadLogsRequest.FromString,
+                    response_serializer=conveyor_dot_v1_dot_build__manager__pb2.ReadLogsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -182,6 +204,33 @@ class BuildManager:
             '/conveyor.v1.BuildManager/StreamLogs',
             conveyor_dot_v1_dot_build__manager__pb2.StreamLogsRequest.SerializeToString,
             conveyor_dot_v1_dot_build__manager__pb2.StreamLogsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReadLogs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/conveyor.v1.BuildManager/ReadLogs',
+            conveyor_dot_v1_dot_build__manager__pb2.ReadLogsRequest.SerializeToString,
+            conveyor_dot_v1_dot_build__manager__pb2.ReadLogsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -42,7 +42,15 @@ class BuildManagerStub:
     CancelBuild: _grpc.UnaryUnaryMultiCallable[_build_manager_pb2.CancelBuildRequest, _build_manager_pb2.CancelBuildResponse]
     StreamLogs: _grpc.UnaryStreamMultiCallable[_build_manager_pb2.StreamLogsRequest, _build_manager_pb2.StreamLogsResponse]
     """StreamLogs returns the stored lines after the cursor, then, with follow,
-    live lines until the build is final. No gap and no duplicate.
+    live lines until the build is final. No gap and no duplicate. Over HTTP
+    it is Server-Sent Events (Accept: text/event-stream), each event's id
+    the cursor after it, so Last-Event-ID resumes with no gap.
+    """
+    ReadLogs: _grpc.UnaryUnaryMultiCallable[_build_manager_pb2.ReadLogsRequest, _build_manager_pb2.ReadLogsResponse]
+    """ReadLogs returns one page of stored lines: after the cursor, or the
+    last tail lines, with the build's status and whether the log is
+    complete. Over HTTP it answers the same path as StreamLogs unless the
+    client asks for text/event-stream.
     """
 
 @_typing.type_check_only
@@ -59,7 +67,15 @@ class BuildManagerAsyncStub(BuildManagerStub):
     CancelBuild: _aio.UnaryUnaryMultiCallable[_build_manager_pb2.CancelBuildRequest, _build_manager_pb2.CancelBuildResponse]  # type: ignore[assignment]
     StreamLogs: _aio.UnaryStreamMultiCallable[_build_manager_pb2.StreamLogsRequest, _build_manager_pb2.StreamLogsResponse]  # type: ignore[assignment]
     """StreamLogs returns the stored lines after the cursor, then, with follow,
-    live lines until the build is final. No gap and no duplicate.
+    live lines until the build is final. No gap and no duplicate. Over HTTP
+    it is Server-Sent Events (Accept: text/event-stream), each event's id
+    the cursor after it, so Last-Event-ID resumes with no gap.
+    """
+    ReadLogs: _aio.UnaryUnaryMultiCallable[_build_manager_pb2.ReadLogsRequest, _build_manager_pb2.ReadLogsResponse]  # type: ignore[assignment]
+    """ReadLogs returns one page of stored lines: after the cursor, or the
+    last tail lines, with the build's status and whether the log is
+    complete. Over HTTP it answers the same path as StreamLogs unless the
+    client asks for text/event-stream.
     """
 
 class BuildManagerServicer(metaclass=_abc_1.ABCMeta):
@@ -91,7 +107,21 @@ class BuildManagerServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_build_manager_pb2.StreamLogsResponse], _abc.AsyncIterator[_build_manager_pb2.StreamLogsResponse]]:
         """StreamLogs returns the stored lines after the cursor, then, with follow,
-        live lines until the build is final. No gap and no duplicate.
+        live lines until the build is final. No gap and no duplicate. Over HTTP
+        it is Server-Sent Events (Accept: text/event-stream), each event's id
+        the cursor after it, so Last-Event-ID resumes with no gap.
+        """
+
+    @_abc_1.abstractmethod
+    def ReadLogs(
+        self,
+        request: _build_manager_pb2.ReadLogsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_build_manager_pb2.ReadLogsResponse, _abc.Awaitable[_build_manager_pb2.ReadLogsResponse]]:
+        """ReadLogs returns one page of stored lines: after the cursor, or the
+        last tail lines, with the build's status and whether the log is
+        complete. Over HTTP it answers the same path as StreamLogs unless the
+        client asks for text/event-stream.
         """
 
 def add_BuildManagerServicer_to_server(servicer: BuildManagerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -385,11 +385,30 @@ class ListBuildsRequest(_message.Message):
     PROJECT_FIELD_NUMBER: _builtins.int
     LIMIT_FIELD_NUMBER: _builtins.int
     INCLUDE_SKIPPED_FIELD_NUMBER: _builtins.int
+    BRANCH_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    TRIGGER_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     project: _builtins.str
+    """project is a project's id or name; empty lists every project of the
+    caller's account.
+    """
     limit: _builtins.int
+    """limit is the page size: 0 means 50; more than 500 is refused."""
     include_skipped: _builtins.bool
     """include_skipped also returns the pushes that did not build (at most
     limit of them), each with its reason.
+    """
+    branch: _builtins.str
+    """branch, status and trigger keep only builds that match exactly; empty
+    (or BUILD_STATUS_UNSPECIFIED) matches every build. trigger is one of
+    "push", "pull_request", "manual", "retry", "hook".
+    """
+    status: _types_pb2.BuildStatus.ValueType
+    trigger: _builtins.str
+    page_token: _builtins.str
+    """page_token is a previous response's next_page_token; empty is the
+    first (newest) page.
     """
     def __init__(
         self,
@@ -397,10 +416,14 @@ class ListBuildsRequest(_message.Message):
         project: _builtins.str = ...,
         limit: _builtins.int = ...,
         include_skipped: _builtins.bool = ...,
+        branch: _builtins.str = ...,
+        status: _types_pb2.BuildStatus.ValueType = ...,
+        trigger: _builtins.str = ...,
+        page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["include_skipped", b"include_skipped", "limit", b"limit", "project", b"project"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["branch", b"branch", "include_skipped", b"include_skipped", "limit", b"limit", "page_token", b"page_token", "project", b"project", "status", b"status", "trigger", b"trigger"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -412,8 +435,13 @@ class ListBuildsResponse(_message.Message):
 
     BUILDS_FIELD_NUMBER: _builtins.int
     SKIPPED_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """next_page_token fetches the next (older) page; empty on the last page."""
     @_builtins.property
-    def builds(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.Build]: ...
+    def builds(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.Build]:
+        """builds are newest first."""
+
     @_builtins.property
     def skipped(self) -> _containers.RepeatedCompositeFieldContainer[Global___SkippedPush]: ...
     def __init__(
@@ -421,14 +449,122 @@ class ListBuildsResponse(_message.Message):
         *,
         builds: _abc.Iterable[_types_pb2.Build] | None = ...,
         skipped: _abc.Iterable[Global___SkippedPush] | None = ...,
+        next_page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["builds", b"builds", "skipped", b"skipped"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["builds", b"builds", "next_page_token", b"next_page_token", "skipped", b"skipped"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListBuildsResponse: _TypeAlias = ListBuildsResponse  # noqa: Y015
+
+@_typing.final
+class ListRunnersRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListRunnersRequest: _TypeAlias = ListRunnersRequest  # noqa: Y015
+
+@_typing.final
+class Runner(_message.Message):
+    """Runner is one registered runner agent."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    LABELS_FIELD_NUMBER: _builtins.int
+    LAUNCHER_FIELD_NUMBER: _builtins.int
+    CAPACITY_FIELD_NUMBER: _builtins.int
+    BUSY_FIELD_NUMBER: _builtins.int
+    CONNECTED_FIELD_NUMBER: _builtins.int
+    DRAINING_FIELD_NUMBER: _builtins.int
+    CONNECTED_AT_FIELD_NUMBER: _builtins.int
+    LAST_SEEN_AT_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    name: _builtins.str
+    launcher: _builtins.str
+    """launcher is "local" or "nomad"."""
+    capacity: _builtins.int
+    """capacity is the number of builds the runner runs at once; busy how many
+    it holds now.
+    """
+    busy: _builtins.int
+    connected: _builtins.bool
+    draining: _builtins.bool
+    """draining is a connected runner finishing its builds that takes no new
+    ones.
+    """
+    @_builtins.property
+    def labels(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def connected_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def last_seen_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        name: _builtins.str = ...,
+        labels: _abc.Iterable[_builtins.str] | None = ...,
+        launcher: _builtins.str = ...,
+        capacity: _builtins.int = ...,
+        busy: _builtins.int = ...,
+        connected: _builtins.bool = ...,
+        draining: _builtins.bool = ...,
+        connected_at: _timestamp_pb2.Timestamp | None = ...,
+        last_seen_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["connected_at", b"connected_at", "last_seen_at", b"last_seen_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["busy", b"busy", "capacity", b"capacity", "connected", b"connected", "connected_at", b"connected_at", "draining", b"draining", "id", b"id", "labels", b"labels", "last_seen_at", b"last_seen_at", "launcher", b"launcher", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Runner: _TypeAlias = Runner  # noqa: Y015
+
+@_typing.final
+class ListRunnersResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUNNERS_FIELD_NUMBER: _builtins.int
+    QUEUED_FIELD_NUMBER: _builtins.int
+    ACTIVE_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    queued: _builtins.int
+    """queued counts the caller's account's builds waiting for a slot, active
+    those holding one, limit its concurrency limit.
+    """
+    active: _builtins.int
+    limit: _builtins.int
+    @_builtins.property
+    def runners(self) -> _containers.RepeatedCompositeFieldContainer[Global___Runner]:
+        """runners are connected ones first, then by name."""
+
+    def __init__(
+        self,
+        *,
+        runners: _abc.Iterable[Global___Runner] | None = ...,
+        queued: _builtins.int = ...,
+        active: _builtins.int = ...,
+        limit: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active", b"active", "limit", b"limit", "queued", b"queued", "runners", b"runners"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListRunnersResponse: _TypeAlias = ListRunnersResponse  # noqa: Y015
 
 @_typing.final
 class SkippedPush(_message.Message):

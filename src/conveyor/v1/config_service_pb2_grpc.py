@@ -86,6 +86,11 @@ class ConfigServiceStub:
                 request_serializer=conveyor_dot_v1_dot_config__service__pb2.RetryBuildRequest.SerializeToString,
                 response_deserializer=conveyor_dot_v1_dot_config__service__pb2.RetryBuildResponse.FromString,
                 _registered_method=True)
+        self.ListRunners = channel.unary_unary(
+                '/conveyor.v1.ConfigService/ListRunners',
+                request_serializer=conveyor_dot_v1_dot_config__service__pb2.ListRunnersRequest.SerializeToString,
+                response_deserializer=conveyor_dot_v1_dot_config__service__pb2.ListRunnersResponse.FromString,
+                _registered_method=True)
         self.PurgeCache = channel.unary_unary(
                 '/conveyor.v1.ConfigService/PurgeCache',
                 request_serializer=conveyor_dot_v1_dot_config__service__pb2.PurgeCacheRequest.SerializeToString,
@@ -217,6 +222,15 @@ class ConfigServiceServicer:
 
     def RetryBuild(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListRunners(self, request, context):
+        """ListRunners shows the build fleet (every runner of the installation:
+        labels, capacity, busy slots, last heartbeat, draining) and the
+        caller's account's queue.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -362,6 +376,11 @@ def add_ConfigServiceServicer_to_server(servicer, server):
                     servicer.RetryBuild,
                     request_deserializer=conveyor_dot_v1_dot_config__service__pb2.RetryBuildRequest.FromString,
                     response_serializer=conveyor_dot_v1_dot_config__service__pb2.RetryBuildResponse.SerializeToString,
+            ),
+            'ListRunners': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListRunners,
+                    request_deserializer=conveyor_dot_v1_dot_config__service__pb2.ListRunnersRequest.FromString,
+                    response_serializer=conveyor_dot_v1_dot_config__service__pb2.ListRunnersResponse.SerializeToString,
             ),
             'PurgeCache': grpc.unary_unary_rpc_method_handler(
                     servicer.PurgeCache,
@@ -701,6 +720,33 @@ class ConfigService:
             '/conveyor.v1.ConfigService/RetryBuild',
             conveyor_dot_v1_dot_config__service__pb2.RetryBuildRequest.SerializeToString,
             conveyor_dot_v1_dot_config__service__pb2.RetryBuildResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListRunners(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/conveyor.v1.ConfigService/ListRunners',
+            conveyor_dot_v1_dot_config__service__pb2.ListRunnersRequest.SerializeToString,
+            conveyor_dot_v1_dot_config__service__pb2.ListRunnersResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -49,6 +49,11 @@ class ConfigServiceStub:
     ListBuilds: _grpc.UnaryUnaryMultiCallable[_config_service_pb2.ListBuildsRequest, _config_service_pb2.ListBuildsResponse]
     GetBuild: _grpc.UnaryUnaryMultiCallable[_config_service_pb2.GetBuildRequest, _config_service_pb2.GetBuildResponse]
     RetryBuild: _grpc.UnaryUnaryMultiCallable[_config_service_pb2.RetryBuildRequest, _config_service_pb2.RetryBuildResponse]
+    ListRunners: _grpc.UnaryUnaryMultiCallable[_config_service_pb2.ListRunnersRequest, _config_service_pb2.ListRunnersResponse]
+    """ListRunners shows the build fleet (every runner of the installation:
+    labels, capacity, busy slots, last heartbeat, draining) and the
+    caller's account's queue.
+    """
     PurgeCache: _grpc.UnaryUnaryMultiCallable[_config_service_pb2.PurgeCacheRequest, _config_service_pb2.PurgeCacheResponse]
     """PurgeCache starts a new cache generation for a project: its builds stop
     restoring what earlier builds saved, and runners collect the old
@@ -99,6 +104,11 @@ class ConfigServiceAsyncStub(ConfigServiceStub):
     ListBuilds: _aio.UnaryUnaryMultiCallable[_config_service_pb2.ListBuildsRequest, _config_service_pb2.ListBuildsResponse]  # type: ignore[assignment]
     GetBuild: _aio.UnaryUnaryMultiCallable[_config_service_pb2.GetBuildRequest, _config_service_pb2.GetBuildResponse]  # type: ignore[assignment]
     RetryBuild: _aio.UnaryUnaryMultiCallable[_config_service_pb2.RetryBuildRequest, _config_service_pb2.RetryBuildResponse]  # type: ignore[assignment]
+    ListRunners: _aio.UnaryUnaryMultiCallable[_config_service_pb2.ListRunnersRequest, _config_service_pb2.ListRunnersResponse]  # type: ignore[assignment]
+    """ListRunners shows the build fleet (every runner of the installation:
+    labels, capacity, busy slots, last heartbeat, draining) and the
+    caller's account's queue.
+    """
     PurgeCache: _aio.UnaryUnaryMultiCallable[_config_service_pb2.PurgeCacheRequest, _config_service_pb2.PurgeCacheResponse]  # type: ignore[assignment]
     """PurgeCache starts a new cache generation for a project: its builds stop
     restoring what earlier builds saved, and runners collect the old
@@ -206,6 +216,17 @@ class ConfigServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _config_service_pb2.RetryBuildRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_config_service_pb2.RetryBuildResponse, _abc.Awaitable[_config_service_pb2.RetryBuildResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def ListRunners(
+        self,
+        request: _config_service_pb2.ListRunnersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_config_service_pb2.ListRunnersResponse, _abc.Awaitable[_config_service_pb2.ListRunnersResponse]]:
+        """ListRunners shows the build fleet (every runner of the installation:
+        labels, capacity, busy slots, last heartbeat, draining) and the
+        caller's account's queue.
+        """
 
     @_abc_1.abstractmethod
     def PurgeCache(
