@@ -1,0 +1,283 @@
+// The build page's log: the last lines come with the page, earlier ranges
+// load on demand, new lines arrive over the API's event stream (or, if the
+// stream cannot open, by polling), ANSI colours become classes, every line
+// has an anchor (#L123), and the view follows the end until the reader
+// scrolls up.
+
+import { AnsiUp } from "../vendor/ansi_up/ansi_up.js";
+import { refresh } from "./live.js";
+
+const RANGE = 2000;
+const MAX_DOM_LINES = 20000;
+const POLL_MS = 1000;
+const ANSI_CLASS = /^ansi-[a-z-]+-(fg|bg)$/;
+const RGB = /^rgb\(\d{1,3},\s*\d{1,3},\s*\d{1,3}\)$/;
+
+const dataEl = document.getElementById("log-data");
+const view = document.getElementById("log");
+const countEl = document.getElementById("log-count");
+const earlierBtn = document.getElementById("log-earlier");
+const followBtn = document.getElementById("log-follow");
+const data = JSON.parse(dataEl.textContent);
+const ansi = new AnsiUp();
+ansi.use_classes = true;
+const parser = new DOMParser();
+const numberFormat = new Intl.NumberFormat("en");
+
+const state = {
+  build: data.build,
+  first: data.first,
+  last: data.last, // last line in the view
+  total: data.last, // last line known to exist
+  cursor: data.cursor,
+  final: data.final,
+  follow: true,
+  loading: false,
+};
+
+// --- rendering -------------------------------------------------------------
+
+function cleanNode(node) {
+  if (node.nodeType === Node.TEXT_NODE) return document.createTextNode(node.data);
+  if (node.nodeType !== Node.ELEMENT_NODE) return document.createTextNode("");
+  let el;
+  const href = node.tagName === "A" ? node.getAttribute("href") || "" : "";
+  if (/^https?:\/\//i.test(href)) {
+    el = document.createElement("a");
+    el.href = href;
+    el.rel = "noopener noreferrer nofollow";
+    el.target = "_blank";
+  } else {
+    el = document.createElement("span");
+  }
+  for (const name of (node.getAttribute("class") || "").split(/\s+/)) {
+    if (ANSI_CLASS.test(name)) el.classList.add(name);
+  }
+  // ansi_up writes bold, faint, italic, underline and 24-bit colours as
+  // style attributes, which the page's CSP refuses: they become classes and
+  // CSSOM properties (allowed) instead.
+  for (const decl of (node.getAttribute("data-ansi-style") || "").split(";")) {
+    const at = decl.indexOf(":");
+    if (at < 0) continue;
+    const key = decl.slice(0, at).trim();
+    const value = decl.slice(at + 1).trim();
+    if (key === "font-weight") el.classList.add("ansi-bold");
+    else if (key === "opacity") el.classList.add("ansi-faint");
+    else if (key === "font-style") el.classList.add("ansi-italic");
+    else if (key === "text-decoration") el.classList.add("ansi-underline");
+    else if ((key === "color" || key === "background-color") && RGB.test(value)) {
+      el.style.setProperty(key, value);
+    }
+  }
+  for (const child of node.childNodes) el.append(cleanNode(child));
+  return el;
+}
+
+// Log text is untrusted: ansi_up escapes it, and only the spans and links it
+// makes are rebuilt from its output, element by element.
+function colored(text) {
+  if (!text.includes("\x1b")) return document.createTextNode(text);
+  // ansi_up escapes every quote of the text, so each ` style="` in its
+  // output is its own; renamed, the parser never applies (or reports) it.
+  const html = ansi.ansi_to_html(text).replace(/ style="([^"]*)"/g, ' data-ansi-style="$1"');
+  ansi.ansi_to_html("\x1b[0m"); // each line starts uncoloured
+  const doc = parser.parseFromString(`<body>${html}</body>`, "text/html");
+  const out = document.createDocumentFragment();
+  for (const node of doc.body.childNodes) out.append(cleanNode(node));
+  return out;
+}
+
+function lineNode([number, stream, text]) {
+  const row = document.createElement("div");
+  row.className = stream === "e" ? "line stderr" : stream === "s" ? "line system" : "line";
+  row.id = `L${number}`;
+  const anchor = document.createElement("a");
+  anchor.className = "ln";
+  anchor.href = `#L${number}`;
+  anchor.textContent = number;
+  const body = document.createElement("span");
+  body.className = "lt";
+  body.append(colored(text));
+  row.append(anchor, body);
+  return row;
+}
+
+function fragmentOf(lines) {
+  const frag = document.createDocumentFragment();
+  for (const line of lines) frag.append(lineNode(line));
+  return frag;
+}
+
+function showCount() {
+  if (state.total === 0) {
+    countEl.textContent = state.final ? "empty" : "waiting for output…";
+  } else if (state.first === 1 && state.last === state.total) {
+    countEl.textContent = `${numberFormat.format(state.total)} lines`;
+  } else {
+    const f = numberFormat.format;
+    countEl.textContent = `lines ${f(state.first)}–${f(state.last)} of ${f(state.total)}`;
+  }
+  earlierBtn.classList.toggle("hidden", state.first <= 1 || state.total === 0);
+  followBtn.classList.toggle("hidden", state.follow && state.last === state.total);
+}
+
+// --- scrolling -------------------------------------------------------------
+
+function atBottom() {
+  return view.scrollTop + view.clientHeight >= view.scrollHeight - 8;
+}
+
+function toBottom() {
+  view.scrollTop = view.scrollHeight;
+}
+
+view.addEventListener("scroll", () => {
+  const follow = atBottom() && state.last === state.total;
+  if (follow !== state.follow) {
+    state.follow = follow;
+    showCount();
+  }
+});
+
+followBtn.addEventListener("click", async () => {
+  if (state.last < state.total) {
+    location.assign(location.pathname); // back to the tail
+    return;
+  }
+  state.follow = true;
+  history.replaceState(null, "", location.pathname);
+  toBottom();
+  showCount();
+});
+
+// --- loading ---------------------------------------------------------------
+
+async function fetchLines(after, limit) {
+  const url = `/builds/${state.build}/lines?after=${after}&limit=${limit}`;
+  const response = await fetch(url, { credentials: "same-origin", cache: "no-store" });
+  if (!response.ok) throw new Error(`log range: HTTP ${response.status}`);
+  return (await response.json()).lines;
+}
+
+async function loadEarlier(until = 0) {
+  if (state.loading || state.first <= 1) return;
+  state.loading = true;
+  try {
+    do {
+      const from = Math.max(1, state.first - RANGE);
+      const lines = await fetchLines(from - 1, state.first - from);
+      if (!lines.length) break;
+      const height = view.scrollHeight;
+      const top = view.scrollTop;
+      view.prepend(fragmentOf(lines));
+      view.scrollTop = top + (view.scrollHeight - height);
+      state.first = lines[0][0];
+    } while (until && state.first > until);
+  } finally {
+    state.loading = false;
+    showCount();
+  }
+}
+
+earlierBtn.addEventListener("click", () => loadEarlier());
+
+// Lines after the tail (from the stream or a poll): appended when the view
+// shows the tail, counted otherwise; duplicates after a reconnect are skipped.
+function received(lines) {
+  const fresh = lines.filter((line) => line[0] > state.total);
+  if (!fresh.length) return;
+  const contiguous = state.last === state.total;
+  state.total = fresh[fresh.length - 1][0];
+  if (contiguous) {
+    view.append(fragmentOf(fresh));
+    state.last = state.total;
+    while (view.childElementCount > MAX_DOM_LINES) {
+      view.firstElementChild.remove();
+      state.first += 1;
+    }
+    if (state.follow) toBottom();
+  }
+  showCount();
+}
+
+function streamLetter(stream) {
+  const name = String(stream).toLowerCase();
+  return name.includes("err") ? "e" : name.includes("system") ? "s" : "o";
+}
+
+function follow() {
+  if (state.final) return;
+  const url =
+    `/api/v1/builds/${state.build}/logs?follow=true` +
+    `&cursor=${encodeURIComponent(state.cursor)}`;
+  const events = new EventSource(url);
+  events.onmessage = (event) => {
+    const message = JSON.parse(event.data);
+    received(
+      (message.lines || []).map((l) => [Number(l.number), streamLetter(l.stream), l.text || ""]),
+    );
+    if (message.cursor) state.cursor = message.cursor;
+  };
+  events.addEventListener("status", () => {
+    events.close();
+    state.final = true;
+    showCount();
+    refresh();
+  });
+  events.onerror = () => {
+    // CONNECTING: the browser reconnects by itself (with Last-Event-ID).
+    // CLOSED: the stream is not available here; poll instead.
+    if (events.readyState === EventSource.CLOSED) poll();
+  };
+}
+
+async function poll() {
+  try {
+    const lines = await fetchLines(state.total, 5000);
+    received(lines);
+    if (lines.length) {
+      setTimeout(poll, 0);
+      return;
+    }
+  } catch (error) {
+    // try again on the next tick
+  }
+  const summary = document.getElementById("summary");
+  if (summary && summary.dataset.final === "true") {
+    state.final = true;
+    showCount();
+    return;
+  }
+  setTimeout(poll, POLL_MS);
+}
+
+// --- start -----------------------------------------------------------------
+
+async function start() {
+  view.append(fragmentOf(data.lines));
+  showCount();
+  const target = /^#L(\d+)$/.exec(location.hash);
+  const wanted = target ? Number(target[1]) : 0;
+  if (wanted && wanted < state.first && state.first - wanted <= 10 * RANGE) {
+    await loadEarlier(wanted);
+  }
+  const line = wanted ? document.getElementById(`L${wanted}`) : null;
+  if (line) {
+    state.follow = false;
+    line.scrollIntoView({ block: "center" });
+  } else {
+    toBottom();
+  }
+  showCount();
+  follow();
+}
+
+window.addEventListener("hashchange", () => {
+  const target = /^#L(\d+)$/.exec(location.hash);
+  if (target) {
+    state.follow = false;
+    showCount();
+  }
+});
+
+start();
