@@ -1,26 +1,19 @@
 # Conveyor runner agent: one per build node, launching builds as Nomad batch
 # jobs (deploy/nomad/build-job.nomad.hcl) through the local Nomad agent.
 #
-# Build nodes opt in with client meta:
-#
-#   client { meta { conveyor_build_node = "true" } }
+# Build nodes need the client settings in build-node.client.hcl: the meta
+# key conveyor_build_node = "true" (the constraint below), raw_exec, and a
+# max_kill_timeout of at least this job's kill_timeout (25m), since Nomad's
+# default of 30s would SIGKILL a draining runner after 30 seconds.
 #
 # raw_exec is used because the runner is a host process: it runs the
 # `conveyor` binary installed on the node and talks to the Nomad agent on the
 # node's own HTTP API; it needs no container.
 #
-# The runner needs a Nomad ACL token that may submit, read and stop the build
-# jobs and write their Variables, for example (conveyor-runner.policy.hcl):
+# The runner needs a Nomad ACL token that may submit, read, signal and stop
+# the build jobs and write their Variables: conveyor-runner.policy.hcl.
 #
-#   namespace "default" {
-#     capabilities = ["submit-job", "read-job", "list-jobs", "read-logs", "read-fs"]
-#     variables {
-#       path "nomad/jobs/conveyor-build-*" { capabilities = ["write", "read", "destroy"] }
-#     }
-#   }
-#   node { policy = "read" }
-#
-#   nomad acl policy apply conveyor-runner conveyor-runner.policy.hcl
+#   nomad acl policy apply conveyor-runner deploy/nomad/conveyor-runner.policy.hcl
 #   nomad acl token create -name conveyor-runner -policy conveyor-runner
 #   nomad var put nomad/jobs/conveyor-runner \
 #     runner_token=<CONVEYOR_RUNNER_TOKEN of the control plane> nomad_token=<secret id>
@@ -93,11 +86,12 @@ job "conveyor-runner" {
     value     = "true"
   }
 
+  # A system job honours only max_parallel and stagger here (Nomad's update
+  # block docs); health settings such as min_healthy_time would be ignored.
   update {
     # One node at a time: each runner drains for up to kill_timeout.
-    max_parallel     = 1
-    min_healthy_time = "10s"
-    healthy_deadline = "5m"
+    max_parallel = 1
+    stagger      = "30s"
   }
 
   group "runner" {
@@ -175,7 +169,8 @@ job "conveyor-runner" {
 
       # SIGTERM starts a drain: running builds finish or are handed back.
       # 25 minutes covers the default 20-minute build deadline plus the hand
-      # back. It must not exceed the client's max_kill_timeout (30m default).
+      # back. Nomad caps it at the client's max_kill_timeout, "30s" unless
+      # raised: build nodes must set it (build-node.client.hcl).
       kill_signal  = "SIGTERM"
       kill_timeout = "25m"
 

@@ -24,7 +24,9 @@ from control.metrics import ControlMetrics
 from runner.metrics import RunnerMetrics
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
-NOMAD_FILES = sorted((DEPLOY / "nomad").glob("*.hcl"))
+NOMAD_FILES = sorted((DEPLOY / "nomad").glob("*.nomad.hcl"))
+RUNNER_POLICY = DEPLOY / "nomad" / "conveyor-runner.policy.hcl"
+BUILD_NODE_CLIENT = DEPLOY / "nomad" / "build-node.client.hcl"
 
 REQUIRED_ALERTS = {
     "ConveyorQueuedBuildTooOld",
@@ -234,6 +236,96 @@ def test_build_job_runs_once() -> None:
     assert len(secrets) == 1
     assert secrets[0]["env"] is True
     assert 'nomadVar "nomad/jobs/conveyor-build-${var.build_id}"' in secrets[0]["data"]
+
+
+# Nomad's documented defaults and vocabularies (hashicorp/nomad v1.6.0-v1.9.7:
+# website/content/docs/configuration/client.mdx `max_kill_timeout`,
+# website/content/docs/job-specification/update.mdx, acl/policy.go).
+DEFAULT_MAX_KILL_TIMEOUT_SECONDS = 30.0
+SYSTEM_JOB_UPDATE_KEYS = {"max_parallel", "stagger"}
+NAMESPACE_CAPABILITIES = {
+    "deny",
+    "list-jobs",
+    "parse-job",
+    "read-job",
+    "submit-job",
+    "dispatch-job",
+    "read-logs",
+    "read-fs",
+    "alloc-exec",
+    "alloc-node-exec",
+    "alloc-lifecycle",
+    "sentinel-override",
+    "csi-register-plugin",
+    "csi-write-volume",
+    "csi-read-volume",
+    "csi-list-volume",
+    "csi-mount-volume",
+    "list-scaling-policies",
+    "read-scaling-policy",
+    "read-job-scaling",
+    "scale-job",
+    "submit-recommendation",
+}
+VARIABLE_CAPABILITIES = {"list", "read", "write", "destroy", "deny"}
+
+
+def _go_duration(text: str) -> float:
+    """Seconds in a Go duration such as "25m", "1m30s" or "10s"."""
+    units = {"ns": 1e-9, "us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ns|us|ms|s|m|h)", text)
+    assert parts, f"not a duration: {text!r}"
+    assert "".join(n + u for n, u in parts) == text, f"not a duration: {text!r}"
+    return sum(float(n) * units[u] for n, u in parts)
+
+
+def _kill_timeout(path: Path, task: dict[str, Any]) -> float:
+    value = str(task.get("kill_timeout", "5s"))
+    match = re.fullmatch(r"\$\{var\.(\w+)\}s", value)
+    if match:  # "${var.grace_seconds}s"
+        return float(_variable_default(path, match.group(1)))
+    return _go_duration(value)
+
+
+def test_system_jobs_use_only_the_update_keys_nomad_enforces() -> None:
+    for path in NOMAD_FILES:
+        _, job = _job(path)
+        if job["type"] != "system":
+            continue
+        blocks = list(job.get("update", []))
+        blocks += [u for group in _groups(job) for u in group.get("update", [])]
+        for update in blocks:
+            ignored = set(update) - SYSTEM_JOB_UPDATE_KEYS
+            assert not ignored, f"{path.name}: a system job ignores update {sorted(ignored)}"
+
+
+def test_kill_timeouts_fit_the_clients_max_kill_timeout() -> None:
+    client = _load_hcl(BUILD_NODE_CLIENT)["client"][0]
+    build_node_max = _go_duration(client["max_kill_timeout"])
+    assert client["meta"][0]["conveyor_build_node"] == "true"
+    for path in NOMAD_FILES:
+        _, job = _job(path)
+        on_build_nodes = any(
+            "conveyor_build_node" in c["attribute"] for c in job.get("constraint", [])
+        )
+        limit = build_node_max if on_build_nodes else DEFAULT_MAX_KILL_TIMEOUT_SECONDS
+        for group in _groups(job):
+            for task in _tasks(group):
+                wanted = _kill_timeout(path, task)
+                assert wanted <= limit, (
+                    f"{path.name}: kill_timeout {wanted:g} s exceeds the client's "
+                    f"max_kill_timeout of {limit:g} s, which would cut it short"
+                )
+
+
+def test_runner_policy_uses_only_nomads_capabilities() -> None:
+    policy = _load_hcl(RUNNER_POLICY)
+    (namespaces,) = policy["namespace"]
+    for _name, rules in namespaces.items():
+        assert set(rules["capabilities"]) <= NAMESPACE_CAPABILITIES
+        for variables in rules.get("variables", []):
+            for _label, body in _labelled(variables["path"]):
+                assert set(body["capabilities"]) <= VARIABLE_CAPABILITIES
 
 
 # --- Prometheus ------------------------------------------------------------
