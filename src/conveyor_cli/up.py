@@ -4,12 +4,17 @@ Embedded PostgreSQL, every control-plane service, and one runner agent (a
 child process, on the same code path as `conveyor runner start`). On a fresh
 data directory it creates a demo project from a generated git repository and
 runs a first build, printing its log.
+
+One `up` per data directory (a lock). Its children are supervised
+(``conveyor_cli.supervisor``): restarted when they die, gone when `up` dies.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import fcntl
 import json
 import logging
 import os
@@ -18,17 +23,23 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import psutil
+from prometheus_client import CollectorRegistry
 
 from control.config import Settings
 from control.main import ControlPlane
 from control.secrets import new_key_text
-from control.storage.embedded import EmbeddedPostgres
+from control.storage.embedded import EmbeddedPostgres, IncompatibleData
+from control.storage.migrate import migration_files
 from conveyor.v1 import build_manager_pb2 as bm
 from conveyor.v1 import build_manager_pb2_grpc as bm_grpc
 from conveyor.v1 import config_service_pb2 as cs
 from conveyor.v1 import config_service_pb2_grpc as cs_grpc
 from conveyor.v1 import types_pb2 as pb
+from conveyor_cli.supervisor import PostgresSupervisor, RunnerSupervisor, SupervisorMetrics
 from conveyor_cli.target import STATE_FILE
 
 log = logging.getLogger(__name__)
@@ -36,6 +47,10 @@ log = logging.getLogger(__name__)
 DEMO_PROJECT = "demo"
 DEMO_BUILD = "./build.sh"
 DEMO_DEPLOY = 'echo "deploying $CONVEYOR_COMMIT_SHA of $CONVEYOR_PROJECT"'
+# Held (flock) by the running `up` and by its PostgreSQL watchdog.
+LOCK_FILE = "up.lock"
+# How long a new `up` waits for what a dead one left to stop (s).
+LOCK_WAIT_SECONDS = 60.0
 
 
 def _free_port() -> int:
@@ -79,13 +94,114 @@ def make_demo_repo(path: Path) -> str:
     return str(path)
 
 
-def _prepare_data_dir(data_dir: Path) -> tuple[Path, dict[str, str]]:
+class UpRefused(Exception):
+    """Why ``up`` cannot start, as one sentence for the user."""
+
+
+def _prepare_data_dir(data_dir: Path) -> tuple[Path, dict[str, str], int]:
+    """Make and lock the data directory; return it, its state and the lock's
+    file descriptor (the caller closes it last). Raises ``UpRefused``."""
     data_dir = data_dir.resolve()
-    data_dir.mkdir(parents=True, exist_ok=True)
-    # Traversable but not listable: the build user reaches its own
-    # workspace below; conveyor.json itself is 0600.
-    data_dir.chmod(0o711)
-    return data_dir, _load_or_create_state(data_dir)
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        # Traversable but not listable: the build user reaches its own
+        # workspace below; conveyor.json itself is 0600.
+        data_dir.chmod(0o711)
+        lock_fd = _lock(data_dir)
+    except OSError as exc:
+        raise UpRefused(_unusable(data_dir, exc)) from exc
+    try:
+        return data_dir, _load_or_create_state(data_dir), lock_fd
+    except BaseException:
+        os.close(lock_fd)
+        raise
+
+
+def _unusable(data_dir: Path, exc: OSError) -> str:
+    if exc.errno == errno.EROFS:
+        return f"the data directory {data_dir} is on a read-only filesystem; choose another"
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return f"the data directory {data_dir} is not writable by this user"
+    return f"cannot use the data directory {data_dir}: {exc.strerror or exc}"
+
+
+def _lock(data_dir: Path) -> int:
+    """Lock the data directory for this process and return the lock's file
+    descriptor. The watchdog of the embedded PostgreSQL holds it too, so a
+    successor waits while the server of an ``up`` that died is stopping.
+    Raises ``UpRefused`` while another ``up`` lives, ``OSError``."""
+    fd = os.open(data_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    waiting_since = 0.0
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            pass
+        holder = _lock_holder(fd)
+        if holder and psutil.pid_exists(holder):
+            os.close(fd)
+            raise UpRefused(
+                f"another conveyor up (pid {holder}) is using the data directory {data_dir}"
+            )
+        if not waiting_since:
+            waiting_since = time.monotonic()
+            log.info("waiting for the PostgreSQL of a conveyor up that died to stop")
+        elif time.monotonic() - waiting_since > LOCK_WAIT_SECONDS:
+            os.close(fd)
+            raise UpRefused(
+                f"the data directory {data_dir} is still locked by what a conveyor up"
+                f" that died (pid {holder}) left running; try again shortly"
+            )
+        time.sleep(0.1)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def _lock_holder(fd: int) -> int:
+    text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+    return int(text) if text.isdigit() else 0
+
+
+def _schema_number(version: str) -> int:
+    head = version.split("_", 1)[0]
+    return int(head) if head.isdigit() else 0
+
+
+def _latest_schema() -> str:
+    return migration_files()[-1][0]
+
+
+def _check_schema(data_dir: Path, used: str) -> None:
+    """Refuse a data directory whose database a newer Conveyor migrated:
+    this one's code would misread it."""
+    known = _latest_schema()
+    if _schema_number(used) > _schema_number(known):
+        raise UpRefused(
+            f"the data directory {data_dir} was last used by a newer Conveyor (database schema"
+            f" {used}; this one knows up to {known}); run that version or a newer one"
+        )
+
+
+def _check_port(port: int, what: str, flag: str) -> None:
+    """Refuse a port something already listens on, before anything starts.
+    (gRPC binds with SO_REUSEPORT and would share a port with another
+    server instead of failing.)"""
+    if port == 0:
+        return
+    with socket.socket() as sock:
+        # Not refused for connections in TIME_WAIT, only for a listener.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise UpRefused(
+                    f"port {port} on 127.0.0.1 ({what}) is already in use; choose another"
+                    f" with {flag}"
+                ) from None
+            raise UpRefused(f"cannot listen on 127.0.0.1:{port} ({what}): {exc.strerror}") from None
 
 
 def _secret_key_file(data_dir: Path) -> Path:
@@ -103,6 +219,7 @@ def _load_or_create_state(data_dir: Path) -> dict[str, str]:
     path = data_dir / STATE_FILE
     if path.exists():
         state: dict[str, str] = json.loads(path.read_text())
+        _check_schema(data_dir, state.get("schema", ""))
         return state
     return {
         "token": f"cvy_{secrets.token_urlsafe(32)}",
@@ -129,53 +246,103 @@ async def run_up(
     capacity: int = 6,
     ready: asyncio.Event | None = None,
 ) -> int:
-    data_dir, state = await asyncio.to_thread(_prepare_data_dir, data_dir)
-    fresh = "grpc_address" not in state
+    """Run until SIGINT or SIGTERM; return the exit code. A reason not to
+    start is printed as one sentence on stderr (exit code 2)."""
+    try:
+        data_dir, state, lock_fd = await asyncio.to_thread(_prepare_data_dir, data_dir)
+    except UpRefused as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    try:
+        return await _run(
+            data_dir, state, lock_fd, grpc_port, http_port,
+            demo=demo, log_format=log_format, capacity=capacity, ready=ready,
+        )  # fmt: skip
+    except UpRefused as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    finally:
+        os.close(lock_fd)
 
-    database_url = os.environ.get("CONVEYOR_DATABASE_URL", "")
-    pg: EmbeddedPostgres | None = None
-    if not database_url:
-        pg = EmbeddedPostgres(data_dir / "postgres")
-        database_url = await asyncio.to_thread(pg.start)
-    env = dict(os.environ)
-    if not env.get("CONVEYOR_SECRET_KEY") and not env.get("CONVEYOR_SECRET_KEY_FILE"):
-        env["CONVEYOR_SECRET_KEY_FILE"] = str(await asyncio.to_thread(_secret_key_file, data_dir))
-    settings = Settings.from_env(env).with_(
-        database_url=database_url,
-        grpc_addr=f"127.0.0.1:{grpc_port}",
-        http_addr=f"127.0.0.1:{http_port}",
-        admin_token=state["token"],
-        runner_token=state["runner_token"],
-        log_format=log_format,
-    )
-    plane = ControlPlane(settings)
-    runner: asyncio.subprocess.Process | None = None
+
+async def _run(
+    data_dir: Path,
+    state: dict[str, str],
+    lock_fd: int,
+    grpc_port: int,
+    http_port: int,
+    *,
+    demo: bool,
+    log_format: str,
+    capacity: int,
+    ready: asyncio.Event | None,
+) -> int:
+    fresh = "grpc_address" not in state
+    _check_port(grpc_port, "the gRPC port", "--grpc-port")
+    _check_port(http_port, "the HTTP port", "--http-port")
+    registry = CollectorRegistry()
+    metrics = SupervisorMetrics(registry)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+
+    database_url = os.environ.get("CONVEYOR_DATABASE_URL", "")
+    pg: PostgresSupervisor | None = None
+    plane: ControlPlane | None = None
+    runner: RunnerSupervisor | None = None
+    watchers: list[asyncio.Task[object]] = []
     try:
-        await plane.start()
+        if not database_url:
+            server = EmbeddedPostgres(data_dir / "postgres")
+            # The watchdog keeps the lock while it stops a server we left.
+            pg = PostgresSupervisor(server, metrics, keep_fds=(lock_fd,))
+            try:
+                database_url = await pg.start()
+            except IncompatibleData as exc:
+                raise UpRefused(str(exc)) from None
+        env = dict(os.environ)
+        if not env.get("CONVEYOR_SECRET_KEY") and not env.get("CONVEYOR_SECRET_KEY_FILE"):
+            env["CONVEYOR_SECRET_KEY_FILE"] = str(
+                await asyncio.to_thread(_secret_key_file, data_dir)
+            )
+        settings = Settings.from_env(env).with_(
+            database_url=database_url,
+            grpc_addr=f"127.0.0.1:{grpc_port}",
+            http_addr=f"127.0.0.1:{http_port}",
+            admin_token=state["token"],
+            runner_token=state["runner_token"],
+            log_format=log_format,
+        )
+        plane = ControlPlane(settings, registry=registry)
+        try:
+            await plane.start()
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise UpRefused(f"a port of Conveyor is already in use: {exc.strerror}") from None
+            raise
         metrics_port = _free_port()
         state.update(
             grpc_address=plane.grpc_address,
             http_url=plane.http_url,
             runner_metrics_url=f"http://127.0.0.1:{metrics_port}/metrics",
             pid=str(os.getpid()),
+            schema=_latest_schema(),
         )
         _write_state(data_dir, state)
-        runner = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "conveyor_cli.main", "runner", "start",
-            "--control", plane.grpc_address,
-            "--work-dir", str(data_dir / "runner"),
-            "--capacity", str(capacity),
-            "--metrics-addr", f"127.0.0.1:{metrics_port}",
-            "--log-format", log_format,
-            env={**os.environ, "CONVEYOR_RUNNER_TOKEN": state["runner_token"]},
-            # Its own session: a Ctrl-C reaches `up`, which drains the
-            # runner before it stops the control plane.
-            start_new_session=True,
+        runner = RunnerSupervisor(
+            [
+                sys.executable, "-m", "conveyor_cli.main", "runner", "start",
+                "--control", plane.grpc_address,
+                "--work-dir", str(data_dir / "runner"),
+                "--capacity", str(capacity),
+                "--metrics-addr", f"127.0.0.1:{metrics_port}",
+                "--log-format", log_format,
+            ],
+            {**os.environ, "CONVEYOR_RUNNER_TOKEN": state["runner_token"]},
+            metrics,
         )  # fmt: skip
+        await runner.start()
         print(
             f"Conveyor is up.\n"
             f"  gRPC     {plane.grpc_address}\n"
@@ -187,31 +354,29 @@ async def run_up(
         if ready is not None:
             ready.set()
         if demo and fresh:
-            demo_task = asyncio.create_task(_demo(plane, data_dir, state["token"]))
-        else:
-            demo_task = None
+            watchers.append(asyncio.create_task(_demo(plane, data_dir, state["token"])))
+        runner_watch = asyncio.create_task(runner.watch(), name="runner-supervisor")
+        watchers.append(runner_watch)
+        if pg is not None:
+            watchers.append(asyncio.create_task(pg.watch(), name="postgres-supervisor"))
         waiter = asyncio.create_task(stop.wait())
-        runner_exit = asyncio.create_task(runner.wait())
-        await asyncio.wait({waiter, runner_exit}, return_when=asyncio.FIRST_COMPLETED)
-        if runner_exit.done():
-            log.error("the runner agent exited with %s", runner.returncode)
-        if demo_task is not None and not demo_task.done():
-            demo_task.cancel()
-        waiter.cancel()
-        return 0 if not runner_exit.done() else 1
+        watchers.append(waiter)
+        await asyncio.wait({waiter, runner_watch}, return_when=asyncio.FIRST_COMPLETED)
+        # The runner supervisor returns only for an agent that refused its
+        # configuration: restarting it would not help.
+        return 1 if runner_watch.done() else 0
     finally:
         log.info("stopping Conveyor")
-        if runner is not None and runner.returncode is None:
-            runner.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(runner.wait(), 20)
-            except TimeoutError:
-                runner.kill()
-                await runner.wait()
-        with contextlib.suppress(AttributeError):
-            await plane.stop()
+        for task in watchers:
+            task.cancel()
+        await asyncio.gather(*watchers, return_exceptions=True)
+        if runner is not None:
+            await runner.stop()
+        if plane is not None:
+            with contextlib.suppress(AttributeError):
+                await plane.stop()
         if pg is not None:
-            await asyncio.to_thread(pg.stop)
+            await pg.stop()
 
 
 async def _demo(plane: ControlPlane, data_dir: Path, token: str) -> None:

@@ -42,13 +42,16 @@ class Agent:
         *,
         sandboxed: bool = True,
         cache: BuildCache | None = None,
+        runner_id: str | None = None,
     ) -> None:
+        """``runner_id`` is the identity kept across restarts (see
+        ``runner.identity``); without it the agent is a new runner."""
         self.settings = settings
         self.cache = cache
         self.launcher = launcher
         self.metrics = metrics
         self.sandboxed = sandboxed
-        self.runner_id = str(uuid.uuid4())
+        self.runner_id = runner_id or str(uuid.uuid4())
         self.client = ControlClient(settings.control_addr, settings.token, tls_ca=settings.tls_ca)
         self.runs: dict[str, BuildRun] = {}
         self.tasks: dict[str, asyncio.Task[object]] = {}

