@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from urllib.parse import urlparse
 
 from control.errors import InvalidArgument
 from control.secrets import keys_from_env
@@ -34,6 +35,22 @@ def _float(env: Mapping[str, str], name: str, default: float) -> float:
         return float(raw)
     except ValueError:
         raise InvalidArgument(name, f"must be a number, not {raw!r}") from None
+
+
+def _forge_api_urls(env: Mapping[str, str]) -> tuple[str, ...]:
+    """``CONVEYOR_FORGE_API_URLS``: the API bases of self-hosted forges
+    (comma-separated) that projects may name; the forge token is sent
+    there."""
+    raw = env.get("CONVEYOR_FORGE_API_URLS", "")
+    urls = tuple(u.strip().rstrip("/") for u in raw.split(",") if u.strip())
+    for url in urls:
+        parsed = urlparse(url)
+        if parsed.scheme not in ("https", "http") or not parsed.netloc or " " in url:
+            raise InvalidArgument(
+                "CONVEYOR_FORGE_API_URLS", f"{url!r} is not an http(s) URL such as"
+                " https://git.example.com/api/v4",
+            )  # fmt: skip
+    return urls
 
 
 @dataclass(frozen=True)
@@ -71,6 +88,8 @@ class Settings:
     # AES-GCM keys for secrets at rest, current first (see control.secrets).
     secret_keys: tuple[bytes, ...] = ()
     tls_ca: str = ""
+    # Forge API bases besides the public ones that projects may name.
+    forge_api_urls: tuple[str, ...] = ()
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
@@ -98,6 +117,7 @@ class Settings:
             secret_keys=keys_from_env(env),
             log_format=_log_format(env),
             lifecycle=lifecycle,
+            forge_api_urls=_forge_api_urls(env),
         )
 
     def with_(self, **changes: object) -> Settings:

@@ -61,6 +61,7 @@ def projects_create(client: Client, args: argparse.Namespace) -> int:
             cache_disabled=args.no_cache,
             cache_lockfiles=_comma_list(args.cache_lockfiles),
             cache_paths=_comma_list(args.cache_paths),
+            fork_secrets=args.fork_secrets,
         ),
     )
     data = project_json(reply.project)
@@ -68,7 +69,24 @@ def projects_create(client: Client, args: argparse.Namespace) -> int:
         _print_json(data)
     else:
         print(f"project {data['name']} created: {data['id']}")
-        print(f"webhook secret: {data['webhook_secret']}")
+        print(f"webhook secret: {data['webhook_secret']}\n(shown once: store it now)")
+    return 0
+
+
+def projects_rotate_webhook_secret(client: Client, args: argparse.Namespace) -> int:
+    """A new webhook secret (admin scope), shown once; the old one stops
+    verifying deliveries at once."""
+    reply = client.call(
+        client.config.RotateWebhookSecret, cs.RotateWebhookSecretRequest(project=args.project)
+    )
+    data = project_json(reply.project)
+    if args.json:
+        _print_json(
+            {"id": data["id"], "name": data["name"], "webhook_secret": data["webhook_secret"]}
+        )
+    else:
+        print(f"new webhook secret of {data['name']}: {data['webhook_secret']}")
+        print("(shown once: store it now, and set it in the forge's webhook settings)")
     return 0
 
 
@@ -134,6 +152,7 @@ def project_json(project: pb.Project) -> dict[str, Any]:
         cache_lockfiles=list(project.cache_lockfiles),
         cache_paths=list(project.cache_paths),
         cache_generation=project.cache_generation,
+        fork_secrets=project.fork_secrets,
     )
     return data
 
@@ -158,6 +177,9 @@ def projects_update(client: Client, args: argparse.Namespace) -> int:
     if args.cache is not None:
         values.cache_disabled = args.cache == "off"
         mask.append("cache_disabled")
+    if args.fork_secrets is not None:
+        values.fork_secrets = args.fork_secrets == "on"
+        mask.append("fork_secrets")
     # An empty list in the update puts the defaults back.
     for field in ("cache_lockfiles", "cache_paths"):
         given = getattr(args, field)

@@ -76,6 +76,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     create.add_argument("--production-only", action="store_true")
     create.add_argument("--no-cache", action="store_true", help="build without the build cache")
+    create.add_argument(
+        "--fork-secrets",
+        action="store_true",
+        help="give builds of pull requests from forks the project's secrets and preview step",
+    )
     _cache_flags(create)
     _forge_flags(create)
     create.add_argument("--json", action="store_true")
@@ -100,9 +105,19 @@ def _parser() -> argparse.ArgumentParser:
         "--other-branches", choices=["on", "off"], help="build branches besides production"
     )
     update.add_argument("--cache", choices=["on", "off"], help="the build cache of builds")
+    update.add_argument(
+        "--fork-secrets",
+        choices=["on", "off"],
+        help="secrets and the preview step for builds of pull requests from forks",
+    )
     _cache_flags(update)
     _forge_flags(update, defaults=None)
     update.add_argument("--json", action="store_true")
+    rotate_hook = projects.add_parser(
+        "rotate-webhook-secret", help="a new webhook secret (admin scope), shown once"
+    )
+    rotate_hook.add_argument("project")
+    rotate_hook.add_argument("--json", action="store_true")
     delete = projects.add_parser("delete")
     delete.add_argument("project")
     delete.add_argument("--json", action="store_true")
@@ -235,6 +250,7 @@ CLIENT_COMMANDS: dict[tuple[str, str | None], Callable[..., int]] = {
     ("projects", "show"): commands.projects_show,
     ("projects", "update"): commands.projects_update,
     ("projects", "delete"): commands.projects_delete,
+    ("projects", "rotate-webhook-secret"): commands.projects_rotate_webhook_secret,
     ("builds", "trigger"): commands.builds_trigger,
     ("builds", "list"): commands.builds_list,
     ("builds", "show"): commands.builds_show,
@@ -345,12 +361,9 @@ def _runner_start(args: argparse.Namespace) -> int:
     from prometheus_client import CollectorRegistry
 
     from control.logging_setup import configure
-    from conveyor_cli.parent import die_with_parent
     from runner.agent import Agent, serve_metrics
-    from runner.identity import WorkDirInUse, claim
     from runner.metrics import RunnerMetrics
 
-    die_with_parent(os.environ)
     try:
         settings = RunnerSettings.from_env(
             os.environ,
@@ -366,12 +379,6 @@ def _runner_start(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     configure("conveyor-runner", args.log_format)
-    try:
-        # Held until exit: one agent per work directory, same id each start.
-        identity = claim(settings.work_dir)
-    except (WorkDirInUse, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     # Archives a runner that died left waiting for their upload: no build
     # runs yet, so all of them.
     shutil.rmtree(settings.cache_staging, ignore_errors=True)
@@ -384,10 +391,7 @@ def _runner_start(args: argparse.Namespace) -> int:
     async def run() -> None:
         metrics = RunnerMetrics(CollectorRegistry())
         launcher, sandboxed = _launcher(settings, metrics)
-        agent = Agent(
-            settings, launcher, metrics, sandboxed=sandboxed, cache=cache,
-            runner_id=identity.runner_id,
-        )  # fmt: skip
+        agent = Agent(settings, launcher, metrics, sandboxed=sandboxed, cache=cache)
         http = (
             await serve_metrics(metrics, settings.metrics_addr) if settings.metrics_addr else None
         )

@@ -17,13 +17,19 @@ TOKEN = "ghp_test_token_0123456789"
 
 
 @pytest_asyncio.fixture
-async def control(database_url: str) -> AsyncIterator[ControlHandle]:
+async def control(
+    database_url: str, github_api: FakeGitHub, gitlab_api: FakeGitLab
+) -> AsyncIterator[ControlHandle]:
     """The shared ``control`` fixture, with commit-status retries that take
-    a fraction of a second. Runners count as lost only after a minute: the
-    test runner here speaks for itself and a loaded machine must not make it
-    look gone."""
+    a fraction of a second, and the fakes' API bases in the operator's
+    allow-list (as a self-hosted forge's would be). Runners count as lost
+    only after a minute: the test runner here speaks for itself and a loaded
+    machine must not make it look gone."""
     handle = ControlHandle(database_url, runner_lost_after=60.0)
     handle.plane.forge_retry = FAST_RETRY
+    handle.plane.settings = handle.plane.settings.with_(
+        forge_api_urls=(github_api.url, gitlab_api.url)
+    )
     await handle.start()
     try:
         yield handle

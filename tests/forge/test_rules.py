@@ -14,7 +14,7 @@ from control.domain.project import Project, ProjectSettings, glob_regex
 from control.errors import InvalidArgument
 from control.forge.statuses import ForgeState, status_of
 from control.webhooks import github, gitlab, rules
-from control.webhooks.push import PushEvent, RequestAction
+from control.webhooks.push import ForgeRepo, PushEvent, RequestAction
 from tests.forge import samples
 
 SHA = "a" * 40
@@ -130,22 +130,17 @@ def test_github_push_payload_lists_files_commits_and_repository() -> None:
     event = github.parse_push(json.loads(body))
     assert (event.branch, event.commit_sha, event.commit_count) == ("main", SHA, 3)
     assert event.changed_files == ("a", "b")
-    assert event.repo is not None
-    assert (event.repo.forge, event.repo.repo, event.repo.api_url) == (
-        "github", "acme/web", "https://api.github.com",
-    )  # fmt: skip
+    assert event.repo == ForgeRepo("github", "acme/web")
+    # A payload's html_url does not move the API: only the name is read.
     ghe = json.loads(body)
-    ghe["repository"]["html_url"] = "https://ghe.example.com/acme/web"
-    repo = github.parse_push(ghe).repo
-    assert repo is not None
-    assert repo.api_url == "https://ghe.example.com/api/v3"
+    ghe["repository"]["html_url"] = "https://attacker.example/acme/web"
+    assert github.parse_push(ghe).repo == ForgeRepo("github", "acme/web")
 
 
-def test_gitlab_push_counts_all_commits_and_finds_the_api() -> None:
+def test_gitlab_push_counts_all_commits_and_names_the_project() -> None:
     event = gitlab.parse_push(json.loads(samples.gitlab_push("main", SHA, commits=25)))
     assert event.commit_count == 25
-    assert event.repo is not None
-    assert (event.repo.repo, event.repo.api_url) == ("15", "http://example.com/api/v4")
+    assert event.repo == ForgeRepo("gitlab", "15")
 
 
 def test_request_actions() -> None:
@@ -191,6 +186,10 @@ def test_request_actions() -> None:
         ({"forge": "github", "forge_repo": "acme"}, "forge_repo"),
         ({"forge": "gitlab", "forge_repo": "x y"}, "forge_repo"),
         ({"forge": "github", "forge_api_url": "ftp://x"}, "forge_api_url"),
+        # The forge token is sent to this base: only public APIs and the
+        # operator's allow-list.
+        ({"forge": "github", "forge_api_url": "https://attacker.example"}, "forge_api_url"),
+        ({"forge": "gitlab", "forge_api_url": "https://api.github.com"}, "forge_api_url"),
     ],
 )
 def test_bad_forge_settings_name_their_field(changes: dict[str, object], field: str) -> None:
@@ -203,9 +202,9 @@ def test_bad_forge_settings_name_their_field(changes: dict[str, object], field: 
 def test_good_forge_settings_pass() -> None:
     ProjectSettings(
         name="web", repo_url="/r", build_command="make", forge="gitlab",
-        forge_repo="group/sub/project", forge_api_url="https://gitlab.example.com/api/v4",
+        forge_repo="group/sub/project", forge_api_url="https://gitlab.example.com/api/v4/",
         branch_include=("feature/**",), watch_exclude=("docs/",),
-    ).validate(3600)  # fmt: skip
+    ).validate(3600, frozenset({"https://gitlab.example.com/api/v4"}))  # fmt: skip
     ProjectSettings(
         name="web", repo_url="/r", build_command="make", forge="github", forge_repo="acme/web"
     ).validate(3600)

@@ -139,8 +139,11 @@ async def test_a_build_through_conveyor_up_moves_both_metrics_and_tags_its_log_l
         metadata = (("authorization", f"Bearer {state['token']}"),)
         async with aio.insecure_channel(state["grpc_address"]) as channel:
             config = cs_grpc.ConfigServiceStub(channel)
+            # The webhook secret is shown only at creation and on a rotate.
             project = (
-                await config.GetProject(cs.GetProjectRequest(project="demo"), metadata=metadata)
+                await config.RotateWebhookSecret(
+                    cs.RotateWebhookSecretRequest(project="demo"), metadata=metadata
+                )
             ).project
             sha = await asyncio.to_thread(git, up.data_dir / "demo-repo", "rev-parse", "HEAD")
             body = github_push("main", sha)

@@ -20,9 +20,9 @@ class SchedulerServicer(ss_grpc.SchedulerServiceServicer):
         return ss.WakeResponse()
 
     async def GetQueue(self, request: ss.GetQueueRequest, context: Ctx) -> ss.GetQueueResponse:
-        """Queue depth of the caller's account (an admin sees every account)."""
-        who = principal()
-        only = None if who.kind == "internal" or "admin" in who.scopes else account_of_caller()
+        """Queue depth of the caller's account; only the control plane's own
+        credential sees every account (a tenant's admin is still a tenant)."""
+        only = None if principal().kind == "internal" else account_of_caller()
         async with self.db.connection() as conn:
             cur = await conn.execute(
                 "SELECT a.id, a.concurrency_limit,"

@@ -18,7 +18,7 @@ from datetime import UTC, datetime, timedelta
 from control.config import LifecycleSettings
 from control.domain.build import Build, BuildStatus, StepStatus, check_transition, is_allowed
 from control.domain.env import FORGE_TOKEN
-from control.domain.project import Project
+from control.domain.project import Project, without_fork_privileges
 from control.errors import FailedPrecondition, PermissionDenied
 from control.metrics import ControlMetrics
 from control.storage.accounts import hash_token
@@ -202,8 +202,9 @@ class Lifecycle:
             # A retry of a pull request's build is that request's too: its
             # close cancels it, and its cache scope stays the request's.
             await conn.execute(
-                "INSERT INTO pull_request_builds (build_id, project_id, number)"
-                " SELECT %s, project_id, number FROM pull_request_builds WHERE build_id = %s",
+                "INSERT INTO pull_request_builds (build_id, project_id, number, fork)"
+                " SELECT %s, project_id, number, fork FROM pull_request_builds"
+                " WHERE build_id = %s",
                 (build_id, retry_of),
             )
         if trigger != "retry":
@@ -331,10 +332,13 @@ class Lifecycle:
             )
             ids = [str(r[0]) for r in await cur.fetchall()]
             cur = await conn.execute(
-                "SELECT build_id, number FROM pull_request_builds WHERE build_id = ANY(%s::uuid[])",
+                "SELECT build_id, number, fork FROM pull_request_builds"
+                " WHERE build_id = ANY(%s::uuid[])",
                 (ids,),
             )
-            requests = {str(r[0]): int(r[1]) for r in await cur.fetchall()}
+            rows = await cur.fetchall()
+            requests = {str(r[0]): int(r[1]) for r in rows}
+            forks = {str(r[0]) for r in rows if r[2]}
             projects: dict[str, Project] = {}
             envs: dict[str, tuple[EnvVar, ...]] = {}
             tokens: list[str] = []
@@ -352,6 +356,12 @@ class Lifecycle:
                         if v.name != FORGE_TOKEN
                     )
                 project = projects[build.project_id]
+                env = envs[build.project_id]
+                if build.id in forks and not project.fork_secrets:
+                    # A fork's pull request runs code its author wrote: no
+                    # secrets, and no step that deploys.
+                    project = without_fork_privileges(project)
+                    env = tuple(v for v in env if not v.secret)
                 token = f"cvb_{secrets.token_urlsafe(32)}"
                 tokens.append(token)
                 plan = step_plan(project, build.production)
@@ -363,7 +373,7 @@ class Lifecycle:
                         step_names=tuple(n for n, _ in plan),
                         step_commands=tuple(c for _, c in plan),
                         run_timeout=project.run_timeout_seconds,
-                        env=envs[build.project_id],
+                        env=env,
                         pull_request=requests.get(build.id),
                     )
                 )

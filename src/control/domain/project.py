@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from urllib.parse import urlparse
 
@@ -19,6 +19,9 @@ MAX_COMMAND_BYTES = 16 * 1024
 DEFAULT_RUN_TIMEOUT_SECONDS = 20 * 60
 ALLOWED_SCHEMES = ("https", "http", "ssh", "git", "file")
 FORGES = ("github", "gitlab")
+# Where commit statuses go when a project names no API base. Any other base
+# must be in the operator's allow-list: the forge token is sent there.
+DEFAULT_FORGE_API = {"github": "https://api.github.com", "gitlab": "https://gitlab.com/api/v4"}
 MAX_GLOBS = 50
 MAX_GLOB_CHARS = 256
 GITHUB_REPO_RE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,38})/[A-Za-z0-9._-]{1,100}$")
@@ -59,6 +62,9 @@ class Project:
     cache_lockfiles: tuple[str, ...] = ()
     cache_paths: tuple[str, ...] = ()
     cache_generation: int = 1
+    # Builds of pull requests from another repository get secrets and the
+    # preview step only with this set (see ``without_fork_privileges``).
+    fork_secrets: bool = False
 
 
 @dataclass(frozen=True)
@@ -89,9 +95,14 @@ class ProjectSettings:
     cache_disabled: bool = False
     cache_lockfiles: tuple[str, ...] = ()
     cache_paths: tuple[str, ...] = ()
+    fork_secrets: bool = False
 
-    def validate(self, max_run_timeout_seconds: int) -> None:
-        """Raise ``InvalidArgument`` naming the first wrong field."""
+    def validate(
+        self, max_run_timeout_seconds: int, forge_api_urls: frozenset[str] = frozenset()
+    ) -> None:
+        """Raise ``InvalidArgument`` naming the first wrong field.
+        ``forge_api_urls`` is the operator's allow-list of forge API bases
+        besides the public ones (``DEFAULT_FORGE_API``)."""
         validate_name(self.name)
         validate_repo_url(self.repo_url)
         validate_branch("production_branch", self.production_branch)
@@ -108,6 +119,7 @@ class ProjectSettings:
         for field_name in ("branch_include", "branch_exclude", "watch_include", "watch_exclude"):
             validate_globs(field_name, getattr(self, field_name))
         validate_forge(self.forge, self.forge_api_url, self.forge_repo)
+        validate_forge_api_allowed(self.forge, self.forge_api_url, forge_api_urls)
         validate_cache_lockfiles(self.cache_lockfiles)
         validate_cache_paths(self.cache_paths)
 
@@ -212,6 +224,41 @@ def validate_forge(forge: str, api_url: str, repo: str) -> None:
         if not pattern.match(repo) or len(repo) > 255:
             example = "owner/repo" if forge == "github" else "a project id or group/project"
             raise InvalidArgument("forge_repo", f"{repo!r} is not {example}")
+
+
+def normalize_api_url(url: str) -> str:
+    """An API base as the allow-list compares it: without a trailing '/'."""
+    return url.strip().rstrip("/")
+
+
+def forge_api_allowed(forge: str, api_url: str, allowed: frozenset[str]) -> bool:
+    """Whether the forge token may be sent to ``api_url`` ("" means the
+    forge's public API): the forge's public API or a base in ``allowed``."""
+    base = normalize_api_url(api_url) or DEFAULT_FORGE_API.get(forge, "")
+    if not base:
+        return False
+    return base == DEFAULT_FORGE_API.get(forge) or base in {normalize_api_url(u) for u in allowed}
+
+
+def validate_forge_api_allowed(forge: str, api_url: str, allowed: frozenset[str]) -> None:
+    """Raise ``InvalidArgument`` unless ``forge_api_url`` is empty, the
+    forge's public API, or in the operator's allow-list."""
+    if api_url and forge and not forge_api_allowed(forge, api_url, allowed):
+        raise InvalidArgument(
+            "forge_api_url",
+            f"{api_url!r} is not {DEFAULT_FORGE_API[forge]} nor in the operator's"
+            " allow-list of forge API bases (CONVEYOR_FORGE_API_URLS)",
+        )
+
+
+def without_fork_privileges(project: Project) -> Project:
+    """The project as a build of a fork's pull request sees it when the
+    project did not opt in (``fork_secrets``): no deploy or preview step,
+    since those run with deploy credentials. The caller also withholds the
+    secrets."""
+    if project.fork_secrets:
+        return project
+    return replace(project, deploy_command="", preview_command="")
 
 
 @functools.lru_cache(maxsize=1024)

@@ -28,6 +28,7 @@ import aiohttp
 from control.builds.lifecycle import Lifecycle
 from control.domain.build import Build
 from control.domain.env import FORGE_TOKEN
+from control.domain.project import forge_api_allowed
 from control.errors import NotFound
 from control.forge.github import GitHubStatuses
 from control.forge.gitlab import GitLabStatuses
@@ -87,6 +88,7 @@ class StatusReporter:
         clients: Mapping[str, CommitStatuses] | None = None,
         queue_size: int = 1000,
         workers: int = 4,
+        forge_api_urls: tuple[str, ...] = (),
     ) -> None:
         self.lifecycle = lifecycle
         self.reports = ForgeReportStore(lifecycle.db)
@@ -95,6 +97,7 @@ class StatusReporter:
         self.policy = policy or RetryPolicy()
         self.clients: dict[str, CommitStatuses] = dict(clients or {})
         self.workers = workers
+        self.forge_api_urls = frozenset(forge_api_urls)
         self._queue: asyncio.Queue[str] = asyncio.Queue(maxsize=queue_size)
         self._waiting: set[str] = set()
         self._active: set[str] = set()
@@ -210,6 +213,17 @@ class StatusReporter:
         last = await self.reports.get(build.id)
         said = client.forge_state(state)
         if last and last.delivered_at and (last.state, last.description) == (said, description):
+            return
+        if not forge_api_allowed(project.forge, project.forge_api_url, self.forge_api_urls):
+            # A base stored before the allow-list existed (or the list shrank):
+            # the token goes nowhere the operator did not name.
+            self.metrics.status_reports.labels(project.forge, "skipped").inc()
+            if not last:
+                await self._give_up(
+                    build, project.forge, said, update, 0, "forge API base not allowed",
+                    f"commit status not sent: forge_api_url {project.forge_api_url!r} is not"
+                    " in the operator's allow-list (CONVEYOR_FORGE_API_URLS)",
+                )  # fmt: skip
             return
         target = ForgeTarget(
             project.forge,

@@ -14,8 +14,9 @@ from typing import Protocol
 import aiohttp
 
 from control.domain.build import Build, BuildStatus
+from control.domain.project import DEFAULT_FORGE_API
 
-DEFAULT_API = {"github": "https://api.github.com", "gitlab": "https://gitlab.com/api/v4"}
+DEFAULT_API = DEFAULT_FORGE_API
 # An answer body is read up to this size: enough for any error message.
 MAX_ANSWER_BYTES = 64 * 1024
 

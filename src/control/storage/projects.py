@@ -17,7 +17,7 @@ _COLUMNS = (
     " build_other_branches, root_directory, created_at, updated_at,"
     " branch_include, branch_exclude, watch_include, watch_exclude,"
     " forge, forge_api_url, forge_repo, network_isolated,"
-    " cache_disabled, cache_lockfiles, cache_paths, cache_generation"
+    " cache_disabled, cache_lockfiles, cache_paths, cache_generation, fork_secrets"
 )
 UPDATABLE = frozenset(ProjectSettings.__dataclass_fields__)
 
@@ -51,6 +51,7 @@ def _project(row: Row) -> Project:
         cache_lockfiles=tuple(row[24]),
         cache_paths=tuple(row[25]),
         cache_generation=row[26],
+        fork_secrets=row[27],
     )
 
 
@@ -144,20 +145,33 @@ class ProjectStore:
             raise NotFound(f"project {project_id!r} not found")
         return int(row[0])
 
-    async def connect_forge(
-        self, conn: Conn, project_id: str, forge: str, api_url: str, repo: str
-    ) -> None:
-        """Fill the project's empty forge settings from a signed webhook's
-        payload; settings a user chose are never overwritten, and a project
-        set to one forge is not moved to another."""
+    async def connect_forge(self, conn: Conn, project_id: str, forge: str, repo: str) -> None:
+        """Fill the project's empty forge and repository from a signed
+        webhook (``forge`` is the endpoint it came to, ``repo`` the name its
+        payload gives); settings a user chose are never overwritten, a
+        project set to one forge is not moved to another, and the API base
+        is never set here: a payload must not choose where the forge token
+        goes."""
         await conn.execute(
             "UPDATE projects SET forge = %s,"
-            " forge_repo = CASE WHEN forge_repo = '' THEN %s ELSE forge_repo END,"
-            " forge_api_url = CASE WHEN forge_api_url = '' THEN %s ELSE forge_api_url END"
-            " WHERE id = %s AND forge IN ('', %s)"
-            " AND (forge = '' OR forge_repo = '' OR forge_api_url = '')",
-            (forge, repo, api_url, project_id, forge),
+            " forge_repo = CASE WHEN forge_repo = '' THEN %s ELSE forge_repo END"
+            " WHERE id = %s AND forge IN ('', %s) AND (forge = '' OR forge_repo = '')",
+            (forge, repo, project_id, forge),
         )
+
+    async def rotate_webhook_secret(self, conn: Conn, account_id: str, project_id: str) -> Project:
+        """Give project ``project_id`` of ``account_id`` a new webhook
+        secret (the old one stops verifying when the caller commits) and
+        return the project with it. Raises ``NotFound``."""
+        cur = await conn.execute(
+            f"UPDATE projects SET webhook_secret = %s, updated_at = now()"
+            f" WHERE id = %s AND account_id = %s RETURNING {_COLUMNS}",
+            (secrets.token_hex(24), project_id, account_id),
+        )
+        row = await cur.fetchone()
+        if row is None:
+            raise NotFound(f"project {project_id!r} not found")
+        return _project(row)
 
     async def delete(self, account_id: str, ref: str) -> Project:
         async with self.db.transaction() as conn:

@@ -96,14 +96,25 @@ class PushLog:
             return [SkippedPush(str(r[0]), str(r[1]), *r[2:]) for r in await cur.fetchall()]
 
     async def record_pull_request_build(
-        self, conn: Conn, build_id: str, project_id: str, number: int
+        self, conn: Conn, build_id: str, project_id: str, number: int, *, fork: bool
     ) -> None:
         """Remember that ``build_id`` builds request ``number`` (in the
-        transaction that queued it)."""
+        transaction that queued it), and whether the request's head is in
+        another repository (``fork``: its builds and their retries get no
+        secrets unless the project opts in)."""
         await conn.execute(
-            "INSERT INTO pull_request_builds (build_id, project_id, number) VALUES (%s, %s, %s)",
-            (build_id, project_id, number),
+            "INSERT INTO pull_request_builds (build_id, project_id, number, fork)"
+            " VALUES (%s, %s, %s, %s)",
+            (build_id, project_id, number, fork),
         )
+
+    async def is_fork_build(self, conn: Conn, build_id: str) -> bool:
+        """Whether ``build_id`` builds a pull request from another repository."""
+        cur = await conn.execute(
+            "SELECT fork FROM pull_request_builds WHERE build_id = %s", (build_id,)
+        )
+        row = await cur.fetchone()
+        return bool(row and row[0])
 
     async def open_pull_request_builds(self, conn: Conn, project_id: str, number: int) -> list[str]:
         """Builds of request ``number`` that are queued or running."""

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from urllib.parse import urlparse
 
 from control.webhooks.push import (
     ForgeRepo,
@@ -19,14 +18,12 @@ from control.webhooks.push import (
     PullRequestEvent,
     PushEvent,
     RequestAction,
-    api_base,
     commit_files,
     int_field,
     object_field,
     text_field,
 )
 
-PUBLIC_API = "https://api.github.com"
 BUILD_ACTIONS = frozenset({"opened", "synchronize", "reopened"})
 
 
@@ -42,16 +39,30 @@ def verify(secret: str, body: bytes, header: str | None) -> bool:
 
 
 def repository(payload: dict[str, object]) -> ForgeRepo | None:
-    """The repository an event comes from: ``repository.full_name``, and the
-    API of github.com or of the GitHub Enterprise server at ``html_url``."""
+    """The repository an event comes from: ``repository.full_name``. Its
+    ``html_url`` is not read: the API base is the project's setting."""
     repo = payload.get("repository")
     if not isinstance(repo, dict) or not isinstance(repo.get("full_name"), str):
         return None
-    html_url = repo.get("html_url")
-    host = urlparse(html_url).hostname if isinstance(html_url, str) else None
-    full_name = repo["full_name"]
-    api = PUBLIC_API if host in (None, "github.com") else api_base(html_url, "/api/v3", full_name)
-    return ForgeRepo("github", full_name, api)
+    return ForgeRepo("github", repo["full_name"])
+
+
+def _from_fork(payload: dict[str, object], pull: dict[str, object]) -> bool:
+    """Whether the request's head lives outside the repository it targets:
+    ``head.repo.fork``, a ``head.repo.full_name`` other than the base's, or
+    no head repository at all (a deleted fork)."""
+    head = pull.get("head")
+    base = pull.get("base")
+    head_repo = head.get("repo") if isinstance(head, dict) else None
+    base_repo = base.get("repo") if isinstance(base, dict) else payload.get("repository")
+    if not isinstance(head_repo, dict) or not isinstance(base_repo, dict):
+        return True
+    head_name = head_repo.get("full_name")
+    return (
+        head_repo.get("fork") is not False
+        or not isinstance(head_name, str)
+        or head_name != base_repo.get("full_name")
+    )
 
 
 def parse_push(payload: object) -> PushEvent:
@@ -99,4 +110,5 @@ def parse_pull_request(payload: object) -> PullRequestEvent:
         commit_sha=text_field(head, "sha"),
         repo=repository(payload),
         ignore_reason=f"pull request action {action!r} does not build",
+        from_fork=_from_fork(payload, pull),
     )

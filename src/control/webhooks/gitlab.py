@@ -20,7 +20,6 @@ from control.webhooks.push import (
     PullRequestEvent,
     PushEvent,
     RequestAction,
-    api_base,
     commit_files,
     int_field,
     object_field,
@@ -38,17 +37,19 @@ def verify(secret: str, header: str | None) -> bool:
 
 
 def repository(payload: dict[str, object]) -> ForgeRepo | None:
-    """The project an event comes from: its numeric id, and the API of the
-    GitLab server at ``project.web_url`` (which may live under a sub-path)."""
+    """The project an event comes from: its numeric id. Its ``web_url`` is
+    not read: the API base is the project's setting."""
     project = payload.get("project")
     if not isinstance(project, dict):
         return None
     project_id = project.get("id", payload.get("project_id"))
-    if not isinstance(project_id, int) or isinstance(project_id, bool) or project_id <= 0:
+    if not _positive(project_id):
         return None
-    path = project.get("path_with_namespace")
-    api = api_base(project.get("web_url"), "/api/v4", path if isinstance(path, str) else "")
-    return ForgeRepo("gitlab", str(project_id), api)
+    return ForgeRepo("gitlab", str(project_id))
+
+
+def _positive(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 def parse_push(payload: object) -> PushEvent:
@@ -108,4 +109,10 @@ def parse_merge_request(payload: object) -> PullRequestEvent:
         commit_sha=text_field(last, "id"),
         repo=repository(payload),
         ignore_reason=reason,
+        # A request from another project (a fork), or one that does not
+        # show it is not, runs without secrets unless the project opts in.
+        from_fork=not (
+            _positive(attrs.get("source_project_id"))
+            and attrs.get("source_project_id") == attrs.get("target_project_id")
+        ),
     )

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from urllib.parse import urlparse
 
 ZERO_SHA = "0" * 40
 # Bounds on what a payload may make us hold (GitHub lists at most 2,048
@@ -15,13 +14,13 @@ MAX_FILES = 100_000
 
 @dataclass(frozen=True)
 class ForgeRepo:
-    """Where a payload says the repository lives: ``forge`` is "github" or
-    "gitlab", ``repo`` "owner/name" or a GitLab project id, ``api_url`` the
-    forge's REST API base ("" when the payload does not tell)."""
+    """Which repository a payload says it comes from: ``forge`` is "github"
+    or "gitlab", ``repo`` "owner/name" or a GitLab project id. Never where
+    the forge's API lives: a payload must not choose where the forge token
+    is sent."""
 
     forge: str
     repo: str
-    api_url: str = ""
 
 
 @dataclass(frozen=True)
@@ -71,6 +70,10 @@ class PullRequestEvent:
     commit_sha: str
     repo: ForgeRepo | None = None
     ignore_reason: str = ""
+    # The head is in another repository (a fork), or the payload does not
+    # show it is not: such builds run without secrets unless the project
+    # opts in.
+    from_fork: bool = True
 
 
 class PayloadError(ValueError):
@@ -116,20 +119,3 @@ def commit_files(commits: object) -> tuple[tuple[str, ...], int]:
                     if isinstance(path, str) and path and len(files) < MAX_FILES:
                         files[path] = None
     return tuple(files), len(commits)
-
-
-def api_base(web_url: object, suffix: str, strip: str = "") -> str:
-    """The REST API base of the forge serving ``web_url``: its scheme and
-    host, any path prefix left after removing ``strip`` (a self-hosted forge
-    under a sub-path), then ``suffix``. "" when ``web_url`` is no URL."""
-    if not isinstance(web_url, str):
-        return ""
-    parsed = urlparse(web_url)
-    if parsed.scheme not in ("http", "https") or not parsed.netloc:
-        return ""
-    prefix = parsed.path.rstrip("/")
-    if strip and prefix.endswith("/" + strip):
-        prefix = prefix[: -len(strip) - 1]
-    elif strip:
-        prefix = ""
-    return f"{parsed.scheme}://{parsed.netloc}{prefix}{suffix}"

@@ -25,6 +25,7 @@ from control.domain.project import (
     validate_branch,
     validate_commit_sha,
     validate_forge,
+    without_fork_privileges,
 )
 from control.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from control.logging_setup import bind
@@ -45,6 +46,10 @@ from control.webhooks.push import (
 log = logging.getLogger(__name__)
 
 MAX_DELIVERY_ID = 200
+FORK_WARNING = (
+    "pull request from another repository: built without the project's secrets"
+    " and without its preview step (the project's fork_secrets is off)"
+)
 
 
 def respond(code: int, **body: object) -> web.Response:
@@ -254,7 +259,8 @@ class WebhookReceiver:
                 )
             else:
                 build_id = await self.lifecycle.queue(
-                    project,
+                    # Its steps as the runner will get them (see dispatch).
+                    without_fork_privileges(project) if pull.from_fork else project,
                     branch=pull.branch,
                     commit_sha=pull.commit_sha,
                     trigger="pull_request",
@@ -262,7 +268,11 @@ class WebhookReceiver:
                     received_at=hook.received_at,
                     conn=conn,
                 )
-                await self.pushes.record_pull_request_build(conn, build_id, project.id, pull.number)
+                await self.pushes.record_pull_request_build(
+                    conn, build_id, project.id, pull.number, fork=pull.from_fork
+                )
+                if pull.from_fork and not project.fork_secrets:
+                    await self.lifecycle.builds.add_warnings(conn, build_id, [FORK_WARNING])
                 await self._delivered(conn, hook, build_id)
         if pull.kind == RequestAction.BUILD:
             return respond(202, result="queued", build_id=build_id)
@@ -313,14 +323,18 @@ class WebhookReceiver:
             )
 
     async def _connect(self, conn: Conn, project: Project, repo: ForgeRepo | None) -> None:
-        """Fill the project's empty forge settings from the signed payload."""
+        """Fill the project's empty forge and repository from the signed
+        payload. Only the repository's name comes from it: the forge is the
+        endpoint the delivery came to, and the API base stays the project's
+        setting (a payload naming its own server must not receive the
+        forge token)."""
         if repo is None or not repo.repo or project.forge not in ("", repo.forge):
             return
-        if project.forge and project.forge_repo and (project.forge_api_url or not repo.api_url):
+        if project.forge and project.forge_repo:
             return
         try:
-            validate_forge(repo.forge, repo.api_url, repo.repo)
+            validate_forge(repo.forge, "", repo.repo)
         except InvalidArgument as exc:
             log.info("payload names no usable repository (%s); forge not connected", exc)
             return
-        await self.projects.connect_forge(conn, project.id, repo.forge, repo.api_url, repo.repo)
+        await self.projects.connect_forge(conn, project.id, repo.forge, repo.repo)
