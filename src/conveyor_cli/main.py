@@ -361,9 +361,12 @@ def _runner_start(args: argparse.Namespace) -> int:
     from prometheus_client import CollectorRegistry
 
     from control.logging_setup import configure
+    from conveyor_cli.parent import die_with_parent
     from runner.agent import Agent, serve_metrics
+    from runner.identity import WorkDirInUse, claim
     from runner.metrics import RunnerMetrics
 
+    die_with_parent(os.environ)
     try:
         settings = RunnerSettings.from_env(
             os.environ,
@@ -379,6 +382,12 @@ def _runner_start(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     configure("conveyor-runner", args.log_format)
+    try:
+        # Held until exit: one agent per work directory, same id each start.
+        identity = claim(settings.work_dir)
+    except (WorkDirInUse, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     # Archives a runner that died left waiting for their upload: no build
     # runs yet, so all of them.
     shutil.rmtree(settings.cache_staging, ignore_errors=True)
@@ -391,7 +400,10 @@ def _runner_start(args: argparse.Namespace) -> int:
     async def run() -> None:
         metrics = RunnerMetrics(CollectorRegistry())
         launcher, sandboxed = _launcher(settings, metrics)
-        agent = Agent(settings, launcher, metrics, sandboxed=sandboxed, cache=cache)
+        agent = Agent(
+            settings, launcher, metrics, sandboxed=sandboxed, cache=cache,
+            runner_id=identity.runner_id,
+        )  # fmt: skip
         http = (
             await serve_metrics(metrics, settings.metrics_addr) if settings.metrics_addr else None
         )
