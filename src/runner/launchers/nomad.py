@@ -5,8 +5,8 @@ job, reads its evaluation, signals its allocation and keeps the build's secrets
 in a Nomad Variable. Two things python-nomad cannot do go through aiohttp to
 the same API: blocking queries on the allocation (``?index=N&wait=..`` and the
 ``X-Nomad-Index`` header) and following task logs through
-``/v1/client/fs/logs``, a stream of JSON frames whose byte offsets let a broken
-stream resume without repeating a line.
+``/v1/client/fs/logs``, a stream of JSON frames that a broken stream resumes
+at the bytes already received (``nomad_logs``).
 """
 
 from __future__ import annotations
@@ -360,54 +360,54 @@ class NomadJob:
 
     async def _supervise(self) -> JobResult:
         evaluation = await self._await_evaluation()
-        waiting_since: float | None = None
         reason: str | None = None
         if evaluation is not None:
             if evaluation.get("Status") == "failed":
                 why = evaluation.get("StatusDescription") or "evaluation failed"
                 return JobResult(None, error=f"Nomad could not schedule the job: {why}")
             reason = placement_failure(evaluation)
-            if reason is not None:
-                if not waits_for_capacity(evaluation):
-                    return JobResult(None, error=f"placement failed: {reason}")
-                waiting_since = time.monotonic()
-        if waiting_since is None:
+            if reason is not None and not waits_for_capacity(evaluation):
+                return JobResult(None, error=f"placement failed: {reason}")
+        if reason is None:
             alloc_id = await self._await_allocation()
         else:
             try:
-                alloc_id = await self._await_capacity(str(reason))
+                alloc_id = await self._await_capacity(reason)
             except TimeoutError:
                 limit = self._settings.startup_timeout_seconds
                 return JobResult(
                     None, error=f"placement failed: no Nomad capacity within {limit:g} s: {reason}"
                 )
-            if alloc_id is not None:
-                waited = time.monotonic() - waiting_since
-                log.info("Nomad placed job %s after %.1f s", self.job_id, waited)
-                note = f"nomad: placed after waiting {waited:.0f} s for capacity"
-                await self._queue.put(OutputLine("system", note.encode()))
         if alloc_id is None:
             return JobResult(None, killed=True)
         self._alloc_id = alloc_id
         return await self._watch_allocation(alloc_id)
 
     async def _await_capacity(self, reason: str) -> str | None:
-        """Wait for the allocation of a job Nomad queued (a blocked
-        evaluation) until the startup deadline, counted from the launch.
-        Raises ``TimeoutError`` when it passes first."""
-        remaining = self._launched_at + self._settings.startup_timeout_seconds - time.monotonic()
+        """Wait for the allocation of a job Nomad queued for lack of capacity
+        (a blocked evaluation), or None when stopped first. Raises
+        ``TimeoutError`` when the startup deadline, counted from the launch,
+        passes first."""
+        started = time.monotonic()
+        remaining = max(self._launched_at + self._settings.startup_timeout_seconds - started, 0.0)
         log.info("Nomad job %s waits for capacity: %s", self.job_id, reason)
-        note = f"nomad: waiting for Nomad capacity ({reason}), up to {max(remaining, 0):.0f} s"
+        note = f"nomad: waiting for Nomad capacity ({reason}), up to {remaining:.0f} s"
         await self._queue.put(OutputLine("system", note.encode()))
         metrics = self._launcher.metrics
         if metrics is not None:
             metrics.nomad_capacity_waits.inc()
         try:
-            async with asyncio.timeout(max(remaining, 0.0)):
-                return await self._await_allocation()
+            async with asyncio.timeout(remaining):
+                alloc_id = await self._await_allocation()
         finally:
             if metrics is not None:
                 metrics.nomad_capacity_waits.dec()
+        if alloc_id is not None:
+            waited = time.monotonic() - started
+            log.info("Nomad placed job %s after %.1f s", self.job_id, waited)
+            note = f"nomad: placed after waiting {waited:.0f} s for capacity"
+            await self._queue.put(OutputLine("system", note.encode()))
+        return alloc_id
 
     async def _await_evaluation(self) -> Mapping[str, Any] | None:
         if not self._eval_id:
