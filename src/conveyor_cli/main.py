@@ -24,7 +24,7 @@ import grpc
 from conveyor_cli import commands
 from conveyor_cli.target import TargetError, resolve
 from runner.config import RunnerSettings
-from runner.launchers.base import Launcher
+from runner.launchers.base import Launcher, LaunchError
 
 if TYPE_CHECKING:
     from runner.metrics import RunnerMetrics
@@ -58,6 +58,13 @@ def _parser() -> argparse.ArgumentParser:
     start.add_argument("--work-dir", default=None)
     start.add_argument("--metrics-addr", default=None)
     start.add_argument("--label", action="append", default=[])
+    start.add_argument(
+        "--sandbox",
+        choices=["bubblewrap", "none"],
+        default=None,
+        help="local builds in bubblewrap (the default; the runner refuses to start without it)"
+        " or, on purpose, in no sandbox at all",
+    )
     start.add_argument("--log-format", choices=["json", "text"], default="json")
 
     projects = sub.add_parser("projects").add_subparsers(dest="projects_command", required=True)
@@ -377,6 +384,7 @@ def _runner_start(args: argparse.Namespace) -> int:
             work_dir=Path(args.work_dir) if args.work_dir else None,
             metrics_addr=args.metrics_addr,
             labels=tuple(args.label),
+            sandbox=args.sandbox,
         )
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -399,7 +407,11 @@ def _runner_start(args: argparse.Namespace) -> int:
 
     async def run() -> None:
         metrics = RunnerMetrics(CollectorRegistry())
-        launcher, sandboxed = _launcher(settings, metrics)
+        try:
+            launcher, sandboxed = _launcher(settings, metrics)
+        except LaunchError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            raise SystemExit(2) from None
         agent = Agent(
             settings, launcher, metrics, sandboxed=sandboxed, cache=cache,
             runner_id=identity.runner_id,
@@ -440,6 +452,7 @@ def _launcher(settings: RunnerSettings, metrics: RunnerMetrics) -> tuple[Launche
         metrics=metrics,
         protected=(settings.cache_root, settings.cache_staging),
         user_network=False if settings.build_network == "host" else None,
+        sandbox=settings.sandbox != "none",
     )
     return local, local.sandboxed
 

@@ -41,6 +41,8 @@ _RESULT_LABEL: dict[BuildStatus.ValueType, str] = {
 REPORT_PATIENCE = 600.0
 # A cache is stored only while this much of the run deadline is left.
 STORE_MARGIN = 10.0
+# The build's warning (`conveyor builds show`) when its runner has no sandbox.
+NO_SANDBOX_BUILD_WARNING = "build ran WITHOUT a sandbox (its runner runs with --sandbox none)"
 
 
 def _ts(at: datetime) -> Timestamp:
@@ -163,7 +165,7 @@ class BuildRun:
 
     async def _run(self, batcher: LogBatcher) -> tuple[BuildStatus.ValueType, str]:
         a = self.a
-        warnings = [] if self.sandboxed else ["build ran WITHOUT a sandbox (bubblewrap missing)"]
+        warnings = [] if self.sandboxed else [NO_SANDBOX_BUILD_WARNING]
         self._report(pb.BUILD_STATUS_INITIALIZING, warnings=warnings)
         secrets = {e.name: e.value for e in a.env if e.secret}
         masker = Masker(secrets.values())

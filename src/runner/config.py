@@ -11,6 +11,7 @@ from runner.cache import BuildCache, CachePolicy, LocalDirCache, S3Cache
 from runner.launchers.base import Limits
 
 CACHE_BACKENDS = ("dir", "s3", "off")
+SANDBOXES = ("bubblewrap", "none")
 
 
 @dataclass(frozen=True)
@@ -27,7 +28,9 @@ class RunnerSettings:
     limits: Limits = field(default_factory=Limits)
     # How long SIGTERM waits for running builds before handing them back.
     drain_seconds: float = 600.0
-    require_sandbox: bool = False
+    # Local builds: "bubblewrap" (required: the runner refuses to start
+    # without a working one) or "none" (plain subprocesses, on purpose).
+    sandbox: str = "bubblewrap"
     # Builds with network: "own" (a namespace of their own through
     # slirp4netns where installed) or "host" (the host's, loopback included).
     build_network: str = "own"
@@ -83,6 +86,10 @@ class RunnerSettings:
         if network not in ("own", "host"):
             raise ValueError("CONVEYOR_BUILD_NETWORK must be own or host")
         values["build_network"] = network
+        sandbox = env.get("CONVEYOR_SANDBOX", "bubblewrap")
+        if sandbox not in SANDBOXES:
+            raise ValueError("CONVEYOR_SANDBOX must be bubblewrap or none")
+        values["sandbox"] = sandbox
         if env.get("CONVEYOR_RUNNER_LABELS"):
             values["labels"] = tuple(
                 x.strip() for x in env["CONVEYOR_RUNNER_LABELS"].split(",") if x.strip()

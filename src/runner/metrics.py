@@ -53,6 +53,13 @@ class RunnerMetrics:
             "Nomad builds queued by Nomad (a blocked evaluation) until it has capacity.",
             registry=registry,
         )
+        self.sandbox = Gauge(
+            "conveyor_runner_sandbox",
+            "The local launcher's sandbox: 1 for the mode builds run in (bubblewrap, or"
+            " none: the operator chose --sandbox none), 0 for the other.",
+            ["mode"],
+            registry=registry,
+        )
         self.sandbox_limit_hits = Counter(
             "conveyor_runner_sandbox_limit_hits_total",
             "Local builds that hit a sandbox limit, by limit (memory, processes, cpu, workspace).",

@@ -1,5 +1,6 @@
-"""The local launcher's own behaviour beyond the launcher contract: the
-warning without bubblewrap (down to `conveyor builds show`), one uid per
+"""The local launcher's own behaviour beyond the launcher contract: no
+sandbox only by the operator's choice, and then a warning (down to
+`conveyor builds show`), one uid per
 running build, the job's environment, and that a job leaves nothing behind
 on the host (cgroups, mounts, loop devices, images, slots)."""
 
@@ -14,11 +15,15 @@ import uuid
 from pathlib import Path
 
 import pytest
+from prometheus_client import CollectorRegistry
 
 from conveyor.v1 import types_pb2 as pb
-from runner.launchers.base import JobResult, JobSpec, Limits, OutputLine
-from runner.launchers.local import FALLBACK_WARNING, LocalLauncher
+from runner.build_run import NO_SANDBOX_BUILD_WARNING
+from runner.config import RunnerSettings
+from runner.launchers.base import JobResult, JobSpec, LaunchError, Limits, OutputLine
+from runner.launchers.local import NO_SANDBOX_WARNING, LocalLauncher
 from runner.launchers.local_job import LocalJob
+from runner.metrics import RunnerMetrics
 from tests.helpers import Api, ControlHandle, RunnerProcess, make_repo
 
 pytestmark = pytest.mark.timeout(60)
@@ -49,20 +54,34 @@ async def until_ready(job: LocalJob) -> None:
     raise AssertionError("the job ended before it was ready")
 
 
-# ---------------------------------------------------------- without bubblewrap
+# ------------------------------------------------------------- no sandbox
 
 
-async def test_without_bubblewrap_every_log_starts_with_a_warning(build_dir: Path) -> None:
-    launcher = LocalLauncher(build_dir / "workspaces", sandbox=False)
+async def test_with_no_sandbox_chosen_every_log_starts_with_a_warning(build_dir: Path) -> None:
+    metrics = RunnerMetrics(CollectorRegistry())
+    launcher = LocalLauncher(build_dir / "workspaces", sandbox=False, metrics=metrics)
     assert not launcher.sandboxed
+    assert metrics.registry.get_sample_value("conveyor_runner_sandbox", {"mode": "none"}) == 1
+    assert metrics.registry.get_sample_value("conveyor_runner_sandbox", {"mode": "bubblewrap"}) == 0
     lines, result = await run(launcher, job_spec("echo built"))
-    assert lines[0] == OutputLine("system", FALLBACK_WARNING.encode())
+    assert lines[0] == OutputLine("system", NO_SANDBOX_WARNING.encode())
     assert of(lines, "stdout") == ["built"]
     assert result == JobResult(exit_code=0)
 
 
-def _path_without_bwrap(bin_dir: Path) -> str:
-    """A PATH with every program of this host but bubblewrap."""
+@needs_bwrap
+def test_a_sandboxed_launcher_says_so_on_its_metrics(build_dir: Path) -> None:
+    metrics = RunnerMetrics(CollectorRegistry())
+    launcher = LocalLauncher(build_dir / "workspaces", metrics=metrics)
+    assert launcher.sandboxed
+    assert metrics.registry.get_sample_value("conveyor_runner_sandbox", {"mode": "bubblewrap"}) == 1
+    assert metrics.registry.get_sample_value("conveyor_runner_sandbox", {"mode": "none"}) == 0
+
+
+def _path_without_bwrap(bin_dir: Path, *, broken: bool = False) -> str:
+    """A PATH with every program of this host but bubblewrap; with
+    ``broken``, a bwrap that fails whatever it is asked (as one does where
+    unprivileged user namespaces are off)."""
     bin_dir.mkdir()
     for directory in ("/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin"):
         if not os.path.isdir(directory):
@@ -71,10 +90,49 @@ def _path_without_bwrap(bin_dir: Path) -> str:
             link = bin_dir / entry.name
             if entry.name != "bwrap" and not link.exists():
                 link.symlink_to(entry.path)
+    if broken:
+        (bin_dir / "bwrap").symlink_to(shutil.which("false") or "/bin/false")
     return str(bin_dir)
 
 
-async def test_builds_show_warns_when_the_runner_has_no_bubblewrap(
+@pytest.mark.parametrize("broken", [False, True], ids=["missing", "not-working"])
+def test_without_a_working_bubblewrap_the_launcher_refuses(
+    build_dir: Path, monkeypatch: pytest.MonkeyPatch, broken: bool
+) -> None:
+    monkeypatch.setenv("PATH", _path_without_bwrap(build_dir / "bin", broken=broken))
+    why = "does not work here" if broken else "is not installed"
+    with pytest.raises(LaunchError, match=why) as refused:
+        LocalLauncher(build_dir / "workspaces")
+    assert "--sandbox none" in str(refused.value)
+
+
+def test_the_sandbox_setting_takes_bubblewrap_or_none() -> None:
+    base = {"CONVEYOR_CONTROL_ADDR": "localhost:1", "CONVEYOR_RUNNER_TOKEN": "t"}
+    assert RunnerSettings.from_env(base).sandbox == "bubblewrap"
+    assert RunnerSettings.from_env({**base, "CONVEYOR_SANDBOX": "none"}).sandbox == "none"
+    assert RunnerSettings.from_env(base, sandbox="none").sandbox == "none"
+    with pytest.raises(ValueError, match="CONVEYOR_SANDBOX must be bubblewrap or none"):
+        RunnerSettings.from_env({**base, "CONVEYOR_SANDBOX": "off"})
+
+
+async def test_a_runner_without_bubblewrap_refuses_to_start(
+    control: ControlHandle, build_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PATH", await asyncio.to_thread(_path_without_bwrap, build_dir / "bin"))
+    runner = RunnerProcess(control.plane.grpc_address, control.runner_token, build_dir / "runner")
+    await runner.start()
+    try:
+        assert runner.proc is not None
+        code = await asyncio.wait_for(runner.proc.wait(), 30)
+    finally:
+        await runner.stop()
+    assert code == 2, runner.log()
+    assert "error: bubblewrap (bwrap) is not installed" in runner.log()
+    assert "Traceback" not in runner.log()
+    assert "conveyor runner start --sandbox none" in runner.log()
+
+
+async def test_builds_show_warns_when_the_operator_chose_no_sandbox(
     control: ControlHandle,
     api: Api,
     build_dir: Path,
@@ -83,7 +141,7 @@ async def test_builds_show_warns_when_the_runner_has_no_bubblewrap(
     repo = await asyncio.to_thread(make_repo, build_dir / "repo")
     monkeypatch.setenv("PATH", await asyncio.to_thread(_path_without_bwrap, build_dir / "bin"))
     runner = RunnerProcess(control.plane.grpc_address, control.runner_token, build_dir / "runner")
-    await runner.start()
+    await runner.start("--sandbox", "none")
     try:
         await control.wait_runners(1)
         await api.create_project("unsandboxed", repo)
@@ -93,8 +151,9 @@ async def test_builds_show_warns_when_the_runner_has_no_bubblewrap(
         await runner.stop()
     texts = [line.text for line in await api.logs(build.id)]
     assert done.status == pb.BUILD_STATUS_SUCCEEDED, (done.status_reason, texts)
-    assert list(done.warnings) == ["build ran WITHOUT a sandbox (bubblewrap missing)"]
-    assert FALLBACK_WARNING in texts
+    assert list(done.warnings) == [NO_SANDBOX_BUILD_WARNING]
+    assert NO_SANDBOX_WARNING in texts
+    assert "sandbox NONE (the operator's choice: --sandbox none)" in runner.log()
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "conveyor_cli.main", "builds", "show", build.id,
         env={**os.environ, "CONVEYOR_ADDR": control.plane.grpc_address,
@@ -103,7 +162,7 @@ async def test_builds_show_warns_when_the_runner_has_no_bubblewrap(
     )  # fmt: skip
     out, err = await asyncio.wait_for(proc.communicate(), 30)
     assert proc.returncode == 0, err.decode()
-    assert "WARNING    build ran WITHOUT a sandbox (bubblewrap missing)" in out.decode()
+    assert f"WARNING    {NO_SANDBOX_BUILD_WARNING}" in out.decode()
 
 
 # ------------------------------------------------------------------ build uids

@@ -35,8 +35,12 @@ What a build gets, and what stands between it and the host:
   build, and the runner's ``BuildRun`` has a backstop for when the control
   plane is unreachable.
 
-Without bubblewrap the build runs as a plain subprocess (still as its own
-uid, with the same limits) and every build's log starts with a warning.
+No sandbox is a choice, never a fallback: without a working bubblewrap
+the launcher refuses to start (``_probe``), unless the runner's operator
+chose ``--sandbox none`` (``sandbox=False``). Then builds run as plain
+subprocesses (still as their own uid, with the same limits), the runner's
+startup log and its ``conveyor_runner_sandbox`` metric say so, and every
+build's log starts with a warning.
 
 As root, a job starts as a small shim (``_SHIM``, root, in a mount namespace
 of its own when the workspace has a filesystem of its own): it mounts the
@@ -52,6 +56,7 @@ import logging
 import os
 import shutil
 import signal
+import subprocess
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -74,9 +79,14 @@ from runner.script import CACHE_IN_FD, CACHE_OUT_FD
 
 log = logging.getLogger(__name__)
 
-FALLBACK_WARNING = (
-    "bubblewrap (bwrap) is not installed: this build ran as a plain subprocess"
-    " WITHOUT a sandbox; install bubblewrap on the build host"
+NO_SANDBOX_WARNING = (
+    "this build ran WITHOUT a sandbox, as a plain subprocess on the build host:"
+    " the runner's operator chose --sandbox none (CONVEYOR_SANDBOX=none)"
+)
+# How an operator who wants no sandbox says so, for the errors that refuse.
+_NO_SANDBOX_HINT = (
+    "; install bubblewrap (it needs unprivileged user namespaces), or run builds"
+    " unsandboxed on purpose: conveyor runner start --sandbox none (CONVEYOR_SANDBOX=none)"
 )
 SHARED_NETWORK_WARNING = (
     "slirp4netns is not installed (or /dev/net/tun is not usable): builds with network"
@@ -186,6 +196,28 @@ def own_network_tool() -> str | None:
     return tools.slirp4netns if tools else None
 
 
+def _probe(bwrap: str, setpriv: str | None) -> str | None:
+    """Blocking: why bubblewrap cannot sandbox a build on this host (a
+    sandbox with the namespaces a build gets, as an unprivileged uid, as
+    builds run), or None when it can. Costs a few milliseconds."""
+    # nobody, as a build uid is: root makes namespaces where others may not.
+    drop = [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", "--"] if setpriv else []
+    argv = [
+        *drop, bwrap, "--unshare-all", "--unshare-user", "--disable-userns", "--die-with-parent",
+        "--ro-bind", "/", "/", "--proc", "/proc", "--dev", "/dev", "--", "true",
+    ]  # fmt: skip
+    try:
+        done = subprocess.run(
+            argv, env=HOST_ENV, cwd="/", capture_output=True, timeout=30, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return str(exc)
+    if done.returncode == 0:
+        return None
+    why = done.stderr.decode(errors="replace").strip().splitlines()
+    return why[-1] if why else f"it exited with {done.returncode}"
+
+
 def _write_env(fd: int, env: Mapping[str, str]) -> None:
     """Blocking: write ``env`` NUL-separated to the pipe ``fd``, close it."""
     data = b"".join(f"{name}={value}".encode() + b"\0" for name, value in env.items())
@@ -211,9 +243,10 @@ def _read_ready(fd: int) -> bool:
 class LocalLauncher:
     """Runs jobs under ``work_root/<build id>``; one runner per work root.
 
-    ``sandbox=None`` uses bubblewrap when it is installed; ``sandbox=False``
-    forces the plain subprocess (tests of the fallback only); ``sandbox=True``
-    raises ``LaunchError`` when bubblewrap is missing. ``cgroups`` and
+    ``sandbox=True`` (the default) runs builds in bubblewrap and raises
+    ``LaunchError`` when it is missing or does not work here (the message
+    says how to fix it); ``sandbox=False``, the operator's explicit choice
+    (``--sandbox none``), runs them as plain subprocesses. ``cgroups`` and
     ``hard_workspace_limit`` likewise: None uses them when the host allows,
     False never (tests of the fallbacks), True requires them.
     ``keep_workspaces`` (debugging) leaves workspaces behind after their
@@ -232,7 +265,7 @@ class LocalLauncher:
         self,
         work_root: Path,
         *,
-        sandbox: bool | None = None,
+        sandbox: bool = True,
         keep_workspaces: bool = False,
         cgroups: bool | None = None,
         hard_workspace_limit: bool | None = None,
@@ -244,11 +277,6 @@ class LocalLauncher:
         self.work_root = work_root
         self.protected = tuple(protected)
         self.metrics = metrics
-        self.bwrap = shutil.which("bwrap") if sandbox is not False else None
-        if sandbox and not self.bwrap:
-            raise LaunchError("bubblewrap (bwrap) is required but not installed")
-        if not self.bwrap:
-            log.warning(FALLBACK_WARNING)
         self.keep_workspaces = keep_workspaces
         self.users: BuildUsers | None = None
         self.setpriv: str | None = None
@@ -257,6 +285,19 @@ class LocalLauncher:
             if not self.setpriv:
                 raise LaunchError("a root runner needs setpriv (util-linux) to drop privileges")
             self.users = BuildUsers()
+        self.bwrap: str | None = None
+        if sandbox:
+            self.bwrap = shutil.which("bwrap")
+            if not self.bwrap:
+                raise LaunchError("bubblewrap (bwrap) is not installed" + _NO_SANDBOX_HINT)
+            why = _probe(self.bwrap, self.setpriv)
+            if why is not None:
+                raise LaunchError(f"bubblewrap does not work here ({why})" + _NO_SANDBOX_HINT)
+        else:
+            log.warning("builds run WITHOUT a sandbox: the operator chose --sandbox none")
+        if metrics is not None:
+            for mode in ("bubblewrap", "none"):
+                metrics.sandbox.labels(mode).set(1 if (mode == "none") != sandbox else 0)
         self.cgroup_root = CgroupRoot.detect() if cgroups is not False else None
         if cgroups and self.cgroup_root is None:
             raise LaunchError("per-build cgroups are required but not available on this host")
@@ -292,7 +333,7 @@ class LocalLauncher:
         log.info(
             "local launcher: sandbox %s, seccomp %s, network %s, build users %s, cgroups %s,"
             " workspace limit %s",
-            "bubblewrap" if self.bwrap else "NONE",
+            "bubblewrap" if self.bwrap else "NONE (the operator's choice: --sandbox none)",
             "on" if self.seccomp else "off",
             "own (slirp4netns)" if self.network else "the host's",
             "one uid per build" if self.users else "the runner's own uid",
@@ -328,7 +369,7 @@ class LocalLauncher:
             limits=spec.limits,
             grant=grant,
             keep_workspace=self.keep_workspaces,
-            warning=None if self.bwrap else FALLBACK_WARNING,
+            warning=None if self.bwrap else NO_SANDBOX_WARNING,
             env_writer=writer,
             metrics=self.metrics,
             network=network,
