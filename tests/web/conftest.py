@@ -57,14 +57,15 @@ class Tenant:
     """An account with a write-scoped user token."""
 
     account_id: str
+    token_id: str
     token: str
 
 
 async def new_tenant(control: ControlHandle, name: str, scopes: tuple[str, ...]) -> Tenant:
     async with control.plane.db.transaction() as conn:
         account = await create_account(conn, f"{name}-{uuid.uuid4().hex[:6]}", 6)
-        _, token = await insert_token(conn, account.id, f"{name}-token", "user", scopes)
-    return Tenant(account.id, token)
+        token_id, token = await insert_token(conn, account.id, f"{name}-token", "user", scopes)
+    return Tenant(account.id, token_id, token)
 
 
 class Dashboard:
@@ -77,6 +78,8 @@ class Dashboard:
         self.page = page
         self.url = control.http_url
         self.console_errors: list[str] = []
+        self.requests: list[str] = []
+        page.on("request", lambda request: self.requests.append(request.url))
         page.on(
             "console",
             lambda msg: self.console_errors.append(msg.text) if msg.type == "error" else None,

@@ -54,6 +54,10 @@ async def test_running_build_log_is_live_and_controllable(
     await expect(log.locator("#L204")).to_have_text(re.compile(r"204\s*live 200"))
     await log.locator("#L204").wait_for()
     assert await log.evaluate("e => e.scrollTop + e.clientHeight >= e.scrollHeight - 8")
+    # They came over the API's event stream, not by polling the page's
+    # range endpoint.
+    assert [u for u in dashboard.requests if "/logs?follow=true" in u]
+    assert not [u for u in dashboard.requests if "/lines?" in u]
     await page.screenshot(path=str(SCREENSHOTS / "build-running.png"))
 
     # Cancel from the page: the runner is told, and its report flips the page.

@@ -17,6 +17,7 @@ const dataEl = document.getElementById("log-data");
 const view = document.getElementById("log");
 const countEl = document.getElementById("log-count");
 const earlierBtn = document.getElementById("log-earlier");
+const laterBtn = document.getElementById("log-later");
 const followBtn = document.getElementById("log-follow");
 const data = JSON.parse(dataEl.textContent);
 const ansi = new AnsiUp();
@@ -118,7 +119,9 @@ function showCount() {
     countEl.textContent = `lines ${f(state.first)}–${f(state.last)} of ${f(state.total)}`;
   }
   earlierBtn.classList.toggle("hidden", state.first <= 1 || state.total === 0);
+  laterBtn.classList.toggle("hidden", state.last >= state.total);
   followBtn.classList.toggle("hidden", state.follow && state.last === state.total);
+  followBtn.textContent = state.last < state.total ? "Jump to the end" : "Follow";
 }
 
 // --- scrolling -------------------------------------------------------------
@@ -181,6 +184,35 @@ async function loadEarlier(until = 0) {
 
 earlierBtn.addEventListener("click", () => loadEarlier());
 
+async function loadLater() {
+  if (state.loading || state.last >= state.total) return;
+  state.loading = true;
+  try {
+    const lines = await fetchLines(state.last, RANGE);
+    if (lines.length) {
+      view.append(fragmentOf(lines));
+      state.last = lines[lines.length - 1][0];
+      state.total = Math.max(state.total, state.last);
+    }
+  } finally {
+    state.loading = false;
+    showCount();
+  }
+}
+
+laterBtn.addEventListener("click", () => loadLater());
+
+// A link to a line far before the tail: show a range around it instead of
+// loading everything in between.
+async function jumpTo(number) {
+  const from = Math.max(1, number - RANGE / 2);
+  const lines = await fetchLines(from - 1, RANGE);
+  if (!lines.length) return;
+  view.replaceChildren(fragmentOf(lines));
+  state.first = lines[0][0];
+  state.last = lines[lines.length - 1][0];
+}
+
 // Lines after the tail (from the stream or a poll): appended when the view
 // shows the tail, counted otherwise; duplicates after a reconnect are skipped.
 function received(lines) {
@@ -205,6 +237,15 @@ function streamLetter(stream) {
   return name.includes("err") ? "e" : name.includes("system") ? "s" : "o";
 }
 
+function finished() {
+  state.final = true;
+  showCount();
+  refresh();
+}
+
+// The API's event stream: each event's data is a StreamLogsResponse in
+// proto3 JSON; the last one carries the build's final status, then the
+// stream ends (and must not be reopened).
 function follow() {
   if (state.final) return;
   const url =
@@ -217,17 +258,19 @@ function follow() {
       (message.lines || []).map((l) => [Number(l.number), streamLetter(l.stream), l.text || ""]),
     );
     if (message.cursor) state.cursor = message.cursor;
+    if (message.status) {
+      events.close();
+      finished();
+    }
   };
-  events.addEventListener("status", () => {
-    events.close();
-    state.final = true;
-    showCount();
-    refresh();
-  });
-  events.onerror = () => {
-    // CONNECTING: the browser reconnects by itself (with Last-Event-ID).
-    // CLOSED: the stream is not available here; poll instead.
-    if (events.readyState === EventSource.CLOSED) poll();
+  events.onerror = (event) => {
+    // An "error" event from the server (its data says why), or a stream
+    // that cannot open: poll instead. CONNECTING means the browser is
+    // reconnecting by itself, resuming with Last-Event-ID.
+    if (event.data !== undefined || events.readyState === EventSource.CLOSED) {
+      events.close();
+      poll();
+    }
   };
 }
 
@@ -244,8 +287,7 @@ async function poll() {
   }
   const summary = document.getElementById("summary");
   if (summary && summary.dataset.final === "true") {
-    state.final = true;
-    showCount();
+    finished();
     return;
   }
   setTimeout(poll, POLL_MS);
@@ -253,31 +295,40 @@ async function poll() {
 
 // --- start -----------------------------------------------------------------
 
+function wantedLine() {
+  const target = /^#L(\d+)$/.exec(location.hash);
+  return target ? Number(target[1]) : 0;
+}
+
+// Bring line ``number`` into the view (loading it when it is not), and stop
+// following the end: the reader is looking at that line.
+async function reveal(number) {
+  if (number < state.first) {
+    if (state.first - number <= 10 * RANGE) await loadEarlier(number);
+    else await jumpTo(number);
+  } else if (number > state.last && number <= state.total) {
+    await jumpTo(number);
+  }
+  const line = document.getElementById(`L${number}`);
+  if (!line) return false;
+  state.follow = false;
+  line.scrollIntoView({ block: "center" });
+  showCount();
+  return true;
+}
+
 async function start() {
   view.append(fragmentOf(data.lines));
   showCount();
-  const target = /^#L(\d+)$/.exec(location.hash);
-  const wanted = target ? Number(target[1]) : 0;
-  if (wanted && wanted < state.first && state.first - wanted <= 10 * RANGE) {
-    await loadEarlier(wanted);
-  }
-  const line = wanted ? document.getElementById(`L${wanted}`) : null;
-  if (line) {
-    state.follow = false;
-    line.scrollIntoView({ block: "center" });
-  } else {
-    toBottom();
-  }
+  const wanted = wantedLine();
+  if (!wanted || !(await reveal(wanted))) toBottom();
   showCount();
   follow();
 }
 
 window.addEventListener("hashchange", () => {
-  const target = /^#L(\d+)$/.exec(location.hash);
-  if (target) {
-    state.follow = false;
-    showCount();
-  }
+  const wanted = wantedLine();
+  if (wanted) reveal(wanted);
 });
 
 start();
