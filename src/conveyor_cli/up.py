@@ -366,7 +366,8 @@ async def _run(
         # configuration: restarting it would not help.
         return 1 if runner_watch.done() else 0
     finally:
-        log.info("stopping Conveyor")
+        if plane is not None:
+            log.info("stopping Conveyor")
         for task in watchers:
             task.cancel()
         await asyncio.gather(*watchers, return_exceptions=True)
@@ -377,6 +378,8 @@ async def _run(
                 await plane.stop()
         if pg is not None:
             await pg.stop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
 
 
 async def _demo(plane: ControlPlane, data_dir: Path, token: str) -> None:
