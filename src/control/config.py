@@ -69,6 +69,53 @@ class LifecycleSettings:
 
 
 @dataclass(frozen=True)
+class RetentionSettings:
+    """What ``control.retention`` deletes and how fast. Days of 0 keep
+    forever. Builds (with their steps and logs) and skipped pushes go
+    ``build_days`` after they ended, except the newest ``keep_per_branch``
+    builds of each project's branch; webhook deliveries (de-duplication of
+    forge redeliveries) after ``delivery_days``; the audit log after
+    ``audit_days``."""
+
+    build_days: int = 90
+    keep_per_branch: int = 20
+    delivery_days: int = 14
+    audit_days: int = 400
+    interval: float = 3600.0
+    # Per statement: builds looked at, log chunks or other rows deleted.
+    builds_per_batch: int = 500
+    rows_per_batch: int = 5000
+    # Between two batches, so that collection never crowds out ingest (s).
+    pause: float = 0.05
+
+
+_RETENTION_VARS = (
+    ("build_days", "CONVEYOR_RETENTION_DAYS", 90),
+    ("keep_per_branch", "CONVEYOR_RETENTION_KEEP_PER_BRANCH", 20),
+    ("delivery_days", "CONVEYOR_DELIVERY_RETENTION_DAYS", 14),
+    ("audit_days", "CONVEYOR_AUDIT_RETENTION_DAYS", 400),
+)
+
+
+def _retention(env: Mapping[str, str]) -> RetentionSettings:
+    values: dict[str, int] = {}
+    for key, name, default in _RETENTION_VARS:
+        values[key] = _int(env, name, default)
+        if values[key] < 0:
+            raise InvalidArgument(name, f"must be 0 or more, not {values[key]}")
+    interval = _float(env, "CONVEYOR_RETENTION_INTERVAL_SECONDS", 3600.0)
+    if interval <= 0:
+        raise InvalidArgument("CONVEYOR_RETENTION_INTERVAL_SECONDS", "must be more than 0")
+    return RetentionSettings(
+        build_days=values["build_days"],
+        keep_per_branch=values["keep_per_branch"],
+        delivery_days=values["delivery_days"],
+        audit_days=values["audit_days"],
+        interval=interval,
+    )
+
+
+@dataclass(frozen=True)
 class Settings:
     database_url: str = ""
     grpc_addr: str = "127.0.0.1:7070"
@@ -90,6 +137,8 @@ class Settings:
     tls_ca: str = ""
     # Forge API bases besides the public ones that projects may name.
     forge_api_urls: tuple[str, ...] = ()
+    # Data retention (issue 16): see RetentionSettings.
+    retention: RetentionSettings = field(default_factory=RetentionSettings)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
@@ -118,6 +167,7 @@ class Settings:
             log_format=_log_format(env),
             lifecycle=lifecycle,
             forge_api_urls=_forge_api_urls(env),
+            retention=_retention(env),
         )
 
     def with_(self, **changes: object) -> Settings:

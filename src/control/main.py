@@ -33,6 +33,7 @@ from control.forge.reporter import RetryPolicy, StatusReporter
 from control.http import HttpApp
 from control.logs.fanout import LogHub
 from control.metrics import ControlMetrics
+from control.retention import Retention
 from control.scheduler.loop import Scheduler
 from control.secrets import SecretBox
 from control.services.builds import BuildService
@@ -285,6 +286,8 @@ class ControlPlane:
 
         self.scheduler.start()
         self._alarms = asyncio.create_task(self._alarm_loop(), name="alarms")
+        self.retention = Retention(s.database_url, s.retention, self.metrics.retention)
+        self.retention.start()
         log.info(
             "control plane serving gRPC on %s and HTTP on %s", self.grpc_address, self.http_url
         )
@@ -351,6 +354,7 @@ class ControlPlane:
             await self._alarms
         except asyncio.CancelledError:
             pass
+        await self.retention.stop()
         await self.scheduler.stop()
         await self.http_runner.cleanup()
         self.hub.close()

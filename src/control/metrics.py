@@ -158,6 +158,8 @@ class ControlMetrics:
         registry.register(self.db_pool)
         # Forge integration (issue 8): declared in ForgeMetrics below.
         self.forge = ForgeMetrics(registry)
+        # Data retention (issue 16): declared in RetentionMetrics below.
+        self.retention = RetentionMetrics(registry)
 
 
 class BuildCountsCollector(Collector):
@@ -316,5 +318,50 @@ class ForgeMetrics:
             "conveyor_deploy_hook_calls_total",
             "Deploy hook calls, by result (queued, duplicate, not_found, error).",
             ["result"],
+            registry=registry,
+        )
+
+
+# --- Data retention (issue 16): the collection loop of control/retention.py.
+class RetentionMetrics:
+    """Metrics of data retention, under ``ControlMetrics.retention``. Only
+    the replica holding the collection lock deletes; the others count a
+    ``skipped`` pass."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.passes = Counter(
+            "conveyor_retention_passes_total",
+            "Retention passes, by result (ok, error, skipped: another replica collects).",
+            ["result"],
+            registry=registry,
+        )
+        self.rows_deleted = Counter(
+            "conveyor_retention_rows_deleted_total",
+            "Rows deleted by retention, by table (a build's steps and alarms go with it).",
+            ["table"],
+            registry=registry,
+        )
+        self.bytes_deleted = Counter(
+            "conveyor_retention_bytes_deleted_total",
+            "Approximate stored bytes of the rows deleted by retention, by table.",
+            ["table"],
+            registry=registry,
+        )
+        self.table_bytes = Gauge(
+            "conveyor_table_bytes",
+            "On-disk size of a table with its indexes and TOAST, read after each"
+            " retention pass (installation-wide: take the max over replicas).",
+            ["table"],
+            registry=registry,
+        )
+        self.pass_seconds = Histogram(
+            "conveyor_retention_pass_seconds",
+            "Duration of one retention pass that held the collection lock.",
+            buckets=_BUILD_BUCKETS,
+            registry=registry,
+        )
+        self.last_success = Gauge(
+            "conveyor_retention_last_success_timestamp_seconds",
+            "Unix time at which this process last completed a retention pass.",
             registry=registry,
         )
