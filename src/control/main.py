@@ -17,9 +17,9 @@ from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_health.v1.health import SERVICE_NAME as HEALTH_SERVICE
-from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
+from control.api import reflection
 from control.api.build_manager_servicer import BuildManagerServicer
 from control.api.config_servicer import ConfigServicer
 from control.api.edge import Authenticator, EdgeInterceptor
@@ -244,9 +244,7 @@ class ControlPlane:
         )
         self.health = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(
-            (*SERVICE_NAMES, HEALTH_SERVICE, reflection.SERVICE_NAME), self.server
-        )
+        reflection.enable((*SERVICE_NAMES, HEALTH_SERVICE), self.server)
         await self.server.start()
         for name in (*SERVICE_NAMES, ""):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)

@@ -84,6 +84,7 @@ class BuildManagerServicer(bm_grpc.BuildManagerServicer):
                 while True:
                     chunks = await self.logs.read_packed(build.id, after, PACKED_PAGE_LINES)
                     if not chunks:
+                        yield await self._end(build.id, after)
                         return
                     for first_line, data in chunks:
                         after = first_line + data.count("\n")
@@ -94,6 +95,7 @@ class BuildManagerServicer(bm_grpc.BuildManagerServicer):
                 while True:
                     lines = await self.logs.read(build.id, after, MESSAGE_LINES)
                     if not lines:
+                        yield await self._end(build.id, after)
                         return
                     after = lines[-1].number
                     yield bm.StreamLogsResponse(
@@ -114,7 +116,9 @@ class BuildManagerServicer(bm_grpc.BuildManagerServicer):
                     )
                 if final is not None:
                     yield bm.StreamLogsResponse(
-                        cursor=cursor.encode(after), status=convert.BUILD_STATUS_TO_PB[final]
+                        cursor=cursor.encode(after),
+                        status=convert.BUILD_STATUS_TO_PB[final],
+                        complete=True,
                     )
         finally:
             self.metrics.log_streams.dec()
@@ -140,6 +144,18 @@ class BuildManagerServicer(bm_grpc.BuildManagerServicer):
             cursor=cursor.encode(after),
             first_line=lines[0].number if lines else 0,
             status=convert.BUILD_STATUS_TO_PB[build.status],
+            complete=complete,
+        )
+
+    async def _end(self, build_id: str, after: int) -> bm.StreamLogsResponse:
+        """The last message of a stream without follow: the build's status,
+        read after the lines, and whether the log is complete (final, and no
+        line stored after ``after``)."""
+        status = await self._status(build_id)
+        complete = status.final and not await self.logs.read(build_id, after, 1)
+        return bm.StreamLogsResponse(
+            cursor=cursor.encode(after),
+            status=convert.BUILD_STATUS_TO_PB[status],
             complete=complete,
         )
 

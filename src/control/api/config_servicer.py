@@ -44,7 +44,10 @@ def settings_from(msg: cs.CreateProjectRequest) -> ProjectSettings:
         preview_command=msg.preview_command,
         run_timeout_seconds=msg.run_timeout_seconds or proj.DEFAULT_RUN_TIMEOUT_SECONDS,
         cancel_in_progress=msg.cancel_in_progress,
-        build_other_branches=msg.build_other_branches,
+        # Unset means the documented default: other branches build.
+        build_other_branches=(
+            msg.build_other_branches if msg.HasField("build_other_branches") else True
+        ),
         root_directory=msg.root_directory,
         branch_include=tuple(msg.branch_include),
         branch_exclude=tuple(msg.branch_exclude),
@@ -121,16 +124,18 @@ class ConfigServicer(AccessRpcs, ForgeRpcs, FleetRpcs, cs_grpc.ConfigServiceServ
     ) -> cs.UpdateProjectResponse:
         account = account_of_caller()
         ref = required("project", request.project)
-        unknown = [m for m in request.update_mask if m not in UPDATABLE]
+        mask = _mask_of(request)
+        named = "mask" if request.mask.paths else "update_mask"
+        unknown = [m for m in mask if m not in UPDATABLE]
         if unknown:
-            raise InvalidArgument("update_mask", f"cannot update {', '.join(unknown)}")
-        if not request.update_mask:
-            raise InvalidArgument("update_mask", "name at least one field to change")
+            raise InvalidArgument(named, f"cannot update {', '.join(unknown)}")
+        if not mask:
+            raise InvalidArgument(named, "name at least one field to change")
         current = await self.projects.get(account, ref)
         base = ProjectSettings(
             **{f.name: getattr(current, f.name) for f in fields(ProjectSettings)}
         )
-        values = {m: _plain(getattr(request.values, m)) for m in request.update_mask}
+        values = {m: _plain(getattr(request.values, m)) for m in mask}
         updated = replace(base, **values)
         updated.validate(self.max_run_timeout, self.forge_api_urls)
         changes = {k: v for k, v in asdict(updated).items() if k in values}
@@ -243,6 +248,14 @@ class ConfigServicer(AccessRpcs, ForgeRpcs, FleetRpcs, cs_grpc.ConfigServiceServ
 
 def _on_off(flag: bool) -> str:
     return "on" if flag else "off"
+
+
+def _mask_of(request: cs.UpdateProjectRequest) -> list[str]:
+    """The field names an update names, from ``mask`` or the older
+    ``update_mask``; raises ``InvalidArgument`` when both are given."""
+    if request.mask.paths and request.update_mask:
+        raise InvalidArgument("mask", "give mask or update_mask, not both")
+    return list(request.mask.paths or request.update_mask)
 
 
 def _plain(value: Any) -> Any:

@@ -451,6 +451,9 @@ class Lifecycle:
                 return build.status
             if status.final:
                 status, reason = await self._final_for(conn, build_id, status, reason)
+            if status == BuildStatus.SUCCEEDED and not reason:
+                # Every final state has a reason, success included.
+                reason = "every step succeeded"
             check_transition(build.status, status)
             await self._write(conn, build, status, reason, at)
         self._after(build, status, at)

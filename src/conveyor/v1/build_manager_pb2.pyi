@@ -251,16 +251,25 @@ class StreamLogsResponse(_message.Message):
     STATUS_FIELD_NUMBER: _builtins.int
     PACKED_FIELD_NUMBER: _builtins.int
     FIRST_LINE_FIELD_NUMBER: _builtins.int
+    COMPLETE_FIELD_NUMBER: _builtins.int
     cursor: _builtins.str
     """cursor resumes right after the last line of this message."""
     status: _types_pb2.BuildStatus.ValueType
-    """status is set on the last message of a followed stream."""
+    """status is set on the last message of every stream, and only there: the
+    build's final status when following (every line was sent), or, without
+    follow, its status when the stored lines were read (complete says
+    whether more lines can come).
+    """
     packed: _builtins.bytes
     """packed holds the lines when the request asked for it: UTF-8 records
     "<unix ms>\\t<o|e|s>\\t<text>" separated by "\\n", numbered from
     first_line.
     """
     first_line: _builtins.int
+    complete: _builtins.bool
+    """complete is set with status: true when the build is final and every
+    line of its log was sent.
+    """
     @_builtins.property
     def lines(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.LogLine]: ...
     def __init__(
@@ -271,10 +280,11 @@ class StreamLogsResponse(_message.Message):
         status: _types_pb2.BuildStatus.ValueType = ...,
         packed: _builtins.bytes = ...,
         first_line: _builtins.int = ...,
+        complete: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cursor", b"cursor", "first_line", b"first_line", "lines", b"lines", "packed", b"packed", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["complete", b"complete", "cursor", b"cursor", "first_line", b"first_line", "lines", b"lines", "packed", b"packed", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

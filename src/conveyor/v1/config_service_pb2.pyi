@@ -6,6 +6,7 @@ isort:skip_file
 from collections import abc as _abc
 from conveyor.v1 import types_pb2 as _types_pb2
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import field_mask_pb2 as _field_mask_pb2
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
@@ -47,15 +48,37 @@ class CreateProjectRequest(_message.Message):
     CACHE_PATHS_FIELD_NUMBER: _builtins.int
     FORK_SECRETS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
+    """name is unique in the account: letters, digits, "-", "_" and ".", at most
+    63 characters, starting with a letter or digit.
+    """
     repo_url: _builtins.str
+    """repo_url is where builds clone from: https://, ssh://, git:// or
+    user@host:path; a local path only where the operator allows it.
+    """
     production_branch: _builtins.str
+    """production_branch builds deploy; empty means "main"."""
     build_command: _builtins.str
+    """build_command runs in every build; deploy_command after it on the
+    production branch, preview_command after it on other branches. Each is
+    run by bash in the repository's root_directory.
+    """
     deploy_command: _builtins.str
     preview_command: _builtins.str
     run_timeout_seconds: _builtins.int
+    """run_timeout_seconds bounds a build's run; 0 means 1,200 (20 minutes)."""
     cancel_in_progress: _builtins.bool
+    """cancel_in_progress stops a branch's running build when a newer one is
+    queued (queued ones are always superseded).
+    """
     build_other_branches: _builtins.bool
+    """build_other_branches: pushes to branches other than the production
+    branch build too. Unset means true, as in the CLI; set it to false for a
+    production-only project.
+    """
     root_directory: _builtins.str
+    """root_directory is the directory, relative to the repository root, the
+    commands run in; empty means the root.
+    """
     forge: _builtins.str
     forge_api_url: _builtins.str
     forge_repo: _builtins.str
@@ -88,7 +111,7 @@ class CreateProjectRequest(_message.Message):
         preview_command: _builtins.str = ...,
         run_timeout_seconds: _builtins.int = ...,
         cancel_in_progress: _builtins.bool = ...,
-        build_other_branches: _builtins.bool = ...,
+        build_other_branches: _builtins.bool | None = ...,
         root_directory: _builtins.str = ...,
         branch_include: _abc.Iterable[_builtins.str] | None = ...,
         branch_exclude: _abc.Iterable[_builtins.str] | None = ...,
@@ -103,11 +126,13 @@ class CreateProjectRequest(_message.Message):
         cache_paths: _abc.Iterable[_builtins.str] | None = ...,
         fork_secrets: _builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_build_other_branches", b"_build_other_branches", "build_other_branches", b"build_other_branches"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["branch_exclude", b"branch_exclude", "branch_include", b"branch_include", "build_command", b"build_command", "build_other_branches", b"build_other_branches", "cache_disabled", b"cache_disabled", "cache_lockfiles", b"cache_lockfiles", "cache_paths", b"cache_paths", "cancel_in_progress", b"cancel_in_progress", "deploy_command", b"deploy_command", "forge", b"forge", "forge_api_url", b"forge_api_url", "forge_repo", b"forge_repo", "fork_secrets", b"fork_secrets", "name", b"name", "network_isolated", b"network_isolated", "preview_command", b"preview_command", "production_branch", b"production_branch", "repo_url", b"repo_url", "root_directory", b"root_directory", "run_timeout_seconds", b"run_timeout_seconds", "watch_exclude", b"watch_exclude", "watch_include", b"watch_include"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_build_other_branches", b"_build_other_branches", "branch_exclude", b"branch_exclude", "branch_include", b"branch_include", "build_command", b"build_command", "build_other_branches", b"build_other_branches", "cache_disabled", b"cache_disabled", "cache_lockfiles", b"cache_lockfiles", "cache_paths", b"cache_paths", "cancel_in_progress", b"cancel_in_progress", "deploy_command", b"deploy_command", "forge", b"forge", "forge_api_url", b"forge_api_url", "forge_repo", b"forge_repo", "fork_secrets", b"fork_secrets", "name", b"name", "network_isolated", b"network_isolated", "preview_command", b"preview_command", "production_branch", b"production_branch", "repo_url", b"repo_url", "root_directory", b"root_directory", "run_timeout_seconds", b"run_timeout_seconds", "watch_exclude", b"watch_exclude", "watch_include", b"watch_include"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__build_other_branches: _TypeAlias = _typing.Literal["build_other_branches"]  # noqa: Y015
+    _WhichOneofArgType__build_other_branches: _TypeAlias = _typing.Literal["_build_other_branches", b"_build_other_branches"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__build_other_branches) -> _WhichOneofReturnType__build_other_branches | None: ...
 
 Global___CreateProjectRequest: _TypeAlias = CreateProjectRequest  # noqa: Y015
 
@@ -215,21 +240,44 @@ class UpdateProjectRequest(_message.Message):
     PROJECT_FIELD_NUMBER: _builtins.int
     VALUES_FIELD_NUMBER: _builtins.int
     UPDATE_MASK_FIELD_NUMBER: _builtins.int
+    MASK_FIELD_NUMBER: _builtins.int
     project: _builtins.str
+    """project is an id or a name."""
     @_builtins.property
-    def values(self) -> _types_pb2.Project: ...
+    def values(self) -> _types_pb2.Project:
+        """values holds the new values of the fields the mask names; the others
+        are ignored.
+        """
+
     @_builtins.property
-    def update_mask(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def update_mask(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """update_mask names the fields of values to change (field names of
+        Project: build_command, deploy_command, preview_command,
+        production_branch, repo_url, run_timeout_seconds, cancel_in_progress,
+        build_other_branches, root_directory, branch_include, branch_exclude,
+        watch_include, watch_exclude, forge, forge_api_url, forge_repo,
+        network_isolated, cache_disabled, cache_lockfiles, cache_paths,
+        fork_secrets). Deprecated: use mask.
+        """
+
+    @_builtins.property
+    def mask(self) -> _field_mask_pb2.FieldMask:
+        """mask is the same list as a google.protobuf.FieldMask (in JSON, one
+        string of comma-separated lowerCamelCase names: "buildCommand,forge").
+        Give mask or update_mask, not both.
+        """
+
     def __init__(
         self,
         *,
         project: _builtins.str = ...,
         values: _types_pb2.Project | None = ...,
         update_mask: _abc.Iterable[_builtins.str] | None = ...,
+        mask: _field_mask_pb2.FieldMask | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["values", b"values"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["mask", b"mask", "values", b"values"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["project", b"project", "update_mask", b"update_mask", "values", b"values"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["mask", b"mask", "project", b"project", "update_mask", b"update_mask", "values", b"values"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
