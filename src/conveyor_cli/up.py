@@ -347,6 +347,7 @@ async def _run(
             f"Conveyor is up.\n"
             f"  gRPC     {plane.grpc_address}\n"
             f"  HTTP     {plane.http_url}  (/webhooks/github/<project>, /metrics, /healthz)\n"
+            f"  dashboard: {plane.http_url}/  (sign in with {_token_hint(data_dir, state)})\n"
             f"  data     {data_dir}\n"
             f"  CLI      conveyor --data-dir {data_dir} builds list\n",
             flush=True,
@@ -382,6 +383,14 @@ async def _run(
             loop.remove_signal_handler(sig)
 
 
+def _token_hint(data_dir: Path, state: dict[str, str]) -> str:
+    """The admin token itself on a terminal (the person who started this),
+    else where to read it: a token must not end up in a collected log."""
+    if sys.stdout.isatty():
+        return f"the token {state['token']}"
+    return f'the "token" in {data_dir / STATE_FILE}'
+
+
 async def _demo(plane: ControlPlane, data_dir: Path, token: str) -> None:
     """Create the demo project and follow its first build's log."""
     from grpc import aio
@@ -407,7 +416,11 @@ async def _demo(plane: ControlPlane, data_dir: Path, token: str) -> None:
         build = (
             await config.TriggerBuild(cs.TriggerBuildRequest(project=project.id), metadata=metadata)
         ).build
-        print(f"demo: project {project.name!r} created; build {build.id} queued\n", flush=True)
+        print(
+            f"demo: project {project.name!r} created; build {build.id} queued"
+            f" (watch it live at {plane.http_url}/builds/{build.id})\n",
+            flush=True,
+        )
         final: pb.BuildStatus.ValueType = pb.BUILD_STATUS_UNSPECIFIED
         async for message in builds.StreamLogs(
             bm.StreamLogsRequest(build_id=build.id, follow=True), metadata=metadata
