@@ -11,6 +11,7 @@ It follows these pages of https://developer.hashicorp.com/nomad/api-docs:
 - ``evaluations``: read (GET /v1/evaluation/:id), with ``FailedTGAllocs`` (an
   AllocMetric per group) and a ``BlockedEval`` when no node fits;
 - ``variables``: create, read, delete (PUT/GET/DELETE /v1/var/:path);
+- ``client``'s list files (GET /v1/client/fs/ls/:alloc_id, ``path``);
 - ``client``'s stream logs (GET /v1/client/fs/logs/:alloc_id): JSON frames
   ``{"Offset", "Data", "File", "FileEvent"}`` (empty fields left out, Data in
   base64) and ``{}`` heartbeats, back to back with nothing between them, made
@@ -73,6 +74,7 @@ import json
 import os
 import re
 import signal
+import stat
 import subprocess
 import time
 import uuid
@@ -430,6 +432,7 @@ class NomadDouble:
         route("GET", "/v1/evaluation/{id}", self._read_evaluation)
         route("*", "/v1/var/{path:.+}", self._variable)
         route("GET", "/v1/client/fs/logs/{id}", self._logs)
+        route("GET", "/v1/client/fs/ls/{id}", self._list_files)
         route("POST", "/v1/client/allocation/{id}/signal", self._signal)
         route("PUT", "/v1/client/allocation/{id}/signal", self._signal)
         self._runner = web.AppRunner(app, shutdown_timeout=1.0)
@@ -1073,7 +1076,37 @@ class NomadDouble:
         self._vars[key] = var
         return self._json(var, index)
 
-    # The client: logs.
+    # The client: files and logs.
+
+    async def _list_files(self, request: web.Request) -> web.Response:
+        """fs/ls: the AllocFileInfo of every entry of ``?path`` in the
+        allocation directory (api/fs.go)."""
+        alloc = self._allocs.get(request.match_info["id"])
+        if alloc is None:
+            return web.Response(status=404, text=f"Unknown allocation {request.match_info['id']!r}")
+        relative = (request.query.get("path") or "/").strip("/")
+        directory = (alloc.dir / relative).resolve()
+        if not directory.is_relative_to(alloc.dir.resolve()):
+            return web.Response(status=400, text="path escapes the allocation directory")
+        try:
+            entries = sorted(directory.iterdir())
+        except OSError as exc:
+            return web.Response(status=500, text=str(exc))
+        listing = []
+        for entry in entries:
+            with contextlib.suppress(FileNotFoundError):  # rotated away meanwhile
+                info = entry.stat()
+                listing.append(
+                    {
+                        "Name": entry.name,
+                        "IsDir": entry.is_dir(),
+                        "Size": info.st_size,
+                        "FileMode": stat.filemode(info.st_mode),
+                        "ModTime": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(info.st_mtime)),
+                        "ContentType": "",
+                    }
+                )
+        return self._json(listing)
 
     async def _logs(self, request: web.Request) -> web.StreamResponse:
         alloc = self._allocs.get(request.match_info["id"])

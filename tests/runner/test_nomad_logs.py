@@ -7,7 +7,9 @@ holds only its last 10 events. The double does both (tests/nomad_double.py:
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import dataclasses
 import json
 import uuid
 from collections.abc import AsyncIterator
@@ -186,7 +188,99 @@ def test_frames_back_to_back_decode_and_carry_file_events() -> None:
 
 
 def test_the_cursor_counts_data_not_offsets() -> None:
-    cursor = LogCursor()
-    cursor.advance(7)
-    cursor.advance(3)
-    assert cursor.position == 10
+    cursor = LogCursor("build", "stdout")
+    cursor.advance(LogFrame("alloc/logs/build.stdout.0", b"x" * 7))
+    cursor.advance(LogFrame("alloc/logs/build.stdout.0", b"x" * 3))
+    cursor.advance(LogFrame("alloc/logs/build.stdout.1", b"x" * 5))
+    assert (cursor.position, cursor.received) == (15, 15)
+
+
+def _listing(**sizes: int) -> list[dict[str, Any]]:
+    return [
+        {"Name": name.replace("_", "."), "IsDir": False, "Size": size}
+        for name, size in sizes.items()
+    ]
+
+
+def test_rebase_counts_from_the_oldest_file_left() -> None:
+    cursor = LogCursor("build", "stdout")
+    for index in range(4):
+        cursor.advance(LogFrame(f"alloc/logs/build.stdout.{index}", b"x" * 100))
+    cursor.advance(LogFrame("alloc/logs/build.stdout.4", b"x" * 30))
+    assert cursor.position == 430
+    # Logmon kept two files (3 and 4); Nomad now counts offsets from file 3.
+    listing = _listing(build_stdout_3=100, build_stdout_4=60, build_stderr_0=999)
+    assert cursor.rebase(listing) is False
+    assert cursor.position == 130
+    assert cursor.rebase([]) is False  # no listing: the position stands
+    assert cursor.position == 130
+
+
+def test_rebase_reports_files_deleted_before_they_were_read() -> None:
+    cursor = LogCursor("build", "stderr")
+    cursor.advance(LogFrame("alloc/logs/build.stderr.1", b"x" * 10))
+    assert cursor.rebase(_listing(build_stderr_3=100, build_stderr_4=5)) is True
+    assert cursor.position == 0
+    assert cursor.rebase(_listing(build_stderr_3=100, build_stderr_4=5)) is False
+    fresh = LogCursor("build", "stderr")
+    assert fresh.rebase(_listing(build_stderr_2=100)) is True
+    assert LogCursor("build", "stderr").rebase(_listing(build_stderr_0=100)) is False
+
+
+def test_a_truncated_file_is_counted_from_its_start_again() -> None:
+    cursor = LogCursor("build", "stdout")
+    cursor.advance(LogFrame("alloc/logs/build.stdout.1", b"x" * 40))
+    assert cursor.rebase(_listing(build_stdout_0=100, build_stdout_1=40)) is False
+    assert cursor.position == 140
+    cursor.advance(LogFrame("alloc/logs/build.stdout.1", b"y" * 5, "file truncated"))
+    cursor.advance(LogFrame("alloc/logs/build.stdout.1", b"y" * 5, "file truncated"))
+    cursor.advance(LogFrame("alloc/logs/build.stdout.1", b"z" * 5))
+    assert cursor.position == 115
+
+
+async def test_logs_resume_exactly_after_rotated_files_were_deleted(tmp_path: Path) -> None:
+    # Logmon keeps two files of 1000 bytes; every stream is cut after 700
+    # bytes. The script writes each chunk only once the test has read the
+    # previous one, so nothing is deleted before it was read: every loss
+    # would be the launcher resuming in the wrong place.
+    async with NomadDouble(tmp_path / "nomad", log_rotate_bytes=1000, batch_seconds=0.02) as double:
+        double.cut_log_streams_after = 700
+        nomad = NomadLauncher(dataclasses.replace(settings_for(double), log_max_files=2))
+        gate = tmp_path / "gate"
+        gate.mkdir()
+        script = (
+            "for k in $(seq 1 10); do "
+            f"while [ ! -e {gate}/$k ]; do sleep 0.01; done; "
+            'for i in $(seq 1 100); do echo "c$k-$i"; done; echo "chunk $k"; done'
+        )
+        seen: list[OutputLine] = []
+        try:
+            job = await nomad.launch(spec(script))
+            output = job.output()
+            for k in range(1, 11):
+                (gate / str(k)).touch()
+                try:
+                    async with asyncio.timeout(10):
+                        async for line in output:
+                            seen.append(line)
+                            if line.data == f"chunk {k}".encode():
+                                break
+                except TimeoutError:
+                    pytest.fail(f"never read 'chunk {k}'; last: {seen[-3:]}")
+            seen += [line async for line in output]
+            result = await job.wait()
+        finally:
+            await nomad.close()
+        cuts = double.log_stream_cuts
+    expected = []
+    for k in range(1, 11):
+        expected += [f"c{k}-{i}".encode() for i in range(1, 101)] + [f"chunk {k}".encode()]
+    assert [line.data for line in seen if line.stream == "stdout"] == expected
+    assert not [line for line in seen if b"rotated away" in line.data]
+    assert result == JobResult(exit_code=0)
+    assert cuts > 3
+    assert len(stdout_files(tmp_path)) == 2  # the rest were deleted
+
+
+def stdout_files(root: Path) -> list[Path]:
+    return list(root.glob("nomad/*/alloc/logs/build.stdout.*"))

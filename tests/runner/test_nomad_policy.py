@@ -36,6 +36,7 @@ ENDPOINTS: list[tuple[set[str], str, str]] = [
     ({"GET"}, r"/v1/allocation/[^/]+", "read-job"),
     ({"GET"}, r"/v1/evaluation/[^/]+", "read-job"),
     ({"GET"}, r"/v1/client/fs/logs/[^/]+", "read-logs"),
+    ({"GET"}, r"/v1/client/fs/ls/[^/]+", "read-fs"),
     ({"PUT", "POST"}, r"/v1/client/allocation/[^/]+/signal", "alloc-lifecycle"),
     ({"PUT"}, r"/v1/var/(?P<var>.+)", "var:write"),
     ({"GET"}, r"/v1/var/(?P<var>.+)", "var:read"),

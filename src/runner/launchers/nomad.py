@@ -517,18 +517,22 @@ class NomadJob:
     async def _follow(self, alloc_id: str, stream: LogStream) -> None:
         """Copy one log stream into the output until the task has ended and a
         final, non-following read found nothing more."""
-        cursor = LogCursor()
+        cursor = LogCursor(TASK, stream)
         lines = LineSplitter()
         patience = _Patience(self._settings.unreachable_seconds)
         fruitless = 0  # reads of the finished task that broke without progress
+        first = True
         while True:
             final = self._ended.is_set()
-            position = cursor.position
+            if not first:
+                await self._rebase(alloc_id, stream, cursor)
+            first = False
+            received = cursor.received
             try:
                 await self._read_log(alloc_id, stream, cursor, lines, follow=not final)
                 patience.ok()
             except (*_TRANSIENT, _NotFound) as exc:
-                if cursor.position > position:
+                if cursor.received > received:
                     # A stream that broke after delivering something is worth
                     # resuming at once, however often it breaks.
                     patience.ok()
@@ -552,6 +556,26 @@ class NomadJob:
         tail = lines.flush()
         if tail is not None:
             await self._queue.put(OutputLine(stream, tail))
+
+    async def _rebase(self, alloc_id: str, stream: LogStream, cursor: LogCursor) -> None:
+        """Before reading again, place the cursor in the log files on disk now:
+        once logmon deleted the oldest, Nomad's offsets count from the next
+        one, and the bytes counted would resume past unread output. Without
+        a listing (the token lacks ``read-fs``, Nomad is busy) the count stands."""
+        try:
+            listing = await self._launcher.api.blocking_get(
+                f"/v1/client/fs/ls/{alloc_id}", 0, {"path": "alloc/logs"}
+            )
+        except (*_TRANSIENT, _NotFound) as exc:
+            log.debug("could not list the logs of %s: %s", self.job_id, _describe(exc))
+            return
+        if cursor.rebase(listing[0]):
+            note = (
+                f"nomad: some of the task's {stream} was rotated away before it was read "
+                f"(LogConfig keeps {self._settings.log_max_files} files of "
+                f"{self._settings.log_max_file_mb} MB)"
+            )
+            await self._queue.put(OutputLine("system", note.encode()))
 
     async def _read_log(
         self,
@@ -594,7 +618,7 @@ class NomadJob:
                     complete = lines.feed(frame.data)
                     # Advance before yielding lines: a stream broken while we
                     # wait on the consumer must not deliver them twice.
-                    cursor.advance(len(frame.data))
+                    cursor.advance(frame)
                     last_data = time.monotonic()
                     for line in complete:
                         await self._queue.put(OutputLine(stream, line))
@@ -626,12 +650,15 @@ class _Api:
             params["region"] = self._settings.region
         return params
 
-    async def blocking_get(self, path: str, index: int) -> tuple[Any, int]:
-        """GET ``path``; with ``index`` > 0, Nomad holds the answer until its
-        index passes ``index`` or the wait ends. Returns the body and the new
-        ``X-Nomad-Index``. Raises ``_NotFound``, ``_ApiError``, aiohttp errors."""
+    async def blocking_get(
+        self, path: str, index: int, query: Mapping[str, str] | None = None
+    ) -> tuple[Any, int]:
+        """GET ``path`` with ``query``; with ``index`` > 0, Nomad holds the
+        answer until its index passes ``index`` or the wait ends. Returns the
+        body and the new ``X-Nomad-Index``. Raises ``_NotFound``,
+        ``_ApiError``, aiohttp errors."""
         wait = self._settings.blocking_wait_seconds
-        params = self.scope()
+        params = self.scope() | dict(query or {})
         if index > 0:
             params.update(index=str(index), wait=f"{round(wait * 1000)}ms")
         # Nomad adds up to wait/16 of jitter to a blocking query.

@@ -13,7 +13,7 @@ past it; the framer merges reads into one frame for up to 200 ms (or up to
 oversized frame it adds the frame size to that offset. So ``Offset`` can lie
 before the end of the frame's data (resuming there repeats bytes) or after it
 (resuming there skips bytes). ``LogCursor`` therefore ignores it and counts
-the data bytes it was given.
+the data bytes it was given, per file.
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ from typing import Any
 
 MAX_LINE_BYTES = 1 << 20
 MAX_UNPARSED_CHARS = 4 << 20
+DELETED = "file deleted"
+TRUNCATED = "file truncated"
 
 
 class LogStreamError(ValueError):
@@ -59,25 +61,75 @@ def parse_frame(frame: Mapping[str, Any]) -> LogFrame | None:
 
 
 class LogCursor:
-    """Where a log stream was read to, as fs/logs's ``offset`` counts it with
-    ``origin=start``: bytes from the start of the first log file on disk.
+    """Where one log stream (``<task>.<stdout|stderr>.<n>`` files) was read to.
 
-    Within one response Nomad sends each log file from the requested position
-    to its end and then the next file from its start (``logsImpl``), so the
-    position is where the request started plus every data byte since. The
-    caller must ``advance`` once per complete frame, before handing its lines
-    on, and never for a frame cut off by a broken stream.
+    ``position`` is what fs/logs's ``offset`` means with ``origin=start``:
+    bytes from the start of the oldest log file still on disk. Within one
+    response Nomad sends each file from the requested position to its end and
+    then the next file from its start (``logsImpl``), so every data byte moves
+    the position on by one and the frame's ``File`` says which file it is in.
+    When logmon deletes the oldest file (``LogConfig.MaxFiles``), Nomad counts
+    from the next one, so before a new request the caller should ``rebase`` on
+    a listing of the log directory; without one the bytes counted stand.
+
+    The caller must ``advance`` once per complete frame, before handing its
+    lines on, and never for a frame cut off by a broken stream.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, task: str, stream: str) -> None:
+        self._prefix = f"{task}.{stream}."
         self._position = 0
+        self._file_index: int | None = None
+        self._file_offset = 0
+        self._last_event = ""
+        self.received = 0  # data bytes ever advanced over: progress
 
     @property
     def position(self) -> int:
         return self._position
 
-    def advance(self, data_bytes: int) -> None:
-        self._position += data_bytes
+    def advance(self, frame: LogFrame) -> None:
+        index = self._index(frame.file.rsplit("/", 1)[-1])
+        if index is not None and index != self._file_index:
+            self._file_index, self._file_offset = index, 0
+        if frame.file_event == TRUNCATED and self._last_event != TRUNCATED:
+            # Nomad reads a truncated file again from its start.
+            self._position -= self._file_offset
+            self._file_offset = 0
+        self._last_event = frame.file_event
+        size = len(frame.data)
+        self._file_offset += size
+        self._position += size
+        self.received += size
+
+    def rebase(self, listing: Any) -> bool:
+        """Set ``position`` from fs/ls's answer for ``alloc/logs`` (a list of
+        ``{"Name", "Size", ...}``): the sizes of this stream's files older
+        than the current one plus the offset in it. Returns True when files
+        not yet read were deleted, so that output was lost; the position is
+        then the start of the oldest file left."""
+        sizes: dict[int, int] = {}
+        for entry in listing if isinstance(listing, list) else []:
+            if isinstance(entry, dict) and not entry.get("IsDir"):
+                index = self._index(str(entry.get("Name") or ""))
+                if index is not None:
+                    sizes[index] = int(entry.get("Size") or 0)
+        if not sizes:
+            return False
+        current = 0 if self._file_index is None else self._file_index
+        if current in sizes:
+            older = sum(size for index, size in sizes.items() if index < current)
+            self._position = older + self._file_offset
+            return False
+        oldest = min(sizes)
+        if current < oldest:
+            self._file_index, self._file_offset, self._position = oldest, 0, 0
+            return True
+        return False  # a file newer than the listing: keep counting
+
+    def _index(self, name: str) -> int | None:
+        suffix = name.removeprefix(self._prefix)
+        return int(suffix) if suffix != name and suffix.isdigit() else None
 
 
 class FrameDecoder:
