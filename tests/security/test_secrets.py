@@ -18,6 +18,7 @@ from control.errors import FailedPrecondition, InvalidArgument
 from control.secrets import SecretBox, key_id, parse_keys
 from conveyor.v1 import config_service_pb2 as cs
 from conveyor.v1 import types_pb2 as pb
+from runner.masking import Masker
 from tests.helpers import Api, ControlHandle, RunnerProcess
 
 MARKER = "s3cr3t-Zq8xW1-marker"
@@ -57,7 +58,9 @@ async def test_a_secret_never_appears_in_clear_anywhere(
         "vault",
         repo,
         build_command='echo "token is $API_TOKEN"; echo "plain is $REGION";'
-        ' echo "digest $(printf %s "$API_TOKEN" | sha256sum | cut -c1-16)"',
+        ' echo "digest $(printf %s "$API_TOKEN" | sha256sum | cut -c1-16)";'
+        ' echo "b64 $(echo "$API_TOKEN" | base64)";'
+        ' echo "hex $(printf %s "$API_TOKEN" | od -An -tx1 | tr -d " \\n")"',
     )
     set_reply = await api.config.SetEnvVar(
         cs.SetEnvVarRequest(project="vault", name="API_TOKEN", value=MARKER, secret=True),
@@ -84,6 +87,13 @@ async def test_a_secret_never_appears_in_clear_anywhere(
     # The build saw the real value (its digest), though the log shows ***.
     assert f"digest {hashlib.sha256(MARKER.encode()).hexdigest()[:16]}" in texts
     assert not [t for t in texts if MARKER in t]
+    # Encoded forms are masked too (an accident, not a leak on purpose).
+    encoded = (base64.b64encode(MARKER.encode()).decode()[:-4], MARKER.encode().hex())
+    b64, hexed = [t for t in texts if t.startswith(("b64 ", "hex "))]
+    assert b64.startswith("b64 ***")
+    assert len(b64) <= len("b64 ***") + 4, b64
+    assert hexed == "hex ***"
+    assert not [t for t in texts if any(e in t for e in encoded)]
     assert await occurrences_in_database(control, MARKER) == []
     assert MARKER not in caplog.text
     assert MARKER not in runner.log()
@@ -115,6 +125,33 @@ async def test_a_control_plane_without_a_key_refuses_secrets_clearly(
     finally:
         await api.close()
         await handle.stop()
+
+
+MASKED_FORMS = [
+    ("as is", MARKER),
+    ("in a line", f"token={MARKER}; done"),
+    ("base64", base64.b64encode(MARKER.encode()).decode()),
+    ("base64 after one byte", base64.b64encode(b"x" + MARKER.encode() + b"\n").decode()),
+    ("base64 after two bytes", base64.b64encode(b"xy" + MARKER.encode()).decode()),
+    ("url-safe base64", base64.urlsafe_b64encode(b"?>" + MARKER.encode()).decode()),
+    ("hex", MARKER.encode().hex()),
+    ("upper-case hex", MARKER.encode().hex().upper()),
+]
+
+
+@pytest.mark.parametrize(("label", "line"), MASKED_FORMS, ids=[m[0] for m in MASKED_FORMS])
+def test_masking_covers_plain_base64_and_hex_forms(label: str, line: str) -> None:
+    masked = Masker([MARKER]).mask(line)
+    assert "***" in masked
+    # What is left around the mask decodes to at most one byte of the value.
+    assert len(masked.replace("***", "")) <= len(line) - len(MARKER) + 4
+    for form in (MARKER, MARKER.encode().hex(), base64.b64encode(MARKER.encode()).decode()[:-4]):
+        assert form.lower() not in masked.lower()
+
+
+def test_masking_leaves_short_encoded_forms_of_short_values_alone() -> None:
+    """A value of a few bytes would mask random hashes in its encoded forms."""
+    assert Masker(["abc"]).mask("616263 YWJj abc") == "616263 YWJj ***"
 
 
 def test_ciphertexts_are_bound_to_their_key_and_row() -> None:
