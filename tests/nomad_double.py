@@ -52,7 +52,9 @@ missing Variable fails the template (real Nomad would wait for it).
 
 Request bodies: every key of a job, a Variable or a signal request must be a
 field of Nomad's api struct for it (``_API_STRUCTS``, ``check_fields``), or
-the double answers 400 where Nomad would silently drop the key.
+the double answers 400 where Nomad would silently drop the key. A driver
+``Config`` key the driver does not know (``_DRIVER_CONFIG``) fails the task
+with a Driver Failure event, as Nomad's driver does when it decodes it.
 
 Switches for tests: ``node_meta``, ``drivers``, ``log_rotate_bytes``,
 ``frame_bytes`` and ``read_bytes`` (Nomad's 64 KiB by default),
@@ -114,6 +116,75 @@ _VAR_PATH = re.compile(r"^[a-zA-Z0-9\-_~/]{1,128}$")
 _INTERPOLATION = re.compile(r"\$\{([^}]+)\}")
 _FRAME_BYTES = 64 * 1024
 _MAX_EVENTS = 10
+
+# The top-level keys of each driver's task config spec (taskConfigSpec in
+# hashicorp/nomad drivers/docker/config.go, drivers/exec/driver.go and
+# drivers/rawexec/driver.go), those v1.6.0 and v1.9.7 both have. Nomad decodes
+# Config on the client when the task starts; an unknown key fails the task
+# with a Driver Failure, and the double does the same.
+_DRIVER_CONFIG: dict[str, frozenset[str]] = {
+    "docker": frozenset(
+        [
+            "advertise_ipv6_address",
+            "args",
+            "auth",
+            "auth_soft_fail",
+            "cap_add",
+            "cap_drop",
+            "command",
+            "cpu_cfs_period",
+            "cpu_hard_limit",
+            "cpuset_cpus",
+            "devices",
+            "dns_options",
+            "dns_search_domains",
+            "dns_servers",
+            "entrypoint",
+            "extra_hosts",
+            "force_pull",
+            "group_add",
+            "healthchecks",
+            "hostname",
+            "image",
+            "image_pull_timeout",
+            "init",
+            "interactive",
+            "ipc_mode",
+            "ipv4_address",
+            "ipv6_address",
+            "isolation",
+            "labels",
+            "load",
+            "logging",
+            "mac_address",
+            "memory_hard_limit",
+            "mount",
+            "mounts",
+            "network_aliases",
+            "network_mode",
+            "pid_mode",
+            "pids_limit",
+            "port_map",
+            "ports",
+            "privileged",
+            "readonly_rootfs",
+            "runtime",
+            "security_opt",
+            "shm_size",
+            "storage_opt",
+            "sysctl",
+            "tty",
+            "ulimit",
+            "userns_mode",
+            "uts_mode",
+            "volume_driver",
+            "volumes",
+            "work_dir",
+        ]
+    ),
+    "exec": frozenset({"args", "cap_add", "cap_drop", "command", "ipc_mode", "pid_mode"}),
+    "raw_exec": frozenset({"args", "command"}),
+}
 
 # The JSON field names (and value kinds) of the api structs the launcher sends,
 # taken from hashicorp/nomad at v1.6.0 and v1.9.7: api/jobs.go (JobRegisterRequest,
@@ -853,6 +924,12 @@ class NomadDouble:
             self._finish(alloc, failed=False)
             return
         config = spec.get("Config") or {}
+        try:
+            check_driver_config(spec["Driver"], config)
+        except ValueError as exc:
+            self._event(alloc, "Driver Failure", str(exc), DriverError=str(exc), FailsTask=True)
+            self._finish(alloc, failed=True)
+            return
         command = _interpolate(str(config.get("command") or ""), env)
         args = [_interpolate(str(a), env) for a in config.get("args") or []]
         if spec["Driver"] == "docker":
@@ -1414,6 +1491,20 @@ def _collect(
     finally:
         out.close()
         pipe.close()
+
+
+def check_driver_config(driver: str, config: Mapping[str, Any]) -> None:
+    """Raise ``ValueError`` the way a Nomad driver fails a task whose
+    ``Config`` has a key its task config spec lacks."""
+    known = _DRIVER_CONFIG.get(driver)
+    if known is None:
+        return
+    for key in config:
+        if key not in known:
+            raise ValueError(
+                f"failed to decode driver config: Unsupported argument: "
+                f"An argument named {key!r} is not expected here."
+            )
 
 
 def check_fields(value: Any, struct: str, where: str = "") -> None:

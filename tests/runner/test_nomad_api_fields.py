@@ -15,7 +15,7 @@ import pytest
 
 from runner.launchers.base import JobSpec, Limits
 from runner.launchers.nomad_job import NomadSettings, build_job
-from tests.nomad_double import NomadDouble, check_fields
+from tests.nomad_double import NomadDouble, check_driver_config, check_fields
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -42,6 +42,8 @@ def test_every_field_of_the_job_is_one_nomad_has(settings: NomadSettings) -> Non
     )
     job = build_job(spec, settings)
     check_fields({"Job": job}, "JobRegisterRequest")
+    task = job["TaskGroups"][0]["Tasks"][0]
+    check_driver_config(task["Driver"], task["Config"])
     secrets = job["TaskGroups"][0]["Tasks"][0]["Templates"][1]
     assert secrets["Envvars"] is True
 
@@ -81,3 +83,11 @@ def test_variable_and_signal_bodies_are_checked_too() -> None:
     check_fields({"Signal": "SIGKILL", "Task": "build"}, "AllocSignalRequest")
     with pytest.raises(ValueError, match=r"api\.Variable has no field 'Values'"):
         check_fields({"Path": "p", "Values": {}}, "Variable")
+
+
+def test_a_driver_config_key_the_driver_lacks_fails_the_task() -> None:
+    check_driver_config("docker", {"image": "debian:12", "pids_limit": 64, "init": True})
+    with pytest.raises(ValueError, match="An argument named 'pid_limit' is not expected"):
+        check_driver_config("docker", {"image": "debian:12", "pid_limit": 64})
+    with pytest.raises(ValueError, match="'image'"):
+        check_driver_config("raw_exec", {"command": "bash", "image": "x"})
