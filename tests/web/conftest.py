@@ -4,6 +4,8 @@ control plane."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import uuid
 from collections.abc import AsyncIterator
@@ -14,7 +16,7 @@ import pytest
 import pytest_asyncio
 
 from control.storage.accounts import create_account, insert_token
-from tests.helpers import Api, ControlHandle
+from tests.helpers import Api, ControlHandle, ProtocolRunner
 
 CHROMIUM = Path(os.environ.get("CONVEYOR_TEST_CHROMIUM", "/usr/bin/chromium"))
 CHROMIUM_ARGS = [
@@ -27,6 +29,7 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
+# CONVEYOR_SCREENSHOTS=1 makes the tests refresh docs/screenshots/.
 SCREENSHOTS = Path(__file__).resolve().parents[2] / "docs" / "screenshots"
 
 if not CHROMIUM.exists():
@@ -92,6 +95,12 @@ class Dashboard:
         await self.page.click("button[type=submit]")
         await self.page.wait_for_load_state()
 
+    async def screenshot(self, name: str, *, full_page: bool = False) -> None:
+        """Keep a picture of the page in docs/screenshots/ when asked to
+        (CONVEYOR_SCREENSHOTS=1), so a test run leaves the tree as it was."""
+        if os.environ.get("CONVEYOR_SCREENSHOTS"):
+            await self.page.screenshot(path=str(SCREENSHOTS / name), full_page=full_page)
+
     async def cookie(self) -> dict[str, object]:
         found = [c for c in await self.context.cookies() if "conveyor_session" in c["name"]]
         assert len(found) == 1, found
@@ -123,3 +132,22 @@ async def writer_api(control: ControlHandle, writer: Tenant) -> AsyncIterator[Ap
         yield client
     finally:
         await client.close()
+
+
+@pytest_asyncio.fixture
+async def live_runner(proto_runner: ProtocolRunner) -> AsyncIterator[ProtocolRunner]:
+    """The protocol runner, heartbeating so it outlives the tests' fast
+    lost-runner deadline while a browser looks at it."""
+
+    async def beat() -> None:
+        while True:
+            proto_runner.heartbeat(busy=0)
+            await asyncio.sleep(0.5)
+
+    task = asyncio.create_task(beat())
+    try:
+        yield proto_runner
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

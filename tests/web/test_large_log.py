@@ -10,7 +10,7 @@ import pytest
 from playwright.async_api import expect
 
 from tests.helpers import Api, ControlHandle
-from tests.web.conftest import SCREENSHOTS, Dashboard, Tenant
+from tests.web.conftest import Dashboard, Tenant
 
 LINES = 1_000_000
 BATCH = 5_000  # the runner's largest batch
@@ -55,7 +55,7 @@ async def test_million_line_log_opens_at_its_tail(
     assert await page.locator("#log .line").count() == 1000
     count = page.locator("#log-count")
     await expect(count).to_have_text(f"lines 999,001{DASH}1,000,000 of 1,000,000")
-    await page.screenshot(path=str(SCREENSHOTS / "build-log-1m.png"))
+    await dashboard.screenshot("build-log-1m.png")
 
     # Earlier lines on demand, keeping the reader's place.
     await page.click("#log-earlier")
