@@ -12,11 +12,12 @@ from pathlib import Path
 import aiohttp
 import pytest_asyncio
 from aiohttp import web
-from playwright.async_api import expect
+from playwright.async_api import Browser, expect
 
 from control.storage.accounts import revoke_token
 from conveyor.v1 import types_pb2 as pb
 from tests.helpers import Api, ControlHandle, ProtocolRunner
+from tests.security.test_tls import self_signed
 from tests.web.conftest import Dashboard, Tenant, new_tenant
 
 
@@ -200,3 +201,32 @@ async def test_failed_sign_ins_are_rate_limited_and_headers_are_strict(
         stale[2] = "0" * len(stale[2])
         async with http.get(url + "/".join(stale)) as r:
             assert r.status == 404
+
+
+async def test_over_tls_the_cookie_is_secure_and_host_only(
+    database_url: str, tmp_path: Path, browser: Browser
+) -> None:
+    cert, key = self_signed(tmp_path)
+    handle = ControlHandle(database_url)
+    handle.plane.settings = handle.settings = handle.settings.with_(
+        tls_cert=str(cert), tls_key=str(key)
+    )
+    await handle.start()
+    context = await browser.new_context(ignore_https_errors=True)
+    try:
+        tenant = await new_tenant(handle, "tls", ("read",))
+        dashboard = Dashboard(handle, context, await context.new_page())
+        assert dashboard.url.startswith("https://")
+        await dashboard.sign_in(tenant.token, "/runners")
+        await expect(dashboard.page.locator("h1")).to_have_text("Runners")
+        cookie = await dashboard.cookie()
+        assert cookie["name"] == "__Host-conveyor_session"
+        assert cookie["secure"] is True
+        assert cookie["httpOnly"] is True
+        assert cookie["sameSite"] == "Strict"
+        response = await dashboard.page.goto(dashboard.url + "/")
+        assert response is not None
+        assert "max-age" in (await response.all_headers())["strict-transport-security"]
+    finally:
+        await context.close()
+        await handle.stop()
