@@ -14,7 +14,7 @@ import pytest_asyncio
 from aiohttp import web
 from playwright.async_api import Browser, expect
 
-from control.storage.accounts import revoke_token
+from control.storage.accounts import insert_token, revoke_token
 from conveyor.v1 import types_pb2 as pb
 from tests.helpers import Api, ControlHandle, ProtocolRunner
 from tests.security.test_tls import self_signed
@@ -89,7 +89,7 @@ async def test_no_open_redirect_and_revoked_token_ends_session(
 
 
 async def test_another_accounts_build_is_not_found(
-    control: ControlHandle, dashboard: Dashboard, running_build: str
+    control: ControlHandle, dashboard: Dashboard, writer: Tenant, running_build: str
 ) -> None:
     stranger = await new_tenant(control, "other", ("admin",))
     await dashboard.sign_in(stranger.token)
@@ -105,6 +105,24 @@ async def test_another_accounts_build_is_not_found(
         "id => fetch(`/api/v1/builds/${id}`).then(r => r.status)", running_build
     )
     assert status == 404
+
+    # A read-only token of the owning account sees the build, without
+    # Cancel; a cancel it posts anyway (with the CSRF token) is refused.
+    async with control.plane.db.transaction() as conn:
+        _, reader = await insert_token(conn, writer.account_id, "reader", "user", ("read",))
+    await dashboard.context.clear_cookies()
+    await dashboard.sign_in(reader, f"/builds/{running_build}")
+    await expect(dashboard.page.locator("#summary .badge")).to_have_text("running")
+    assert await dashboard.page.locator("#cancel").count() == 0
+    status = await dashboard.page.evaluate(
+        """async id => (await fetch(`/builds/${id}/cancel`, {
+          method: "POST",
+          body: new URLSearchParams({csrf_token:
+            document.querySelector("meta[name=csrf-token]").content}),
+        })).status""",
+        running_build,
+    )
+    assert status == 403
 
 
 async def test_state_changes_need_the_csrf_token(
