@@ -32,6 +32,26 @@ from control.storage.runners import RunnerStore
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class _Queued:
+    """A build was queued."""
+
+    build_id: str
+    trigger: str
+
+
+@dataclass(frozen=True)
+class _Changed:
+    """``build`` (as it was before) moved to ``status`` at ``at``."""
+
+    build: Build
+    status: BuildStatus
+    at: datetime
+
+
+_Event = _Queued | _Changed
+
+
 def now() -> datetime:
     return datetime.now(UTC)
 
@@ -98,35 +118,51 @@ class Lifecycle:
         # (queued, superseded, each transition). A listener must return at
         # once and never raise: it runs on the path of the change.
         self.listeners: list[Callable[[str], None]] = []
-        # Builds queued inside a caller's ``transaction()``, told to the
-        # listeners once it commits.
-        self._untold: dict[Conn, list[str]] = {}
+        # What each open ``transaction()`` changed, published once it
+        # commits (and dropped if it rolls back).
+        self._pending: dict[Conn, list[_Event]] = {}
 
     # --- queueing ---------------------------------------------------------
 
     @asynccontextmanager
-    async def _joined(self, conn: Conn | None) -> AsyncIterator[Conn]:
-        """The caller's transaction when given one, else a new one."""
-        if conn is not None:
-            yield conn
-            return
-        async with self.db.transaction() as own:
-            yield own
-
-    @asynccontextmanager
     async def transaction(self) -> AsyncIterator[Conn]:
         """A transaction for callers that queue builds among writes of their
-        own (``queue(conn=...)``): the listeners hear of the builds it queued
-        or superseded once it commits, never before."""
-        changed: list[str] = []
+        own (``queue(conn=...)``). What it changes (the build queued, the
+        builds it superseded or canceled) is published (metrics, NOTIFY
+        wake-ups in this process, listeners) once it commits, never before,
+        and not at all when it rolls back."""
+        events: list[_Event] = []
         async with self.db.transaction() as conn:
-            self._untold[conn] = changed
+            self._pending[conn] = events
             try:
                 yield conn
             finally:
-                self._untold.pop(conn, None)
-        for build_id in changed:
-            self._tell(build_id)
+                self._pending.pop(conn, None)
+        self._publish(events)
+
+    @asynccontextmanager
+    async def _joined(self, conn: Conn | None) -> AsyncIterator[tuple[Conn, list[_Event]]]:
+        """The caller's ``transaction()`` when given its connection, else a
+        new one; yields the connection and the events to publish after it
+        commits. Raises ``ValueError`` for a connection that did not come
+        from ``transaction()``: its events would have no commit to wait for."""
+        if conn is None:
+            async with self.transaction() as own:
+                yield own, self._pending[own]
+            return
+        events = self._pending.get(conn)
+        if events is None:
+            raise ValueError("queue(conn=...) needs a connection from Lifecycle.transaction()")
+        yield conn, events
+
+    def _publish(self, events: list[_Event]) -> None:
+        for event in events:
+            if isinstance(event, _Queued):
+                self.metrics.builds_queued.labels(event.trigger).inc()
+                self.notifier.publish_local("conveyor_queue", event.build_id)
+                self._tell(event.build_id)
+            else:
+                self._after(event.build, event.status, event.at)
 
     async def queue(
         self,
@@ -148,9 +184,10 @@ class Lifecycle:
         if production is None:
             production = branch == project.production_branch
         names = ["clone"] + [name for name, _ in step_plan(project, production)]
-        async with self._joined(conn) as tx:
-            build_id, ended = await self._queue_in(
+        async with self._joined(conn) as (tx, events):
+            build_id = await self._queue_in(
                 tx,
+                events,
                 project,
                 branch,
                 commit_sha,
@@ -160,20 +197,13 @@ class Lifecycle:
                 received_at,
                 names,
             )
-        self.metrics.builds_queued.labels(trigger).inc()
-        self.notifier.publish_local("conveyor_queue", build_id)
         log.info("build queued", extra={"build_id": build_id, "project_id": project.id})
-        untold = self._untold.get(conn) if conn is not None else None
-        if untold is not None:
-            untold.extend((build_id, *ended))
-        else:
-            for changed in (build_id, *ended):
-                self._tell(changed)
         return build_id
 
     async def _queue_in(
         self,
         conn: Conn,
+        events: list[_Event],
         project: Project,
         branch: str,
         commit_sha: str,
@@ -182,10 +212,10 @@ class Lifecycle:
         retry_of: str | None,
         received_at: datetime | None,
         names: list[str],
-    ) -> tuple[str, list[str]]:
-        """Insert the build; return its id and the builds it ended at once
-        (superseded, or canceled before any runner had them)."""
-        ended: list[str] = []
+    ) -> str:
+        """Insert the build and return its id; supersede (and, with
+        ``cancel_in_progress``, cancel) the branch's older builds through the
+        checked transition. Appends what changed to ``events``."""
         build_id = await self.builds.insert(
             conn,
             project_id=project.id,
@@ -207,25 +237,31 @@ class Lifecycle:
                 " WHERE build_id = %s",
                 (build_id, retry_of),
             )
+        events.append(_Queued(build_id, trigger))
         if trigger != "retry":
-            superseded = await self.builds.supersede_queued(
-                conn, project.id, branch, build_id, now()
-            )
-            for old in superseded:
-                self.metrics.builds_finished.labels("superseded").inc()
-                log.info("build superseded", extra={"build_id": old, "project_id": project.id})
-            ended.extend(superseded)
+            at = now()
+            for old in await self.builds.undispatched_on_branch(conn, project.id, branch, build_id):
+                # The same checked write as every other transition: status,
+                # steps (pending ones skipped), alarms, NOTIFY.
+                check_transition(old.status, BuildStatus.SUPERSEDED)
+                await self._write(
+                    conn, old, BuildStatus.SUPERSEDED, f"superseded by build {build_id}", at
+                )
+                events.append(_Changed(old, BuildStatus.SUPERSEDED, at))
             if project.cancel_in_progress:
-                for old in await self.builds.active_on_branch(conn, project.id, branch):
-                    if old != build_id and await self._request_stop(
+                for old_id in await self.builds.active_on_branch(conn, project.id, branch):
+                    if old_id == build_id:
+                        continue
+                    before = await self.builds.get_in(conn, None, old_id)
+                    if await self._request_stop(
                         conn,
-                        old,
+                        old_id,
                         BuildStatus.CANCELED,
                         f"canceled: superseded by build {build_id}",
                     ):
-                        ended.append(old)
+                        events.append(_Changed(before, BuildStatus.CANCELED, now()))
         await conn.execute("SELECT pg_notify('conveyor_queue', %s)", (build_id,))
-        return build_id, ended
+        return build_id
 
     # --- assignment -------------------------------------------------------
 

@@ -49,10 +49,6 @@ log = logging.getLogger(__name__)
 
 TOKEN_NAME = FORGE_TOKEN
 CONTEXT_PREFIX = "conveyor"
-# How long a worker waits for a build it was told about to become visible
-# (a caller that queued in its own transaction without
-# ``Lifecycle.transaction()`` tells before it commits).
-UNCOMMITTED_GRACE = 2.0
 
 
 @dataclass(frozen=True)
@@ -330,17 +326,14 @@ class StatusReporter:
         self.metrics.up.labels(forge).set(1 if up else 0)
 
     async def _build(self, build_id: str) -> Build | None:
-        deadline = time.monotonic() + UNCOMMITTED_GRACE
-        delay = 0.02
-        while True:
-            try:
-                return await self.lifecycle.builds.get(None, build_id)
-            except NotFound:
-                if time.monotonic() > deadline:
-                    log.info("build gone: no commit status", extra={"build_id": build_id})
-                    return None
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 0.5)
+        """The build as committed now. The lifecycle tells listeners only
+        after a change commits, so a build that is not there was deleted
+        (its project with it): nothing to report."""
+        try:
+            return await self.lifecycle.builds.get(None, build_id)
+        except NotFound:
+            log.info("build gone: no commit status", extra={"build_id": build_id})
+            return None
 
     async def _token(self, project_id: str) -> str:
         async with self.lifecycle.db.connection() as conn:

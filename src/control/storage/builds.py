@@ -270,18 +270,20 @@ class BuildStore:
             (warnings, build_id, warnings),
         )
 
-    async def supersede_queued(
-        self, conn: Conn, project_id: str, branch: str, newer_than: str, at: datetime
-    ) -> list[str]:
-        """Supersede this branch's queued builds that no runner took yet."""
+    async def undispatched_on_branch(
+        self, conn: Conn, project_id: str, branch: str, except_id: str
+    ) -> list[Build]:
+        """Lock and return this branch's queued builds that no runner took
+        yet (without steps), but ``except_id``. A build being dispatched
+        meanwhile is waited for and then left out (its ``dispatched_at`` is
+        set once the lock is granted)."""
         cur = await conn.execute(
-            "UPDATE builds SET status = 'superseded', finished_at = %s,"
-            " status_reason = 'superseded by build ' || %s::text"
-            " WHERE project_id = %s AND branch = %s AND status = 'queued'"
-            " AND dispatched_at IS NULL AND id <> %s RETURNING id",
-            (at, newer_than, project_id, branch, newer_than),
+            f"SELECT {_COLUMNS} FROM {_FROM} WHERE b.project_id = %s AND b.branch = %s"
+            " AND b.status = 'queued' AND b.dispatched_at IS NULL AND b.id <> %s"
+            " ORDER BY b.created_at FOR UPDATE OF b",
+            (project_id, branch, except_id),
         )
-        return [str(r[0]) for r in await cur.fetchall()]
+        return [_build(r) for r in await cur.fetchall()]
 
     async def active_on_branch(self, conn: Conn, project_id: str, branch: str) -> list[str]:
         cur = await conn.execute(
