@@ -37,6 +37,8 @@ async def test_reflection_lists_and_describes_every_service(control: ControlHand
     assert set(services) == {
         *GENERATED,
         "grpc.health.v1.Health",
+        # v1 for grpcurl and current clients, v1alpha for older ones.
+        "grpc.reflection.v1.ServerReflection",
         "grpc.reflection.v1alpha.ServerReflection",
     }
     # Descriptors come over the wire with their dependencies (types.proto...),
