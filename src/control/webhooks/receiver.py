@@ -31,7 +31,7 @@ from control.errors import FailedPrecondition, InvalidArgument, NotFound, Unavai
 from control.logging_setup import bind
 from control.metrics import ControlMetrics
 from control.storage.builds import is_uuid
-from control.storage.db import Conn, Database
+from control.storage.db import RETRY_AFTER, Conn, Database
 from control.storage.projects import ProjectStore
 from control.storage.pushes import PushLog
 from control.webhooks import github, gitlab, rules
@@ -139,6 +139,8 @@ class WebhookReceiver:
             )
         except Unavailable as exc:
             response = respond(503, result="unavailable", error=str(exc))
+            # Forges redeliver; tell them when the database may be back.
+            response.headers["Retry-After"] = str(RETRY_AFTER)
         result = json.loads(response.text or "{}").get("result", str(response.status))
         self.metrics.webhooks.labels(provider, result).inc()
         return response
