@@ -7,6 +7,7 @@ import asyncio
 import time
 from datetime import timedelta
 
+import aiohttp
 import pytest
 
 from control.storage.accounts import revoke_token
@@ -99,3 +100,34 @@ def test_failed_sign_ins_are_limited_per_client_and_overall() -> None:
 )
 def test_sign_in_returns_only_to_local_paths(target: str, followed: str) -> None:
     assert local_path(target) == followed
+
+
+async def test_cookie_posts_need_the_token_and_this_origin(
+    control: ControlHandle, writer: Tenant
+) -> None:
+    """Sign-out is a state change like any other: the session survives
+    every refused attempt and ends with the accepted one."""
+    store = SessionStore(control.plane.db)
+    opened = await store.open(writer.token, HOUR)
+    assert opened is not None
+    session_id, session = opened
+    host = control.http_url.removeprefix("http://")
+    token = {"csrf_token": session.csrf_token}
+    attempts = [
+        ({}, {}, 403),  # no token
+        ({"csrf_token": "x" * 43}, {}, 403),  # a wrong token
+        (token, {"Origin": "http://evil.example"}, 403),
+        (token, {"Origin": "null"}, 403),
+        (token, {"Sec-Fetch-Site": "cross-site"}, 403),
+        (token, {"Sec-Fetch-Site": "same-site"}, 403),
+        # The same host behind a proxy that ends TLS: accepted.
+        (token, {"Origin": f"https://{host}", "Sec-Fetch-Site": "same-origin"}, 303),
+    ]
+    async with aiohttp.ClientSession(cookies={"conveyor_session": session_id}) as http:
+        for form, headers, status in attempts:
+            assert await store.get(session_id) is not None
+            async with http.post(
+                control.http_url + "/logout", data=form, headers=headers, allow_redirects=False
+            ) as answer:
+                assert answer.status == status, (form, headers)
+    assert await store.get(session_id) is None

@@ -79,8 +79,8 @@ class AccessRpcs:
     ) -> cs.CreateTokenResponse:
         account = account_of_caller()
         name = required("name", request.name)
-        if len(name) > MAX_TOKEN_NAME:
-            raise InvalidArgument("name", f"must be at most {MAX_TOKEN_NAME} characters")
+        if len(name) > MAX_TOKEN_NAME or not name.isprintable():
+            raise InvalidArgument("name", f"must be 1-{MAX_TOKEN_NAME} printable characters")
         scopes = tuple(dict.fromkeys(request.scopes)) or ("read",)
         unknown = [s for s in scopes if s not in accounts_store.SCOPES]
         if unknown:

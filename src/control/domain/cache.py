@@ -57,7 +57,7 @@ def validate_cache_lockfiles(patterns: tuple[str, ...]) -> None:
                 f"{pattern!r}: patterns are file names matched in the project's root"
                 " directory and hold no '/'",
             )
-        if not LOCKFILE_RE.match(pattern):
+        if not LOCKFILE_RE.fullmatch(pattern):
             raise InvalidArgument(
                 field,
                 f"{pattern!r}: a pattern holds only letters, digits and . _ - * ? [ ]",
@@ -80,7 +80,7 @@ def validate_cache_paths(paths: tuple[str, ...]) -> None:
     for path in paths:
         if not 1 <= len(path) <= MAX_CACHE_PATH_CHARS:
             raise InvalidArgument(field, f"each path must be 1-{MAX_CACHE_PATH_CHARS} characters")
-        if not CACHE_PATH_RE.match(path):
+        if not CACHE_PATH_RE.fullmatch(path):
             raise InvalidArgument(
                 field, f"{path!r}: a path holds only letters, digits, '/' and . _ @ + - ~"
             )

@@ -19,7 +19,7 @@ MAX_VARS_PER_PROJECT = 128
 
 def validate_var(name: str, value: str) -> None:
     """Raise ``InvalidArgument`` naming the field that is wrong."""
-    if not NAME_RE.match(name):
+    if not NAME_RE.fullmatch(name):
         raise InvalidArgument(
             "name", "must start with a letter or '_' and hold only letters, digits and '_' (1-128)"
         )

@@ -11,6 +11,7 @@ from urllib.parse import urlparse
 from control.domain.cache import validate_cache_lockfiles, validate_cache_paths
 from control.errors import InvalidArgument
 
+# Matched with ``fullmatch``: ``$`` alone also matches before a final "\n".
 NAME_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
 # git check-ref-format, simplified to what a branch name may hold here.
 BRANCH_RE = re.compile(r"^(?![/-])(?!.*//)(?!.*\.\.)(?!.*@\{)[A-Za-z0-9._/\-+]{1,255}(?<![/.])$")
@@ -125,7 +126,7 @@ class ProjectSettings:
 
 
 def validate_name(name: str) -> None:
-    if not NAME_RE.match(name):
+    if not NAME_RE.fullmatch(name):
         raise InvalidArgument(
             "name",
             "must be 1-63 lower-case letters, digits or '-', starting and ending "
@@ -142,7 +143,7 @@ def validate_repo_url(url: str) -> None:
         raise InvalidArgument("repo_url", "must not contain whitespace or start with '-'")
     if url.startswith("/"):
         return
-    if re.match(r"^[A-Za-z0-9._-]+@[A-Za-z0-9.-]+:[^/].*$", url):
+    if re.fullmatch(r"[A-Za-z0-9._-]+@[A-Za-z0-9.-]+:[^/].*", url):
         return
     parsed = urlparse(url)
     if parsed.scheme not in ALLOWED_SCHEMES:
@@ -157,12 +158,12 @@ def validate_repo_url(url: str) -> None:
 
 
 def validate_branch(field_name: str, branch: str) -> None:
-    if not BRANCH_RE.match(branch) or branch.endswith(".lock"):
+    if not BRANCH_RE.fullmatch(branch) or branch.endswith(".lock"):
         raise InvalidArgument(field_name, f"{branch!r} is not a valid branch name")
 
 
 def validate_commit_sha(field_name: str, sha: str) -> None:
-    if not SHA_RE.match(sha):
+    if not SHA_RE.fullmatch(sha):
         raise InvalidArgument(field_name, "must be a full 40-character lower-case hex commit id")
 
 
@@ -221,7 +222,7 @@ def validate_forge(forge: str, api_url: str, repo: str) -> None:
             )
     if repo:
         pattern = GITHUB_REPO_RE if forge == "github" else GITLAB_REPO_RE
-        if not pattern.match(repo) or len(repo) > 255:
+        if not pattern.fullmatch(repo) or len(repo) > 255:
             example = "owner/repo" if forge == "github" else "a project id or group/project"
             raise InvalidArgument("forge_repo", f"{repo!r} is not {example}")
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hmac
 from datetime import timedelta
+from urllib.parse import urlsplit
 
 from aiohttp import web
 
@@ -93,7 +94,9 @@ def check_same_origin(request: web.BaseRequest) -> None:
     if site and site not in ("same-origin", "none"):
         raise PermissionDenied("a request from another site was refused")
     origin = request.headers.get("Origin", "")
-    if origin and origin != f"{request.scheme}://{request.host}":
+    # The host only: behind a proxy that ends TLS the request's own scheme
+    # is http while the browser's origin is https.
+    if origin and (origin == "null" or urlsplit(origin).netloc != request.host):
         raise PermissionDenied("a request from another origin was refused")
 
 
