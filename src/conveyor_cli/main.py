@@ -21,7 +21,7 @@ os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 import grpc
 
-from conveyor_cli import commands
+from conveyor_cli import backup, commands
 from conveyor_cli.target import TargetError, resolve
 from runner.config import RunnerSettings
 from runner.launchers.base import Launcher, LaunchError
@@ -217,6 +217,7 @@ def _parser() -> argparse.ArgumentParser:
     logs.add_argument("--follow", "-f", action="store_true")
     logs.add_argument("--cursor", default="")
     logs.add_argument("--json", action="store_true")
+    backup.add_parsers(sub)
     return p
 
 
@@ -288,6 +289,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _control_serve(args)
     if args.command == "runner":
         return _runner_start(args)
+    if args.command in ("backup", "restore"):
+        return backup.run(args)
     sub = getattr(args, f"{args.command}_command", None)
     handler = CLIENT_COMMANDS[(args.command, sub)]
     try:
