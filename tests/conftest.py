@@ -92,3 +92,26 @@ async def proto_runner(control: ControlHandle) -> AsyncIterator[ProtocolRunner]:
         yield runner
     finally:
         await runner.close()
+
+
+def _import_skip(report: pytest.CollectReport | pytest.TestReport) -> bool:
+    return report.skipped and "could not import" in str(report.longrepr)
+
+
+# A test that skips because a module does not import hides a broken
+# install: it fails instead (pytest.importorskip's reason says "could not
+# import").
+@pytest.hookimpl(wrapper=True)
+def pytest_make_collect_report(collector: pytest.Collector) -> pytest.CollectReport:
+    report: pytest.CollectReport = yield
+    if _import_skip(report):
+        report.outcome = "failed"
+    return report
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> pytest.TestReport:
+    report: pytest.TestReport = yield
+    if _import_skip(report):
+        report.outcome = "failed"
+    return report

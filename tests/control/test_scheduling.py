@@ -117,6 +117,7 @@ async def no_assignment(runner: ProtocolRunner, within: float) -> None:
         raise AssertionError(f"unexpected assignment of build {extra.build_id}")
 
 
+@pytest.mark.timing  # one scheduler tick (1 s) with a 1,000-build backlog
 async def test_account_limit_fifo_and_a_single_build_beside_a_backlog(
     control: ControlHandle,
 ) -> None:

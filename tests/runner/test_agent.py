@@ -185,6 +185,7 @@ async def test_a_log_over_its_limit_ends_with_a_marker_and_the_build_still_finis
     assert "refused" not in runner.log()
 
 
+@pytest.mark.timing  # cancel p50 0.3 s: a SIGTERM'd sleep stops in ~50 ms here
 async def test_cancel_latency_of_builds_that_stop_on_sigterm(
     api: Api, runner: RunnerProcess, repo: Path
 ) -> None:

@@ -7,9 +7,21 @@ import asyncio
 import signal
 from pathlib import Path
 
+from conveyor.v1 import config_service_pb2 as cs
 from conveyor.v1 import types_pb2 as pb
 from tests.control.test_lifecycle import wait_for_line
 from tests.helpers import FINAL, Api, ControlHandle, RunnerProcess
+
+
+async def until_draining(api: Api, timeout: float = 10) -> None:
+    """Wait until the control plane shows a draining runner: what the
+    runner told it, rather than a guess at how long telling takes."""
+    async with asyncio.timeout(timeout):
+        while True:
+            listed = await api.config.ListRunners(cs.ListRunnersRequest(), metadata=api.metadata)
+            if any(r.draining for r in listed.runners):
+                return
+            await asyncio.sleep(0.02)
 
 
 async def test_sigterm_lets_the_running_build_finish_and_takes_no_more(
@@ -24,7 +36,7 @@ async def test_sigterm_lets_the_running_build_finish_and_takes_no_more(
         await wait_for_line(api, build.id, "started")
         assert first.proc is not None
         first.proc.send_signal(signal.SIGTERM)
-        await asyncio.sleep(0.3)
+        await until_draining(api)
         await api.create_project("waiting", repo, build_command="echo second")
         waiting = await api.trigger("waiting")
         # The draining runner said so at once: the waiting build is never
