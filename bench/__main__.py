@@ -41,6 +41,7 @@ from bench import (
     buildbot_peer,
     burst,
     cache,
+    dashboard,
     live_tail,
     log_ingest,
     push_latency,
@@ -53,7 +54,7 @@ from bench.processes import BenchError, Postgres
 from bench.report import code_under_test, exported, machine, markdown, table
 
 REPO = Path(__file__).resolve().parent.parent
-PARTS = ("push", "logs", "tail", "scheduler", "burst", "scale", "cache")
+PARTS = ("push", "logs", "tail", "scheduler", "burst", "scale", "cache", "dashboard")
 MODULES: dict[str, ModuleType] = {
     "push": push_latency,
     "logs": log_ingest,
@@ -62,6 +63,7 @@ MODULES: dict[str, ModuleType] = {
     "burst": burst,
     "scale": scale,
     "cache": cache,
+    "dashboard": dashboard,
 }
 # (full run, --quick) defaults of every size.
 SIZES: dict[str, tuple[Any, Any]] = {
@@ -79,6 +81,11 @@ SIZES: dict[str, tuple[Any, Any]] = {
     "scale_runners": (50, 10),
     "scale_window": (30.0, 10.0),
     "cache_rounds": (3, 1),
+    "web_log_lines": (1_000_000, 100_000),
+    "web_page_runs": (5, 2),
+    "web_live_lines": (300, 30),
+    "sse_followers": (200, 20),
+    "sse_seconds": (20.0, 5.0),
 }
 
 
@@ -117,6 +124,11 @@ def _parser() -> argparse.ArgumentParser:
     sizes.add_argument("--scale-runners", type=int, help="part 6: runner clients")
     sizes.add_argument("--scale-window", type=float, help="part 6: idle window (s)")
     sizes.add_argument("--cache-rounds", type=int, help="part 8: cold/warm build pairs")
+    sizes.add_argument("--web-log-lines", type=int, help="part 9: lines of the large build page")
+    sizes.add_argument("--web-page-runs", type=int, help="part 9: loads of the large build page")
+    sizes.add_argument("--web-live-lines", type=int, help="part 9: lines followed in the browser")
+    sizes.add_argument("--sse-followers", type=int, help="part 9: SSE (and gRPC) followers")
+    sizes.add_argument("--sse-seconds", type=float, help="part 9: printing time per SSE build")
     return p
 
 
@@ -143,6 +155,15 @@ def _runners(s: dict[str, Any]) -> dict[str, Callable[[Context], Awaitable[PartR
             c, builds=s["scale_builds"], runners=s["scale_runners"], window=s["scale_window"]
         ),
         "cache": lambda c: cache.run(c, rounds=s["cache_rounds"]),
+        "dashboard": lambda c: dashboard.run(
+            c,
+            log_lines=s["web_log_lines"],
+            page_runs=s["web_page_runs"],
+            live_lines=s["web_live_lines"],
+            rate=s["tail_rate"],
+            sse_followers=s["sse_followers"],
+            sse_seconds=s["sse_seconds"],
+        ),
     }
 
 
