@@ -13,9 +13,9 @@ from control.domain.project import validate_name
 from control.errors import InvalidArgument
 from control.storage import accounts as accounts_store
 from control.storage.audit import AuditLog
-from control.storage.builds import is_uuid
 from control.storage.db import Database
 from control.storage.env import EnvStore
+from control.storage.ids import is_prefix, is_uuid
 from control.storage.projects import ProjectStore
 from conveyor.v1 import config_service_pb2 as cs
 
@@ -108,8 +108,10 @@ class AccessRpcs:
     ) -> cs.RevokeTokenResponse:
         account = account_of_caller()
         token_id = required("token_id", request.token_id)
-        if not is_uuid(token_id):
-            raise InvalidArgument("token_id", "must be a token id from `tokens list`")
+        if not (is_uuid(token_id) or is_prefix(token_id)):
+            raise InvalidArgument(
+                "token_id", "must be a token id (or 6+ of its first characters) from `tokens list`"
+            )
         async with self.db.transaction() as conn:
             info = await accounts_store.revoke_token(conn, account, token_id)
             await self.audit.record(

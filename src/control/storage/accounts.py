@@ -10,6 +10,7 @@ from datetime import datetime
 
 from control.errors import NotFound
 from control.storage.db import Conn, Database
+from control.storage.ids import expand, is_prefix, is_uuid
 
 # "system" is held only by the bootstrap admin token: it creates accounts and
 # rotates the secret key. The others are per account, each implying the next.
@@ -130,7 +131,16 @@ async def list_tokens(db: Database, account_id: str) -> list[TokenInfo]:
 
 
 async def revoke_token(conn: Conn, account_id: str, token_id: str) -> TokenInfo:
-    """Revoke a token of this account; ``NotFound`` for any other."""
+    """Revoke a token of this account: ``token_id`` is its id or a unique
+    prefix of it. ``NotFound`` for any other, ``InvalidArgument("token_id",
+    ...)`` listing the candidates for an ambiguous prefix."""
+    if is_prefix(token_id):
+        token_id = await expand(
+            conn, token_id, table="api_tokens", kind="token", field="token_id",
+            scope="account_id = %s AND kind = 'user'", params=(account_id,),
+        )  # fmt: skip
+    if not is_uuid(token_id):
+        raise NotFound(f"token {token_id!r} not found")
     cur = await conn.execute(
         "UPDATE api_tokens SET revoked_at = coalesce(revoked_at, now())"
         " WHERE id = %s AND account_id = %s AND kind = 'user'"

@@ -13,6 +13,7 @@ from datetime import datetime
 from control.domain.build import Build, BuildStatus, Step, StepStatus
 from control.errors import NotFound
 from control.storage.db import Conn, Database, Row
+from control.storage.ids import expand, is_prefix, is_uuid
 
 _COLUMNS = (
     "b.id, b.project_id, b.account_id, b.branch, b.commit_sha, b.status, b.created_at,"
@@ -44,14 +45,6 @@ def _build(row: Row, steps: tuple[Step, ...] = ()) -> Build:
         received_at=row[17],
         steps=steps,
     )
-
-
-def is_uuid(value: str) -> bool:
-    try:
-        uuid.UUID(value)
-    except ValueError:
-        return False
-    return True
 
 
 class BuildStore:
@@ -98,14 +91,22 @@ class BuildStore:
         return build_id
 
     async def get(self, account_id: str | None, build_id: str) -> Build:
-        """Raises ``NotFound`` for a malformed id, a missing build, or one of
-        another account."""
+        """The build ``build_id``: a whole id, or, with an ``account_id``, a
+        unique prefix of one of that account's builds (see ``ids.expand``).
+        Raises ``NotFound`` for a malformed id, a missing build, or one of
+        another account, and ``InvalidArgument("build_id", ...)`` listing the
+        candidates for an ambiguous prefix."""
         async with self.db.connection() as conn:
             return await self.get_in(conn, account_id, build_id)
 
     async def get_in(
         self, conn: Conn, account_id: str | None, build_id: str, *, lock: bool = False
     ) -> Build:
+        if account_id is not None and is_prefix(build_id):
+            build_id = await expand(
+                conn, build_id, table="builds", kind="build", field="build_id",
+                scope="account_id = %s", params=(account_id,),
+            )  # fmt: skip
         if not is_uuid(build_id):
             raise NotFound(f"build {build_id!r} not found")
         sql = f"SELECT {_COLUMNS} FROM {_FROM} WHERE b.id = %s"

@@ -11,6 +11,7 @@ from datetime import datetime
 from control.errors import FailedPrecondition, NotFound
 from control.storage.accounts import hash_token
 from control.storage.db import Conn, Database, Row
+from control.storage.ids import expand, is_prefix, is_uuid
 
 MAX_HOOKS_PER_PROJECT = 50
 KEY_PREFIX = "cvh_"
@@ -73,11 +74,16 @@ class DeployHookStore:
             return [_hook(r) for r in await cur.fetchall()]
 
     async def revoke(self, conn: Conn, project_id: str, hook_id: str) -> DeployHook:
-        """Revoke a hook of the project (again: a no-op). Raises ``NotFound``."""
-        try:
-            uuid.UUID(hook_id)
-        except ValueError:
-            raise NotFound(f"deploy hook {hook_id!r} not found") from None
+        """Revoke a hook of the project (again: a no-op); ``hook_id`` is its
+        id or a unique prefix of it. Raises ``NotFound``, or
+        ``InvalidArgument("hook_id", ...)`` for an ambiguous prefix."""
+        if is_prefix(hook_id):
+            hook_id = await expand(
+                conn, hook_id, table="deploy_hooks", kind="deploy hook", field="hook_id",
+                scope="project_id = %s", params=(project_id,),
+            )  # fmt: skip
+        if not is_uuid(hook_id):
+            raise NotFound(f"deploy hook {hook_id!r} not found")
         cur = await conn.execute(
             "UPDATE deploy_hooks SET revoked_at = coalesce(revoked_at, now())"
             f" WHERE id = %s AND project_id = %s RETURNING {_COLUMNS}",

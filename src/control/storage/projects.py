@@ -8,8 +8,8 @@ from dataclasses import asdict
 
 from control.domain.project import Project, ProjectSettings
 from control.errors import FailedPrecondition, NotFound
-from control.storage.builds import is_uuid
 from control.storage.db import Conn, Database, Row
+from control.storage.ids import expand, is_prefix, is_uuid
 
 _COLUMNS = (
     "id, account_id, name, repo_url, production_branch, build_command, deploy_command,"
@@ -85,6 +85,23 @@ class ProjectStore:
             return await self.get_in(conn, account_id, ref)
 
     async def get_in(self, conn: Conn, account_id: str | None, ref: str) -> Project:
+        """``ref`` is an id, a name, or (with an ``account_id``) a unique
+        prefix of the id of one of the account's projects; a name wins over
+        a prefix it happens to look like. Raises ``NotFound``, or
+        ``InvalidArgument("project", ...)`` for an ambiguous prefix."""
+        row = await self._find(conn, account_id, ref)
+        if row is None and account_id is not None and is_prefix(ref):
+            full = await expand(
+                conn, ref, table="projects", kind="project", field="project",
+                scope="account_id = %s", params=(account_id,),
+            )  # fmt: skip
+            row = await self._find(conn, account_id, full)
+        if row is None:
+            raise NotFound(f"project {ref!r} not found")
+        return _project(row)
+
+    async def _find(self, conn: Conn, account_id: str | None, ref: str) -> Row | None:
+        """The row of the project with id or name ``ref``, or None."""
         clauses, params = [], []
         if is_uuid(ref):
             clauses.append("id = %s")
@@ -93,17 +110,14 @@ class ProjectStore:
             clauses.append("name = %s")
             params.append(ref)
             if account_id is None:
-                raise NotFound(f"project {ref!r} not found")
+                return None
         if account_id is not None:
             clauses.append("account_id = %s")
             params.append(account_id)
         cur = await conn.execute(
             f"SELECT {_COLUMNS} FROM projects WHERE {' AND '.join(clauses)}", params
         )
-        row = await cur.fetchone()
-        if row is None:
-            raise NotFound(f"project {ref!r} not found")
-        return _project(row)
+        return await cur.fetchone()
 
     async def list_for(self, account_id: str) -> list[Project]:
         async with self.db.connection() as conn:
