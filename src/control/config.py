@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from urllib.parse import urlparse
@@ -115,6 +116,62 @@ def _retention(env: Mapping[str, str]) -> RetentionSettings:
     )
 
 
+_UNITS = {"": 1, "b": 1, "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4,
+          "kb": 1000, "mb": 1000**2, "gb": 1000**3, "tb": 1000**4}  # fmt: skip
+
+
+_SIZE = re.compile(r"(\d{1,19}) ?([A-Za-z]*)")
+
+
+def _size(env: Mapping[str, str], name: str, default: int) -> int:
+    """A size in bytes: a whole number with an optional unit (``512MiB``,
+    ``2GiB``, ``10GB``); raises ``InvalidArgument`` naming ``name``."""
+    raw = (env.get(name) or "").strip()
+    if not raw:
+        return default
+    match = _SIZE.fullmatch(raw)
+    if match is None or match[2].lower() not in _UNITS:
+        raise InvalidArgument(
+            name, f"must be a size such as 512MiB, 2GiB or 1073741824, not {raw!r}"
+        )
+    return int(match[1]) * _UNITS[match[2].lower()]
+
+
+@dataclass(frozen=True)
+class DiskSettings:
+    """When log batches are refused (``control.logs.admission``).
+
+    The database's free space is measured on ``path`` (a directory on the
+    database's filesystem: ``conveyor up`` sets its data directory) with
+    statvfs, and/or as ``budget_bytes`` minus ``pg_database_size`` (an
+    external server whose disk this process cannot see). Below
+    ``min_free_bytes`` new log batches are refused until space returns.
+    Neither set: the watermark is off. ``account_log_quota_bytes`` bounds
+    the log bytes one account keeps stored (0: no quota)."""
+
+    path: str = ""
+    budget_bytes: int = 0
+    min_free_bytes: int = 1024**3
+    interval: float = 2.0
+    account_log_quota_bytes: int = 0
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> DiskSettings:
+        """Raises ``InvalidArgument`` naming a malformed variable."""
+        interval = _float(env, "CONVEYOR_DISK_CHECK_SECONDS", 2.0)
+        if not 0 < interval <= 300:
+            raise InvalidArgument(
+                "CONVEYOR_DISK_CHECK_SECONDS", "must be more than 0 and at most 300"
+            )
+        return cls(
+            path=env.get("CONVEYOR_DISK_PATH", ""),
+            budget_bytes=_size(env, "CONVEYOR_DATABASE_DISK_BUDGET", 0),
+            min_free_bytes=_size(env, "CONVEYOR_DISK_MIN_FREE", 1024**3),
+            interval=interval,
+            account_log_quota_bytes=_size(env, "CONVEYOR_ACCOUNT_LOG_QUOTA", 0),
+        )
+
+
 @dataclass(frozen=True)
 class Settings:
     database_url: str = ""
@@ -139,6 +196,8 @@ class Settings:
     forge_api_urls: tuple[str, ...] = ()
     # Data retention (issue 16): see RetentionSettings.
     retention: RetentionSettings = field(default_factory=RetentionSettings)
+    # Disk watermark and account log quota (issues 15 and 16): DiskSettings.
+    disk: DiskSettings = field(default_factory=DiskSettings)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
@@ -168,6 +227,7 @@ class Settings:
             lifecycle=lifecycle,
             forge_api_urls=_forge_api_urls(env),
             retention=_retention(env),
+            disk=DiskSettings.from_env(env),
         )
 
     def with_(self, **changes: object) -> Settings:

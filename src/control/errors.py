@@ -45,3 +45,8 @@ class Unauthenticated(ConveyorError):
 
 class Unavailable(ConveyorError):
     """A dependency (database, runner) is not reachable right now; retry."""
+
+
+class ResourceExhausted(ConveyorError):
+    """A shared resource (the database's disk) is running out; the same
+    request may succeed once an operator freed it, so clients resend later."""

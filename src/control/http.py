@@ -11,6 +11,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from control.api.transcoder import Transcoder
 from control.builds.lifecycle import Lifecycle
 from control.errors import ConveyorError
+from control.logs.admission import LogAdmission
 from control.metrics import ControlMetrics
 from control.services.registry import Services
 from control.storage import migrate
@@ -42,6 +43,7 @@ class HttpApp:
         *,
         api: Transcoder | None = None,
         services: Services | None = None,
+        admission: LogAdmission | None = None,
     ) -> None:
         self.db = db
         self.projects = projects
@@ -50,6 +52,7 @@ class HttpApp:
         self.max_body = max_body
         self.api = api
         self.services = services
+        self.admission = admission
         metrics.db_pool.watch(db.stats)
         self.webhooks = WebhookReceiver(db, projects, lifecycle, metrics, max_body)
         self.deploy_hooks = DeployHookReceiver(db, projects, lifecycle, metrics)
@@ -91,7 +94,9 @@ class HttpApp:
     async def readyz(self, request: web.Request) -> web.Response:
         """Ready: the database answers within ``DB_PROBE_SECONDS`` and has
         every migration this code knows. 503 with ``status`` "unavailable" or
-        "migrating" (and the ``pending`` versions) otherwise."""
+        "migrating" (and the ``pending`` versions) otherwise. While the
+        database's disk is below its watermark: 200 with ``status``
+        "degraded", a ``reason`` and the ``disk`` figures."""
         try:
             async with asyncio.timeout(DB_PROBE_SECONDS), self.db.connection() as conn:
                 pending = await migrate.pending(conn)
@@ -101,4 +106,12 @@ class HttpApp:
             return respond(503, status="unavailable", reason=str(exc))
         if pending:
             return respond(503, status="migrating", pending=pending)
-        return respond(200, status="ready")
+        if self.admission is None or not self.admission.probes:
+            return respond(200, status="ready")
+        disk = self.admission.readiness()
+        if self.admission.state.low:
+            # 200 all the same: every replica shares the database's disk, so
+            # taking them out of rotation would turn a full disk into an
+            # outage. Reads, webhooks and builds go on; logs wait.
+            return respond(200, status="degraded", reason=self.admission.state.reason(), disk=disk)
+        return respond(200, status="ready", disk=disk)

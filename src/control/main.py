@@ -31,6 +31,7 @@ from control.config import Settings
 from control.forge.links import Links
 from control.forge.reporter import RetryPolicy, StatusReporter
 from control.http import HttpApp
+from control.logs.admission import LogAdmission
 from control.logs.fanout import LogHub
 from control.metrics import ControlMetrics
 from control.retention import Retention
@@ -115,6 +116,10 @@ class ControlPlane:
         self.builds = BuildStore(self.db)
         self.runners = RunnerStore(self.db)
         self.logs = LogStore(self.db)
+        # Refuses log batches while the database's disk is low, and closes
+        # the logs of an account over its quota.
+        self.admission = LogAdmission(self.logs, s.disk, self.metrics.disk)
+        await self.admission.start()
         self.env = EnvStore(self.db, SecretBox(s.secret_keys))
         self.audit = AuditLog(self.db)
         if not s.secret_keys:
@@ -239,6 +244,7 @@ class ControlPlane:
                 self.notifier,
                 self.metrics,
                 s.lifecycle.heartbeat_interval,
+                self.admission,
             ),
             self.server,
         )
@@ -264,6 +270,7 @@ class ControlPlane:
             s.webhook_max_bytes,
             api=self.api,
             services=self.services,
+            admission=self.admission,
         )
         self.http_runner = web.AppRunner(http.app(), access_log=None, shutdown_timeout=2.0)
         await self.http_runner.setup()
@@ -359,6 +366,7 @@ class ControlPlane:
         await self.server.stop(self.shutdown_grace)
         await self._self_channel.close(None)
         await self.reporter.stop()
+        await self.admission.stop()
         await self.notifier.stop()
         await self.db.close()
         log.info("control plane stopped")

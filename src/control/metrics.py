@@ -160,6 +160,8 @@ class ControlMetrics:
         self.forge = ForgeMetrics(registry)
         # Data retention (issue 16): declared in RetentionMetrics below.
         self.retention = RetentionMetrics(registry)
+        # Disk watermark and log quota (issues 15, 16): DiskMetrics below.
+        self.disk = DiskMetrics(registry)
 
 
 class BuildCountsCollector(Collector):
@@ -363,5 +365,41 @@ class RetentionMetrics:
         self.last_success = Gauge(
             "conveyor_retention_last_success_timestamp_seconds",
             "Unix time at which this process last completed a retention pass.",
+            registry=registry,
+        )
+
+
+# --- Disk watermark and account log quota (issues 15, 16): control/logs/admission.py.
+class DiskMetrics:
+    """Metrics of log admission, under ``ControlMetrics.disk``."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.free_bytes = Gauge(
+            "conveyor_database_disk_free_bytes",
+            "Free space of the database's disk at the last check (statvfs of"
+            " CONVEYOR_DISK_PATH, or CONVEYOR_DATABASE_DISK_BUDGET minus the database size).",
+            registry=registry,
+        )
+        self.min_free_bytes = Gauge(
+            "conveyor_database_disk_min_free_bytes",
+            "The watermark: below this much free space log batches are refused.",
+            registry=registry,
+        )
+        self.low = Gauge(
+            "conveyor_database_disk_low",
+            "1 while the database's disk is below the watermark and log batches are refused.",
+            registry=registry,
+        )
+        self.checks = Counter(
+            "conveyor_database_disk_checks_total",
+            "Free-space checks, by result (ok, error).",
+            ["result"],
+            registry=registry,
+        )
+        self.batches_refused = Counter(
+            "conveyor_log_batches_refused_total",
+            "Log batches refused, by reason (disk_low: resent later by the runner;"
+            " quota: the account's log quota is used up, the build's log is closed).",
+            ["reason"],
             registry=registry,
         )

@@ -20,6 +20,24 @@ from runner.metrics import RunnerMetrics
 
 log = logging.getLogger(__name__)
 
+# Longest pause between two sends of a batch the control plane refused for
+# lack of disk space (s): a refusal lasts minutes, not milliseconds.
+REFUSED_RETRY_CAP = 5.0
+
+
+def is_refused_for_space(exc: BaseException) -> bool:
+    """The control plane refused a batch because its database's disk is
+    low (RESOURCE_EXHAUSTED): resend it later, never drop it."""
+    # By name: only control_client.py imports grpc in the runner.
+    code = getattr(exc, "code", None)
+    return callable(code) and getattr(code(), "name", "") == "RESOURCE_EXHAUSTED"
+
+
+def _details(exc: BaseException) -> str:
+    details = getattr(exc, "details", None)
+    return str(details()) if callable(details) else str(exc)
+
+
 STREAMS = {"stdout": "o", "stderr": "e", "system": "s"}
 
 
@@ -122,11 +140,26 @@ class LogBatcher:
             if self.abandoned.is_set():
                 continue
             attempt = 0
+            refused = False
             while True:
                 try:
                     packed = "\n".join(lines).encode()
                     await self.client.append(self.token, self.build_id, seq, packed, final)
                 except Exception as exc:
+                    if is_refused_for_space(exc):
+                        # The database's disk is low: keep the batch and
+                        # back off longer than for a blip; the queue behind
+                        # it fills and then stalls the job's output.
+                        if not refused:
+                            log.warning(
+                                "log batch %d refused, will resend: %s", seq, _details(exc),
+                                extra={"build_id": self.build_id},
+                            )  # fmt: skip
+                        refused = True
+                        self.metrics.log_batches_retried.inc()
+                        await backoff_sleep(attempt, cap=REFUSED_RETRY_CAP)
+                        attempt += 1
+                        continue
                     if not is_retryable(exc):
                         # The control plane closed this build (canceled,
                         # timed out, forced): its log is closed too.
@@ -139,6 +172,11 @@ class LogBatcher:
                     await backoff_sleep(attempt)
                     attempt += 1
                     continue
+                if refused:
+                    log.info(
+                        "log batch %d accepted after %d refusals", seq, attempt,
+                        extra={"build_id": self.build_id},
+                    )  # fmt: skip
                 self.metrics.log_batches_sent.inc()
                 self.lines_sent += len(lines)
                 break

@@ -12,10 +12,11 @@ from control.api.edge import BEARER, Ctx
 from control.builds.lifecycle import AssignmentData, Lifecycle, StepReport, now
 from control.domain.cache import effective_lockfiles, effective_paths
 from control.errors import InvalidArgument
+from control.logs.admission import LogAdmission
 from control.logs.fanout import LogHub
 from control.metrics import ControlMetrics
 from control.storage.builds import is_uuid
-from control.storage.logs import STREAM_CODES, LogStore, check_packed
+from control.storage.logs import STREAM_CODES, LogStore, check_packed, encode_lines
 from control.storage.notify import Notifier
 from control.storage.runners import RunnerStore
 from conveyor.v1 import runner_service_pb2 as rs
@@ -76,7 +77,9 @@ class RunnerServicer(rs_grpc.RunnerServiceServicer):
         notifier: Notifier,
         metrics: ControlMetrics,
         heartbeat_seconds: float,
+        admission: LogAdmission,
     ) -> None:
+        self.admission = admission
         self.lifecycle = lifecycle
         self.runners = runners
         self.logs = logs
@@ -222,7 +225,6 @@ class RunnerServicer(rs_grpc.RunnerServiceServicer):
                 raise InvalidArgument("lines", "send lines or packed, not both")
             text = request.packed.decode("utf-8", errors="replace")
             count = check_packed(text, MAX_BATCH_LINES)
-            result = await self.logs.append_packed(build_id, request.seq, text, count)
         else:
             if len(request.lines) > MAX_BATCH_LINES:
                 raise InvalidArgument("lines", f"at most {MAX_BATCH_LINES} lines per batch")
@@ -233,10 +235,20 @@ class RunnerServicer(rs_grpc.RunnerServiceServicer):
                 if stream is None or stream not in STREAM_CODES:
                     raise InvalidArgument("lines.stream", "is not a log stream")
                 lines.append((line.time_unix_ms, stream, line.text))
-            result = await self.logs.append(build_id, request.seq, lines)
+            text, count = encode_lines(lines), len(lines)
+        # Raises ResourceExhausted while the database's disk is low: the
+        # runner keeps the batch and sends it again.
+        verdict = await self.admission.admit(build_id, len(text))
+        result = await self.logs.append_packed(
+            build_id, request.seq, text, count, close_with=verdict.close_with
+        )
         if result.duplicate:
             self.metrics.log_batches_duplicate.inc()
         else:
+            self.admission.stored(verdict, result.bytes)
+            if result.closed and verdict.warning:
+                log.warning("log closed: %s", verdict.warning, extra={"build_id": build_id})
+                await self.lifecycle.warn(build_id, [verdict.warning])
             self.metrics.log_lines.inc(result.count)
             self.metrics.log_bytes.inc(result.bytes)
             self.hub.ingested(build_id, result)

@@ -51,6 +51,8 @@ class AppendResult:
     count: int = 0
     data: str = ""
     bytes: int = 0
+    # This batch closed the log (its size limit, or ``close_with``).
+    closed: bool = False
     _decoded: list[StoredLine] = field(default_factory=list, compare=False, repr=False)
 
     def lines(self) -> list[StoredLine]:
@@ -117,9 +119,13 @@ class LogStore:
         ``append_packed``."""
         return await self.append_packed(build_id, seq, encode_lines(lines), len(lines))
 
-    async def append_packed(self, build_id: str, seq: int, text: str, count: int) -> AppendResult:
+    async def append_packed(
+        self, build_id: str, seq: int, text: str, count: int, *, close_with: str = ""
+    ) -> AppendResult:
         """Store one batch of ``count`` packed records (``check_packed``)
-        exactly once.
+        exactly once. With ``close_with`` (a refusal of
+        ``control.logs.admission``), store that system line instead of the
+        batch and close the log.
 
         A batch whose ``seq`` is already stored is acknowledged as duplicate.
         Raises ``FailedPrecondition`` for a seq that skips ahead (the runner
@@ -144,14 +150,21 @@ class LogStore:
                 raise FailedPrecondition(
                     f"log batch seq {seq} skips ahead; the next expected is {last_seq + 1}"
                 )
+            closing = False
             if closed or not count:
                 text, count, size = "", 0, 0
+            elif close_with:
+                time_ms = int(text.split("\t", 1)[0])
+                marker = [StoredLine(last_line + 1, time_ms, "system", close_with)]
+                text, count, size, closed = encode_chunk(marker), 1, 0, True
+                closing = True
             elif log_bytes + size > self.max_bytes or size > count * (MAX_LINE_BYTES // 4):
                 # The slow path, line by line: a line may be too long, or the
                 # log reaches its limit inside this batch.
-                text, count, size, closed = self._line_by_line(
+                text, count, size, closing = self._line_by_line(
                     decode_chunk(last_line + 1, text), log_bytes
                 )
+                closed = closing
             if count:
                 await conn.execute(
                     "INSERT INTO log_chunks (build_id, first_line, line_count, seq, data)"
@@ -166,7 +179,13 @@ class LogStore:
             if count:
                 await conn.execute("SELECT pg_notify('conveyor_logs', %s)", (build_id,))
         return AppendResult(
-            last_line + count, False, first_line=last_line + 1, count=count, data=text, bytes=size
+            last_line + count,
+            False,
+            first_line=last_line + 1,
+            count=count,
+            data=text,
+            bytes=size,
+            closed=closing,
         )
 
     def _line_by_line(self, lines: list[StoredLine], log_bytes: int) -> tuple[str, int, int, bool]:
@@ -232,3 +251,30 @@ class LogStore:
         if row is None:
             raise NotFound(f"build {build_id!r} not found")
         return int(row[0])
+
+    async def account_of(self, build_id: str) -> str:
+        """The account that owns a build, "" for an unknown build."""
+        async with self.db.connection() as conn:
+            cur = await conn.execute("SELECT account_id FROM builds WHERE id = %s", (build_id,))
+            row = await cur.fetchone()
+        return str(row[0]) if row else ""
+
+    async def account_log_bytes(self, account_id: str) -> int:
+        """Log bytes the account's builds keep stored (the quota's measure:
+        text plus ``LINE_OVERHEAD`` per line, as ``builds.log_bytes``)."""
+        async with self.db.connection() as conn:
+            # builds_project makes this one index scan per project.
+            cur = await conn.execute(
+                "SELECT coalesce(sum(b.log_bytes), 0) FROM projects p"
+                " JOIN builds b ON b.project_id = p.id WHERE p.account_id = %s",
+                (account_id,),
+            )
+            row = await cur.fetchone()
+        return int(row[0]) if row else 0
+
+    async def database_size(self) -> int:
+        """``pg_database_size`` of the current database, in bytes."""
+        async with self.db.connection() as conn:
+            cur = await conn.execute("SELECT pg_database_size(current_database())")
+            row = await cur.fetchone()
+        return int(row[0]) if row else 0
