@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from datetime import UTC, datetime
 from typing import Any
 
 import grpc
@@ -14,7 +15,7 @@ from conveyor.v1 import build_manager_pb2_grpc as bm_grpc
 from conveyor.v1 import config_service_pb2 as cs
 from conveyor.v1 import config_service_pb2_grpc as cs_grpc
 from conveyor.v1 import types_pb2 as pb
-from conveyor_cli import render
+from conveyor_cli import render, terminal
 from conveyor_cli.target import Target
 
 TIMEOUT = 30.0
@@ -260,9 +261,27 @@ def _skipped_json(push: cs.SkippedPush) -> dict[str, Any]:
 
 def _skipped_row(data: dict[str, Any]) -> str:
     return (
-        f"{data['id']}  {data['project']:<16} {data['branch']:<16} {data['commit_sha'][:10]:<10}"
+        f"{render.short_id(data['id'])}  {data['project']:<16} {data['branch']:<16}"
+        f" {data['commit_sha'][:10]:<10}"
         f"  {'skipped':<12} {data['created_at']}  {data['status_reason']}"
     )
+
+
+def runners_list(client: Client, args: argparse.Namespace) -> int:
+    """The fleet (every runner of the installation) and the caller's
+    account's queue."""
+    reply = client.call(client.config.ListRunners, cs.ListRunnersRequest())
+    runners = [render.runner_json(r) for r in reply.runners]
+    queue = {"queued": reply.queued, "active": reply.active, "limit": reply.limit}
+    if args.json:
+        _print_json({"runners": runners, "queue": queue})
+        return 0
+    print(render.runners_text(runners, now=datetime.now(UTC)))
+    print(
+        f"queue: {queue['queued']} queued, {queue['active']} running"
+        f" of this account's limit {queue['limit']}"
+    )
+    return 0
 
 
 def builds_show(client: Client, args: argparse.Namespace) -> int:
@@ -288,9 +307,24 @@ def _show_build(build: pb.Build, as_json: bool) -> int:
     return 0
 
 
+# Exit status of `conveyor logs --exit-status` for a build that has not
+# ended: not 1, so a script tells "still running" from "failed".
+NOT_ENDED = 3
+
+
 def logs(client: Client, args: argparse.Namespace) -> int:
-    """Print the log; with --follow, until the build ends. Exit 0 only when
-    a followed build succeeded."""
+    """Print the log; with --follow, until the build ends.
+
+    Exit status (the command's epilog documents it): 0 once the log was
+    printed, like ``docker logs``, so ``conveyor logs ID | grep`` works in a
+    ``set -o pipefail`` script whatever the build did. With --follow or
+    --exit-status it mirrors the build instead, as ``gh run view
+    --exit-status`` does: 0 only if it succeeded, 1 if it ended otherwise,
+    ``NOT_ENDED`` if it has not ended (without --follow).
+
+    On a terminal every control sequence but colours is neutralised (see
+    ``terminal.for_terminal``); --raw and pipes get the text as stored.
+    """
     stream = client.builds.StreamLogs(
         bm.StreamLogsRequest(
             build_id=args.build_id, follow=args.follow, cursor=args.cursor, packed=True
@@ -299,6 +333,7 @@ def logs(client: Client, args: argparse.Namespace) -> int:
     )
     final = pb.BUILD_STATUS_UNSPECIFIED
     out = sys.stdout
+    shown = terminal.for_terminal if out.isatty() and not args.raw else None
     for message in stream:
         if message.packed:
             records = message.packed.decode().split("\n")
@@ -317,15 +352,22 @@ def logs(client: Client, args: argparse.Namespace) -> int:
                         + "\n"
                     )
             else:
-                out.write("\n".join(r.split("\t", 2)[2] for r in records) + "\n")
+                texts = [r.split("\t", 2)[2] for r in records]
+                if shown is not None:
+                    texts = [shown(t) for t in texts]
+                out.write("\n".join(texts) + "\n")
         out.flush()
         if message.status:
             final = message.status
-    if args.follow:
-        if final != pb.BUILD_STATUS_UNSPECIFIED:
-            print(f"build {render.build_status(final)}", file=sys.stderr)
-        return 0 if final == pb.BUILD_STATUS_SUCCEEDED else 1
-    return 0
+    if not (args.follow or args.exit_status):
+        return 0
+    if final != pb.BUILD_STATUS_UNSPECIFIED:
+        print(f"build {render.build_status(final)}", file=sys.stderr)
+    if final == pb.BUILD_STATUS_SUCCEEDED:
+        return 0
+    if not args.follow and final not in render.FINAL_STATUSES:
+        return NOT_ENDED
+    return 1
 
 
 def rpc_error_message(exc: grpc.RpcError) -> str:

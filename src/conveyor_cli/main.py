@@ -11,6 +11,7 @@ import shutil
 import signal
 import sys
 from collections.abc import Callable, Sequence
+from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -30,34 +31,100 @@ if TYPE_CHECKING:
     from runner.metrics import RunnerMetrics
 
 
+JSON_HELP = "print JSON instead of text"
+
+
+def _version() -> str:
+    """The installed release of Conveyor, from its package metadata."""
+    try:
+        return metadata.version("conveyor")
+    except metadata.PackageNotFoundError:
+        return "unknown (not installed as a package)"
+
+
+def _group(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str, help_text: str
+) -> argparse._SubParsersAction[argparse.ArgumentParser]:
+    """A command with subcommands (``conveyor NAME SUB``)."""
+    cmd = sub.add_parser(name, help=help_text, description=help_text)
+    return cmd.add_subparsers(dest=f"{name.replace('-', '_')}_command", required=True)
+
+
+def _cmd(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser],
+    name: str,
+    help_text: str,
+    *,
+    json_flag: bool = True,
+    epilog: str | None = None,
+) -> argparse.ArgumentParser:
+    cmd = sub.add_parser(
+        name,
+        help=help_text,
+        description=help_text,
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    if json_flag:
+        cmd.add_argument("--json", action="store_true", help=JSON_HELP)
+    return cmd
+
+
+BUILD_ID_HELP = "a build id, or a unique prefix of it (6+ characters, as `builds list` shows)"
+PROJECT_HELP = "a project name, id, or unique id prefix (6+ characters)"
+LOGS_EPILOG = """exit status:
+  0  the log was printed (whatever the build's outcome), or, with --follow
+     or --exit-status, the build succeeded
+  1  the build ended otherwise (failed, canceled, timed out...) with --follow
+     or --exit-status, or the control plane refused the request
+  3  with --exit-status: the build has not ended yet
+  141 the reader of the output went away (`conveyor logs ID | head`)
+
+On a terminal, control sequences in the log other than colours (SGR) are
+shown as ^[ and friends, never sent to the terminal; --raw prints the log as
+stored."""
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="conveyor", description="Conveyor CI/CD")
+    p = argparse.ArgumentParser(
+        prog="conveyor", description="Conveyor CI/CD: push, build in a sandbox, deploy."
+    )
+    p.add_argument("--version", action="version", version=f"conveyor {_version()}")
     p.add_argument("--data-dir", help="data directory of `conveyor up` (or CONVEYOR_DATA_DIR)")
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    up = sub.add_parser("up", help="run everything on this machine")
-    up.add_argument("--data-dir", dest="up_data_dir", default=None)
-    up.add_argument("--grpc-port", type=int, default=7070)
-    up.add_argument("--http-port", type=int, default=8080)
-    up.add_argument("--no-demo", action="store_true")
-    up.add_argument("--capacity", type=int, default=6)
-    up.add_argument("--log-format", choices=["json", "text"], default="text")
+    up = _cmd(
+        sub, "up", "run everything on this machine: database, control plane, runner",
+        json_flag=False,
+    )  # fmt: skip
+    up.add_argument("--data-dir", dest="up_data_dir", default=None, help="where state is kept")
+    up.add_argument("--grpc-port", type=int, default=7070, help="gRPC port (0: a free one)")
+    up.add_argument("--http-port", type=int, default=8080, help="HTTP port (0: a free one)")
+    up.add_argument("--no-demo", action="store_true", help="do not create the demo project")
+    up.add_argument("--capacity", type=int, default=6, help="builds the runner runs at once")
+    up.add_argument("--log-format", choices=["json", "text"], default="text", help="log lines as")
 
-    control = sub.add_parser("control").add_subparsers(dest="control_command", required=True)
-    serve = control.add_parser("serve", help="run the control plane")
-    serve.add_argument("--grpc-addr", default=None)
-    serve.add_argument("--http-addr", default=None)
-    serve.add_argument("--log-format", choices=["json", "text"], default=None)
+    control = _group(sub, "control", "the control plane")
+    serve = _cmd(
+        control, "serve", "run the control plane (settings from CONVEYOR_*)", json_flag=False
+    )
+    serve.add_argument("--grpc-addr", default=None, help="HOST:PORT to serve gRPC on")
+    serve.add_argument("--http-addr", default=None, help="HOST:PORT to serve HTTP on")
+    serve.add_argument("--log-format", choices=["json", "text"], default=None, help="log lines as")
 
-    runner = sub.add_parser("runner").add_subparsers(dest="runner_command", required=True)
-    start = runner.add_parser("start", help="run a runner agent")
+    runner = _group(sub, "runner", "a runner agent, which runs builds")
+    start = _cmd(runner, "start", "run a runner agent", json_flag=False)
     start.add_argument("--control", default=None, help="control plane gRPC address HOST:PORT")
     start.add_argument("--token", default=None, help="runner token (or CONVEYOR_RUNNER_TOKEN)")
-    start.add_argument("--capacity", type=int, default=None)
-    start.add_argument("--launcher", choices=["local", "nomad"], default=None)
-    start.add_argument("--work-dir", default=None)
-    start.add_argument("--metrics-addr", default=None)
-    start.add_argument("--label", action="append", default=[])
+    start.add_argument("--capacity", type=int, default=None, help="builds it runs at once")
+    start.add_argument(
+        "--launcher", choices=["local", "nomad"], default=None, help="where builds run"
+    )
+    start.add_argument("--work-dir", default=None, help="workspaces, cache and the runner's id")
+    start.add_argument("--metrics-addr", default=None, help="HOST:PORT for /metrics")
+    start.add_argument(
+        "--label", action="append", default=[], help="a label of the runner (repeatable)"
+    )
     start.add_argument(
         "--sandbox",
         choices=["bubblewrap", "none"],
@@ -65,23 +132,44 @@ def _parser() -> argparse.ArgumentParser:
         help="local builds in bubblewrap (the default; the runner refuses to start without it)"
         " or, on purpose, in no sandbox at all",
     )
-    start.add_argument("--log-format", choices=["json", "text"], default="json")
+    start.add_argument(
+        "--log-format", choices=["json", "text"], default="json", help="log lines as"
+    )
 
-    projects = sub.add_parser("projects").add_subparsers(dest="projects_command", required=True)
-    create = projects.add_parser("create")
-    create.add_argument("name")
-    create.add_argument("--repo", required=True)
-    create.add_argument("--production-branch", default="main")
-    create.add_argument("--build-command", default="")
-    create.add_argument("--deploy-command", default="")
-    create.add_argument("--preview-command", default="")
-    create.add_argument("--run-timeout", type=int, default=0)
-    create.add_argument("--root-directory", default="")
-    create.add_argument("--cancel-in-progress", action="store_true")
+    runners = _group(sub, "runners", "the build fleet")
+    _cmd(
+        runners, "list",
+        "runners with labels, slots, last heartbeat, draining and sandbox; the account's queue",
+    )  # fmt: skip
+
+    projects = _group(sub, "projects", "projects: a repository and the commands that build it")
+    create = _cmd(projects, "create", "create a project (its webhook secret is shown once)")
+    create.add_argument("name", help="letters, digits, '-', '_', '.'; unique in the account")
+    create.add_argument("--repo", required=True, help="repository URL builds clone")
+    create.add_argument("--production-branch", default="main", help="the branch that deploys")
+    create.add_argument("--build-command", default="", help="run by bash in every build")
+    create.add_argument(
+        "--deploy-command", default="", help="run after the build on the production branch"
+    )
+    create.add_argument(
+        "--preview-command", default="", help="run after the build on other branches"
+    )
+    create.add_argument(
+        "--run-timeout", type=int, default=0, help="seconds a build may run (0: 1,200)"
+    )
+    create.add_argument(
+        "--root-directory", default="", help="where the commands run, relative to the repository"
+    )
+    create.add_argument(
+        "--cancel-in-progress", action="store_true",
+        help="a newer build of a branch cancels its running one",
+    )  # fmt: skip
     create.add_argument(
         "--no-network", action="store_true", help="run the project's builds without network"
     )
-    create.add_argument("--production-only", action="store_true")
+    create.add_argument(
+        "--production-only", action="store_true", help="build the production branch only"
+    )
     create.add_argument("--no-cache", action="store_true", help="build without the build cache")
     create.add_argument(
         "--fork-secrets",
@@ -90,23 +178,23 @@ def _parser() -> argparse.ArgumentParser:
     )
     _cache_flags(create)
     _forge_flags(create)
-    create.add_argument("--json", action="store_true")
-    lst = projects.add_parser("list")
-    lst.add_argument("--json", action="store_true")
-    show = projects.add_parser("show")
-    show.add_argument("project")
-    show.add_argument("--json", action="store_true")
-    update = projects.add_parser("update")
-    update.add_argument("project")
-    update.add_argument("--name")
-    update.add_argument("--repo")
-    update.add_argument("--production-branch")
-    update.add_argument("--build-command")
-    update.add_argument("--deploy-command")
-    update.add_argument("--preview-command")
-    update.add_argument("--run-timeout", type=int)
-    update.add_argument("--root-directory")
-    update.add_argument("--cancel-in-progress", choices=["on", "off"])
+    _cmd(projects, "list", "the account's projects")
+    show = _cmd(projects, "show", "one project's settings")
+    show.add_argument("project", help=PROJECT_HELP)
+    update = _cmd(projects, "update", "change the settings given; the others stay")
+    update.add_argument("project", help=PROJECT_HELP)
+    update.add_argument("--name", help="a new name")
+    update.add_argument("--repo", help="repository URL builds clone")
+    update.add_argument("--production-branch", help="the branch that deploys")
+    update.add_argument("--build-command", help="run by bash in every build")
+    update.add_argument("--deploy-command", help="run after the build on the production branch")
+    update.add_argument("--preview-command", help="run after the build on other branches")
+    update.add_argument("--run-timeout", type=int, help="seconds a build may run")
+    update.add_argument("--root-directory", help="where the commands run")
+    update.add_argument(
+        "--cancel-in-progress", choices=["on", "off"],
+        help="a newer build of a branch cancels its running one",
+    )  # fmt: skip
     update.add_argument("--network", choices=["on", "off"], help="network access of builds")
     update.add_argument(
         "--other-branches", choices=["on", "off"], help="build branches besides production"
@@ -119,104 +207,97 @@ def _parser() -> argparse.ArgumentParser:
     )
     _cache_flags(update)
     _forge_flags(update, defaults=None)
-    update.add_argument("--json", action="store_true")
-    rotate_hook = projects.add_parser(
-        "rotate-webhook-secret", help="a new webhook secret (admin scope), shown once"
+    rotate_hook = _cmd(
+        projects, "rotate-webhook-secret", "a new webhook secret (admin scope), shown once"
     )
-    rotate_hook.add_argument("project")
-    rotate_hook.add_argument("--json", action="store_true")
-    delete = projects.add_parser("delete")
-    delete.add_argument("project")
-    delete.add_argument("--json", action="store_true")
+    rotate_hook.add_argument("project", help=PROJECT_HELP)
+    delete = _cmd(projects, "delete", "delete a project with its builds and logs")
+    delete.add_argument("project", help=PROJECT_HELP)
 
-    builds = sub.add_parser("builds").add_subparsers(dest="builds_command", required=True)
-    trigger = builds.add_parser("trigger")
-    trigger.add_argument("project")
-    trigger.add_argument("--branch", default="")
-    trigger.add_argument("--commit", default="")
-    trigger.add_argument("--json", action="store_true")
-    blist = builds.add_parser("list")
-    blist.add_argument("--project", default="")
-    blist.add_argument("--limit", type=int, default=50)
+    builds = _group(sub, "builds", "builds: trigger, list, show, cancel, retry")
+    trigger = _cmd(builds, "trigger", "queue a build of a branch")
+    trigger.add_argument("project", help=PROJECT_HELP)
+    trigger.add_argument("--branch", default="", help="default: the production branch")
+    trigger.add_argument("--commit", default="", help="40-hex commit (default: the branch head)")
+    blist = _cmd(builds, "list", "builds, newest first, with short ids")
+    blist.add_argument("--project", default="", help="only this project's (" + PROJECT_HELP + ")")
+    blist.add_argument("--limit", type=int, default=50, help="at most this many (1-500)")
     blist.add_argument(
         "--all", action="store_true", help="also the pushes that did not build, and why"
     )
-    blist.add_argument("--json", action="store_true")
-    for name in ("show", "cancel", "retry"):
-        cmd = builds.add_parser(name)
-        cmd.add_argument("build_id")
-        cmd.add_argument("--json", action="store_true")
+    for name, what in (
+        ("show", "one build: status, steps, runner and its sandbox"),
+        ("cancel", "cancel a build that has not ended"),
+        ("retry", "queue a new build of a finished build's commit"),
+    ):
+        cmd = _cmd(builds, name, what)
+        cmd.add_argument("build_id", help=BUILD_ID_HELP)
 
-    env = sub.add_parser("env", help="project variables and secrets").add_subparsers(
-        dest="env_command", required=True
-    )
-    env_set = env.add_parser("set", help="set a variable (value from stdin when omitted)")
-    env_set.add_argument("project")
-    env_set.add_argument("name")
-    env_set.add_argument("value", nargs="?")
+    env = _group(sub, "env", "project variables and secrets")
+    env_set = _cmd(env, "set", "set a variable (value from stdin when omitted)")
+    env_set.add_argument("project", help=PROJECT_HELP)
+    env_set.add_argument("name", help="the variable's name")
+    env_set.add_argument("value", nargs="?", help="its value (default: read from stdin)")
     env_set.add_argument("--secret", action="store_true", help="write-only, encrypted at rest")
-    env_set.add_argument("--json", action="store_true")
-    env_unset = env.add_parser("unset")
-    env_unset.add_argument("project")
-    env_unset.add_argument("name")
-    env_unset.add_argument("--json", action="store_true")
-    env_list = env.add_parser("list")
-    env_list.add_argument("project")
-    env_list.add_argument("--json", action="store_true")
+    env_unset = _cmd(env, "unset", "remove a variable")
+    env_unset.add_argument("project", help=PROJECT_HELP)
+    env_unset.add_argument("name", help="the variable's name")
+    env_list = _cmd(env, "list", "a project's variables (secrets show as ***)")
+    env_list.add_argument("project", help=PROJECT_HELP)
 
-    tokens = sub.add_parser("tokens").add_subparsers(dest="tokens_command", required=True)
-    tcreate = tokens.add_parser("create")
-    tcreate.add_argument("name")
+    tokens = _group(sub, "tokens", "API tokens of the account (admin scope)")
+    tcreate = _cmd(tokens, "create", "create a token (shown once)")
+    tcreate.add_argument("name", help="what the token is for")
     tcreate.add_argument("--scopes", default="read", help="comma-separated: read,write,admin")
-    tcreate.add_argument("--json", action="store_true")
-    tlist = tokens.add_parser("list")
-    tlist.add_argument("--json", action="store_true")
-    trevoke = tokens.add_parser("revoke")
-    trevoke.add_argument("token_id")
-    trevoke.add_argument("--json", action="store_true")
+    _cmd(tokens, "list", "the account's tokens")
+    trevoke = _cmd(tokens, "revoke", "revoke a token at once")
+    trevoke.add_argument("token_id", help="a token id, or a unique prefix of it (6+ characters)")
 
-    accounts = sub.add_parser("accounts").add_subparsers(dest="accounts_command", required=True)
-    acreate = accounts.add_parser("create")
-    acreate.add_argument("name")
-    acreate.add_argument("--concurrency", type=int, default=6)
-    acreate.add_argument("--json", action="store_true")
+    accounts = _group(sub, "accounts", "tenants of the installation (system scope)")
+    acreate = _cmd(accounts, "create", "create an account and its first admin token")
+    acreate.add_argument("name", help="the account's name")
+    acreate.add_argument("--concurrency", type=int, default=6, help="its builds that run at once")
 
-    audit = sub.add_parser("audit", help="the account's audit log")
-    audit.add_argument("--limit", type=int, default=100)
-    audit.add_argument("--json", action="store_true")
+    audit = _cmd(sub, "audit", "the account's audit log (admin scope)")
+    audit.add_argument("--limit", type=int, default=100, help="newest events to show (1-1000)")
 
-    secrets_cmd = sub.add_parser("secrets").add_subparsers(dest="secrets_command", required=True)
-    rotate = secrets_cmd.add_parser("rotate", help="re-encrypt secrets under the current key")
-    rotate.add_argument("--json", action="store_true")
+    secrets_cmd = _group(sub, "secrets", "stored secrets (system scope)")
+    _cmd(secrets_cmd, "rotate", "re-encrypt secrets under the current key")
 
-    hooks = sub.add_parser("hooks", help="deploy hooks: URLs that build a branch").add_subparsers(
-        dest="hooks_command", required=True
-    )
-    hcreate = hooks.add_parser("create", help="create a hook (its URL is shown once)")
-    hcreate.add_argument("project")
-    hcreate.add_argument("--name", required=True)
+    hooks = _group(sub, "hooks", "deploy hooks: URLs that build a branch")
+    hcreate = _cmd(hooks, "create", "create a hook (its URL is shown once)")
+    hcreate.add_argument("project", help=PROJECT_HELP)
+    hcreate.add_argument("--name", required=True, help="what the hook is for")
     hcreate.add_argument("--branch", default="", help="default: the production branch")
-    hcreate.add_argument("--json", action="store_true")
-    hlist = hooks.add_parser("list")
-    hlist.add_argument("project")
-    hlist.add_argument("--json", action="store_true")
-    hrevoke = hooks.add_parser("revoke")
-    hrevoke.add_argument("project")
-    hrevoke.add_argument("hook_id")
-    hrevoke.add_argument("--json", action="store_true")
+    hlist = _cmd(hooks, "list", "a project's hooks")
+    hlist.add_argument("project", help=PROJECT_HELP)
+    hrevoke = _cmd(hooks, "revoke", "revoke a hook at once")
+    hrevoke.add_argument("project", help=PROJECT_HELP)
+    hrevoke.add_argument("hook_id", help="a hook id, or a unique prefix of it (6+ characters)")
 
-    cache = sub.add_parser("cache", help="the build cache of a project").add_subparsers(
-        dest="cache_command", required=True
+    cache = _group(sub, "cache", "the build cache of a project")
+    purge = _cmd(cache, "purge", "start a new cache generation: drop what was saved")
+    purge.add_argument("project", help=PROJECT_HELP)
+
+    logs = _cmd(sub, "logs", "print a build's log (exit status: see below)", epilog=LOGS_EPILOG)
+    logs.add_argument("build_id", help=BUILD_ID_HELP)
+    logs.add_argument(
+        "--follow", "-f", action="store_true",
+        help="keep printing until the build ends; exit 0 only if it succeeded",
+    )  # fmt: skip
+    logs.add_argument(
+        "--cursor",
+        default="",
+        help="resume after this opaque cursor (from the API's StreamLogs or ReadLogs)",
     )
-    purge = cache.add_parser("purge", help="start a new cache generation: drop what was saved")
-    purge.add_argument("project")
-    purge.add_argument("--json", action="store_true")
-
-    logs = sub.add_parser("logs")
-    logs.add_argument("build_id")
-    logs.add_argument("--follow", "-f", action="store_true")
-    logs.add_argument("--cursor", default="")
-    logs.add_argument("--json", action="store_true")
+    logs.add_argument(
+        "--exit-status", action="store_true",
+        help="exit 0 only if the build succeeded (1: it ended otherwise, 3: not ended yet)",
+    )  # fmt: skip
+    logs.add_argument(
+        "--raw", action="store_true",
+        help="print the log as stored, control sequences and all, even on a terminal",
+    )  # fmt: skip
     backup.add_parsers(sub)
     return p
 
@@ -247,7 +328,9 @@ def _forge_flags(cmd: argparse.ArgumentParser, defaults: str | None = "") -> Non
         ("--watch-exclude", "ignore changed files matching GLOB"),
     ):
         cmd.add_argument(flag, action="append", metavar="GLOB", default=None, help=what)
-    cmd.add_argument("--forge", choices=["github", "gitlab"], default=defaults)
+    cmd.add_argument(
+        "--forge", choices=["github", "gitlab"], default=defaults, help="where commit statuses go"
+    )
     cmd.add_argument("--forge-api-url", default=defaults, help="e.g. https://api.github.com")
     cmd.add_argument("--forge-repo", default=defaults, help="owner/repo, or a GitLab project id")
 
@@ -278,6 +361,7 @@ CLIENT_COMMANDS: dict[tuple[str, str | None], Callable[..., int]] = {
     ("hooks", "list"): commands.hooks_list,
     ("hooks", "revoke"): commands.hooks_revoke,
     ("cache", "purge"): commands.cache_purge,
+    ("runners", "list"): commands.runners_list,
 }
 
 
@@ -306,8 +390,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        return _reader_gone()
     finally:
         client.channel.close()
+
+
+def _reader_gone() -> int:
+    """The output's reader went away (``conveyor logs ID | head``): stop
+    quietly with the status of a tool killed by SIGPIPE, as ``cat`` would.
+    stdout now points at /dev/null so the interpreter's last flush at exit
+    cannot raise (and print) BrokenPipeError again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return 128 + signal.SIGPIPE
 
 
 def _up(args: argparse.Namespace) -> int:

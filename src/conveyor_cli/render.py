@@ -7,6 +7,7 @@ from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from conveyor.v1 import config_service_pb2 as cs
 from conveyor.v1 import types_pb2 as pb
 
 
@@ -25,6 +26,25 @@ def rfc3339_ms(unix_ms: int) -> str:
 
 def _enum_name(enum: Any, value: int, prefix: str) -> str:
     return str(enum.Name(value)).removeprefix(prefix).lower()
+
+
+# Statuses a build never leaves.
+FINAL_STATUSES = frozenset(
+    {
+        pb.BUILD_STATUS_SUCCEEDED,
+        pb.BUILD_STATUS_FAILED,
+        pb.BUILD_STATUS_CANCELED,
+        pb.BUILD_STATUS_TIMED_OUT,
+        pb.BUILD_STATUS_ERRORED,
+        pb.BUILD_STATUS_SUPERSEDED,
+    }
+)
+
+
+def short_id(full_id: str) -> str:
+    """An id as lists show it: its first 8 characters, which every command
+    accepts as long as they are unique in the account."""
+    return full_id[:8]
 
 
 def build_status(value: int) -> str:
@@ -58,6 +78,7 @@ def build_json(build: pb.Build) -> dict[str, Any]:
         "running_at": rfc3339(build.running_at),
         "finished_at": rfc3339(build.finished_at),
         "runner_id": build.runner_id or None,
+        "runner_sandbox": build.runner_sandbox or None,
         "warnings": list(build.warnings),
         "steps": [step_json(s) for s in build.steps],
     }
@@ -115,6 +136,10 @@ def build_text(build: pb.Build) -> str:
         f"started    {data['started_at'] or '-'}",
         f"finished   {data['finished_at'] or '-'}",
     ]
+    if data["runner_id"]:
+        lines.append(
+            f"runner     {data['runner_id']} (sandbox {data['runner_sandbox'] or 'unknown'})"
+        )
     for warning in data["warnings"]:
         lines.append(f"WARNING    {warning}")
     lines.append("steps")
@@ -132,6 +157,58 @@ def build_text(build: pb.Build) -> str:
 def build_row(build: pb.Build) -> str:
     data = build_json(build)
     return (
-        f"{data['id']}  {data['project']:<16} {data['branch']:<16} {data['commit_sha'][:10]}"
+        f"{short_id(data['id'])}  {data['project']:<16} {data['branch']:<16}"
+        f" {data['commit_sha'][:10]}"
         f"  {data['status']:<12} {data['created_at']}"
     )
+
+
+def runner_json(runner: cs.Runner) -> dict[str, Any]:
+    return {
+        "id": runner.id,
+        "name": runner.name,
+        "labels": list(runner.labels),
+        "launcher": runner.launcher,
+        "sandbox": runner.sandbox or None,
+        "capacity": runner.capacity,
+        "busy": runner.busy,
+        "connected": runner.connected,
+        "draining": runner.draining,
+        "connected_at": rfc3339(runner.connected_at),
+        "last_seen_at": rfc3339(runner.last_seen_at),
+    }
+
+
+def _ago(stamp: str | None, now: datetime) -> str:
+    if stamp is None:
+        return "never"
+    seconds = (now - datetime.fromisoformat(stamp.replace("Z", "+00:00"))).total_seconds()
+    if seconds < 120:
+        return f"{max(0, int(seconds))}s ago"
+    if seconds < 7200:
+        return f"{int(seconds // 60)}m ago"
+    return f"{int(seconds // 3600)}h ago"
+
+
+def runners_text(runners: list[dict[str, Any]], now: datetime) -> str:
+    """``runner_json`` rows as a table, then a warning for each runner
+    that runs builds without a sandbox."""
+    if not runners:
+        return "no runner has connected yet"
+    lines = [
+        f"{'ID':<8}  {'NAME':<20} {'STATE':<12} {'BUSY':>4}/{'CAP':<4} {'SANDBOX':<10}"
+        f" {'LAUNCHER':<8} {'HEARTBEAT':<10} LABELS"
+    ]
+    for r in runners:
+        state = "draining" if r["draining"] else "connected" if r["connected"] else "gone"
+        lines.append(
+            f"{short_id(r['id']):<8}  {r['name'][:20]:<20} {state:<12} {r['busy']:>4}/"
+            f"{r['capacity']:<4} {r['sandbox'] or 'unknown':<10} {r['launcher']:<8}"
+            f" {_ago(r['last_seen_at'], now):<10} {','.join(r['labels']) or '-'}"
+        )
+    for r in runners:
+        if r["sandbox"] == "none":
+            lines.append(
+                f"WARNING runner {r['name']} runs builds WITHOUT a sandbox (--sandbox none)"
+            )
+    return "\n".join(lines)

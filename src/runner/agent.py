@@ -99,6 +99,7 @@ class Agent:
                     capacity=0 if self.draining else self.settings.capacity,
                     labels=list(self.settings.labels),
                     launcher=self.launcher.name,
+                    sandbox=sandbox_mode(self.launcher.name, sandboxed=self.sandboxed),
                     version=release(),
                     running_build_ids=list(self.runs),
                 )
@@ -224,3 +225,12 @@ async def serve_metrics(metrics: RunnerMetrics, addr: str) -> web.AppRunner:
     host, _, port = addr.rpartition(":")
     await web.TCPSite(runner, host or "127.0.0.1", int(port)).start()
     return runner
+
+
+def sandbox_mode(launcher: str, *, sandboxed: bool) -> str:
+    """The isolation this runner's builds get, as its hello reports it:
+    "bubblewrap" or "none" for the local launcher, the launcher's name (its
+    own isolation: a Nomad job) for the others."""
+    if not sandboxed:
+        return "none"
+    return "bubblewrap" if launcher == "local" else launcher

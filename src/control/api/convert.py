@@ -121,6 +121,7 @@ def build_to_pb(build: Build) -> pb.Build:
         runner_id=build.runner_id or "",
         project_name=build.project_name,
         warnings=list(build.warnings),
+        runner_sandbox=build.runner_sandbox,
     )
     timestamp(build.created_at, msg.created_at)
     timestamp(build.started_at, msg.started_at)
@@ -139,6 +140,7 @@ def runner_to_pb(runner: RunnerInfo) -> cs.Runner:
         busy=runner.busy,
         connected=runner.connected,
         draining=runner.draining,
+        sandbox=runner.sandbox,
     )
     timestamp(runner.connected_at, out.connected_at)
     timestamp(runner.last_seen_at, out.last_seen_at)

@@ -110,9 +110,13 @@ class RunnerServicer(rs_grpc.RunnerServiceServicer):
             list(hello.labels)[:64],
             hello.launcher,
             session_id,
+            sandbox=_sandbox(hello.sandbox),
         )
         await self.lifecycle.forget_missing(runner_id, set(hello.running_build_ids))
-        log.info("runner %s (%s) connected, capacity %d", runner_id, hello.name, hello.capacity)
+        log.info(
+            "runner %s (%s) connected, capacity %d, sandbox %s",
+            runner_id, hello.name, hello.capacity, hello.sandbox or "unknown",
+        )  # fmt: skip
         wake = asyncio.Event()
         wake.set()
 
@@ -258,4 +262,13 @@ class RunnerServicer(rs_grpc.RunnerServiceServicer):
 def _build_id(value: str) -> str:
     if not is_uuid(value):
         raise InvalidArgument("build_id", "must be a build id")
+    return value
+
+
+def _sandbox(value: str) -> str:
+    """The hello's sandbox mode, stored as said (a newer runner may name a
+    mode this control plane does not know); raises ``InvalidArgument`` for
+    one no list could show."""
+    if len(value) > 32 or not value.isprintable():
+        raise InvalidArgument("sandbox", "must be at most 32 printable characters")
     return value

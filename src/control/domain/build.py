@@ -109,6 +109,9 @@ class Build:
     steps: tuple[Step, ...] = ()
     warnings: tuple[str, ...] = field(default=())
     received_at: datetime | None = None
+    # The isolation its runner gave it ("bubblewrap", "none", "nomad"), as
+    # that runner reported when it took the build; "" before that.
+    runner_sandbox: str = ""
 
 
 def check_transition(current: BuildStatus, to: BuildStatus) -> None:

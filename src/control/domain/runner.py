@@ -21,6 +21,9 @@ class RunnerInfo:
     draining: bool
     connected_at: datetime | None
     last_seen_at: datetime
+    # The isolation it gives builds ("bubblewrap", "none", "nomad"), as it
+    # said at its last connect; "" for a runner too old to say.
+    sandbox: str = ""
 
 
 @dataclass(frozen=True)

@@ -13,12 +13,13 @@ from datetime import datetime
 from control.domain.build import Build, BuildStatus, Step, StepStatus
 from control.errors import NotFound
 from control.storage.db import Conn, Database, Row
-from control.storage.ids import expand, is_prefix, is_uuid
+from control.storage.ids import expand, is_prefix
+from control.storage.ids import is_uuid as is_uuid  # older home: callers import it here
 
 _COLUMNS = (
     "b.id, b.project_id, b.account_id, b.branch, b.commit_sha, b.status, b.created_at,"
     " b.status_reason, b.trigger, b.retry_of, b.production, b.started_at, b.running_at,"
-    " b.finished_at, b.runner_id, p.name, b.warnings, b.received_at"
+    " b.finished_at, b.runner_id, p.name, b.warnings, b.received_at, b.runner_sandbox"
 )
 _FROM = "builds b JOIN projects p ON p.id = b.project_id"
 
@@ -43,6 +44,7 @@ def _build(row: Row, steps: tuple[Step, ...] = ()) -> Build:
         project_name=row[15],
         warnings=tuple(row[16] or ()),
         received_at=row[17],
+        runner_sandbox=row[18],
         steps=steps,
     )
 

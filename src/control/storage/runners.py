@@ -26,19 +26,23 @@ class RunnerStore:
         labels: list[str],
         launcher: str,
         session_id: str,
+        sandbox: str = "",
     ) -> None:
         """Record the runner and its new stream (``session_id``), which
-        supersedes any older stream of the same runner."""
+        supersedes any older stream of the same runner. ``sandbox`` is the
+        isolation it says it gives builds; builds assigned to it from now
+        on record it (a trigger, see migration 0012)."""
         async with self.db.connection() as conn:
             await conn.execute(
                 "INSERT INTO runners (id, name, capacity, labels, launcher, connected,"
-                " connected_at, last_seen_at, session_id)"
-                " VALUES (%s, %s, %s, %s, %s, true, now(), now(), %s)"
+                " connected_at, last_seen_at, session_id, sandbox)"
+                " VALUES (%s, %s, %s, %s, %s, true, now(), now(), %s, %s)"
                 " ON CONFLICT (id) DO UPDATE SET name = excluded.name,"
                 " capacity = excluded.capacity, labels = excluded.labels,"
                 " launcher = excluded.launcher, connected = true, connected_at = now(),"
-                " last_seen_at = now(), session_id = excluded.session_id",
-                (runner_id, name, capacity, labels, launcher, session_id),
+                " last_seen_at = now(), session_id = excluded.session_id,"
+                " sandbox = excluded.sandbox",
+                (runner_id, name, capacity, labels, launcher, session_id, sandbox),
             )
 
     async def current_session(self, conn: Conn, runner_id: str) -> str | None:
@@ -161,7 +165,7 @@ class RunnerStore:
             await cur.execute(
                 f"SELECT r.id::text AS id, r.name, r.labels, r.launcher, r.capacity,"
                 f" {_BUSY}::int AS busy, r.connected, (r.connected AND r.capacity = 0) AS draining,"
-                f" r.connected_at, r.last_seen_at"
+                f" r.connected_at, r.last_seen_at, r.sandbox"
                 f" FROM runners r ORDER BY r.connected DESC, r.name, r.id"
             )
             return await cur.fetchall()

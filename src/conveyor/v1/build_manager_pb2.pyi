@@ -28,6 +28,11 @@ class ReadLogsRequest(_message.Message):
     LIMIT_FIELD_NUMBER: _builtins.int
     TAIL_FIELD_NUMBER: _builtins.int
     build_id: _builtins.str
+    """build_id is a build's id, or a unique prefix of it (6 or more hex
+    digits, as `conveyor builds list` shows them) among the caller's
+    account's builds; an ambiguous prefix is INVALID_ARGUMENT listing the
+    candidates.
+    """
     cursor: _builtins.str
     """cursor is opaque (from a LogLine page or a stream); empty means from
     the first line.
@@ -177,6 +182,11 @@ class CancelBuildRequest(_message.Message):
 
     BUILD_ID_FIELD_NUMBER: _builtins.int
     build_id: _builtins.str
+    """build_id is a build's id, or a unique prefix of it (6 or more hex
+    digits, as `conveyor builds list` shows them) among the caller's
+    account's builds; an ambiguous prefix is INVALID_ARGUMENT listing the
+    candidates.
+    """
     def __init__(
         self,
         *,
@@ -219,6 +229,11 @@ class StreamLogsRequest(_message.Message):
     FOLLOW_FIELD_NUMBER: _builtins.int
     PACKED_FIELD_NUMBER: _builtins.int
     build_id: _builtins.str
+    """build_id is a build's id, or a unique prefix of it (6 or more hex
+    digits, as `conveyor builds list` shows them) among the caller's
+    account's builds; an ambiguous prefix is INVALID_ARGUMENT listing the
+    candidates.
+    """
     cursor: _builtins.str
     """cursor is opaque; empty means from the first line."""
     follow: _builtins.bool

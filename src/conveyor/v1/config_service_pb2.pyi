@@ -162,7 +162,9 @@ class GetProjectRequest(_message.Message):
 
     PROJECT_FIELD_NUMBER: _builtins.int
     project: _builtins.str
-    """project is an id or a name."""
+    """project is the project's name, its id, or a unique prefix of its id
+    (6+ characters; a name wins over a prefix it looks like).
+    """
     def __init__(
         self,
         *,
@@ -233,7 +235,7 @@ Global___ListProjectsResponse: _TypeAlias = ListProjectsResponse  # noqa: Y015
 
 @_typing.final
 class UpdateProjectRequest(_message.Message):
-    """UpdateProjectRequest changes the fields named in update_mask only."""
+    """UpdateProjectRequest changes the fields named in the mask only."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -242,7 +244,9 @@ class UpdateProjectRequest(_message.Message):
     UPDATE_MASK_FIELD_NUMBER: _builtins.int
     MASK_FIELD_NUMBER: _builtins.int
     project: _builtins.str
-    """project is an id or a name."""
+    """project is the project's name, its id, or a unique prefix of its id
+    (6+ characters; a name wins over a prefix it looks like).
+    """
     @_builtins.property
     def values(self) -> _types_pb2.Project:
         """values holds the new values of the fields the mask names; the others
@@ -251,20 +255,22 @@ class UpdateProjectRequest(_message.Message):
 
     @_builtins.property
     def update_mask(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """update_mask names the fields of values to change (field names of
-        Project: build_command, deploy_command, preview_command,
-        production_branch, repo_url, run_timeout_seconds, cancel_in_progress,
-        build_other_branches, root_directory, branch_include, branch_exclude,
-        watch_include, watch_exclude, forge, forge_api_url, forge_repo,
-        network_isolated, cache_disabled, cache_lockfiles, cache_paths,
-        fork_secrets). Deprecated: use mask.
+        """update_mask names the fields of values to change. The allowed paths
+        are these field names of Project: name, repo_url, production_branch,
+        build_command, deploy_command, preview_command, run_timeout_seconds,
+        cancel_in_progress, build_other_branches, root_directory,
+        branch_include, branch_exclude, watch_include, watch_exclude, forge,
+        forge_api_url, forge_repo, network_isolated, cache_disabled,
+        cache_lockfiles, cache_paths, fork_secrets. Any other path (id,
+        webhook_secret, cache_generation...) is INVALID_ARGUMENT, as is an empty
+        mask. Deprecated: use mask.
         """
 
     @_builtins.property
     def mask(self) -> _field_mask_pb2.FieldMask:
-        """mask is the same list as a google.protobuf.FieldMask (in JSON, one
-        string of comma-separated lowerCamelCase names: "buildCommand,forge").
-        Give mask or update_mask, not both.
+        """mask is the same list as a google.protobuf.FieldMask, with the same
+        allowed paths (in JSON, one string of comma-separated lowerCamelCase
+        names: "buildCommand,forge"). Give mask or update_mask, not both.
         """
 
     def __init__(
@@ -309,6 +315,9 @@ class DeleteProjectRequest(_message.Message):
 
     PROJECT_FIELD_NUMBER: _builtins.int
     project: _builtins.str
+    """project is the project's name, its id, or a unique prefix of its id
+    (6+ characters; a name wins over a prefix it looks like).
+    """
     def __init__(
         self,
         *,
@@ -343,7 +352,9 @@ class RotateWebhookSecretRequest(_message.Message):
 
     PROJECT_FIELD_NUMBER: _builtins.int
     project: _builtins.str
-    """project is an id or a name."""
+    """project is the project's name, its id, or a unique prefix of its id
+    (6+ characters; a name wins over a prefix it looks like).
+    """
     def __init__(
         self,
         *,
@@ -387,6 +398,9 @@ class TriggerBuildRequest(_message.Message):
     BRANCH_FIELD_NUMBER: _builtins.int
     COMMIT_SHA_FIELD_NUMBER: _builtins.int
     project: _builtins.str
+    """project is the project's name, its id, or a unique prefix of its id
+    (6+ characters; a name wins over a prefix it looks like).
+    """
     branch: _builtins.str
     """branch defaults to the project's production branch."""
     commit_sha: _builtins.str
@@ -438,11 +452,13 @@ class ListBuildsRequest(_message.Message):
     TRIGGER_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     project: _builtins.str
-    """project is a project's id or name; empty lists every project of the
-    caller's account.
+    """project is a project's name, id or unique id prefix; empty lists every
+    project of the caller's account.
     """
     limit: _builtins.int
-    """limit is the page size: 0 means 50; more than 500 is refused."""
+    """limit is the page size: 0 means 50; a negative limit or one over 500 is
+    INVALID_ARGUMENT.
+    """
     include_skipped: _builtins.bool
     """include_skipped also returns the pushes that did not build (at most
     limit of them), each with its reason.
@@ -538,7 +554,11 @@ class Runner(_message.Message):
     DRAINING_FIELD_NUMBER: _builtins.int
     CONNECTED_AT_FIELD_NUMBER: _builtins.int
     LAST_SEEN_AT_FIELD_NUMBER: _builtins.int
+    SANDBOX_FIELD_NUMBER: _builtins.int
     id: _builtins.str
+    """id is chosen by the runner and kept across its restarts (one per work
+    directory); name is its host's name unless the operator set one.
+    """
     name: _builtins.str
     launcher: _builtins.str
     """launcher is "local" or "nomad"."""
@@ -552,10 +572,20 @@ class Runner(_message.Message):
     """draining is a connected runner finishing its builds that takes no new
     ones.
     """
+    sandbox: _builtins.str
+    """sandbox is the isolation the runner gives builds, as it reported at
+    its last connect: "bubblewrap", "none" (the operator chose --sandbox
+    none: builds run as plain processes), "nomad", or empty for a runner
+    too old to say.
+    """
     @_builtins.property
     def labels(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
-    def connected_at(self) -> _timestamp_pb2.Timestamp: ...
+    def connected_at(self) -> _timestamp_pb2.Timestamp:
+        """connected_at is when its current (or last) stream opened;
+        last_seen_at its last heartbeat.
+        """
+
     @_builtins.property
     def last_seen_at(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
@@ -571,10 +601,11 @@ class Runner(_message.Message):
         draining: _builtins.bool = ...,
         connected_at: _timestamp_pb2.Timestamp | None = ...,
         last_seen_at: _timestamp_pb2.Timestamp | None = ...,
+        sandbox: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["connected_at", b"connected_at", "last_seen_at", b"last_seen_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["busy", b"busy", "capacity", b"capacity", "connected", b"connected", "connected_at", b"connected_at", "draining", b"draining", "id", b"id", "labels", b"labels", "last_seen_at", b"last_seen_at", "launcher", b"launcher", "name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["busy", b"busy", "capacity", b"capacity", "connected", b"connected", "connected_at", b"connected_at", "draining", b"draining", "id", b"id", "labels", b"labels", "last_seen_at", b"last_seen_at", "launcher", b"launcher", "name", b"name", "sandbox", b"sandbox"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -675,6 +706,11 @@ class GetBuildRequest(_message.Message):
 
     BUILD_ID_FIELD_NUMBER: _builtins.int
     build_id: _builtins.str
+    """build_id is a build's id, or a unique prefix of it (6 or more hex
+    digits, as `conveyor builds list` shows them) among the caller's
+    account's builds; an ambiguous prefix is INVALID_ARGUMENT listing the
+    candidates.
+    """
     def __init__(
         self,
         *,
@@ -714,6 +750,11 @@ class RetryBuildRequest(_message.Message):
 
     BUILD_ID_FIELD_NUMBER: _builtins.int
     build_id: _builtins.str
+    """build_id is a build's id, or a unique prefix of it (6 or more hex
+    digits, as `conveyor builds list` shows them) among the caller's
+    account's builds; an ambiguous prefix is INVALID_ARGUMENT listing the
+    candidates.
+    """
     def __init__(
         self,
         *,
@@ -753,7 +794,9 @@ class PurgeCacheRequest(_message.Message):
 
     PROJECT_FIELD_NUMBER: _builtins.int
     project: _builtins.str
-    """project is an id or a name."""
+    """project is the project's name, its id, or a unique prefix of its id
+    (6+ characters; a name wins over a prefix it looks like).
+    """
     def __init__(
         self,
         *,
@@ -789,7 +832,9 @@ Global___PurgeCacheResponse: _TypeAlias = PurgeCacheResponse  # noqa: Y015
 
 @_typing.final
 class ProjectEnvVar(_message.Message):
-    """ProjectEnvVar describes a project variable. value is empty for secrets."""
+    """ProjectEnvVar describes a project variable. value is empty for secrets.
+    Builds get every variable in their environment.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -827,9 +872,20 @@ class SetEnvVarRequest(_message.Message):
     VALUE_FIELD_NUMBER: _builtins.int
     SECRET_FIELD_NUMBER: _builtins.int
     project: _builtins.str
+    """project is the project's name, its id, or a unique prefix of its id
+    (6+ characters; a name wins over a prefix it looks like).
+    """
     name: _builtins.str
+    """name is a shell variable name of 1-128 characters: a letter or "_",
+    then letters, digits and "_". Names starting with CONVEYOR_ and CI,
+    PATH, HOME, PWD, SHLVL, LANG, TMPDIR are reserved (every build has
+    them). Setting an existing name replaces it.
+    """
     value: _builtins.str
     secret: _builtins.bool
+    """secret makes the value write-only (encrypted at rest, never returned,
+    masked in build logs).
+    """
     def __init__(
         self,
         *,
@@ -873,6 +929,9 @@ class UnsetEnvVarRequest(_message.Message):
     PROJECT_FIELD_NUMBER: _builtins.int
     NAME_FIELD_NUMBER: _builtins.int
     project: _builtins.str
+    """project is the project's name, its id, or a unique prefix of its id
+    (6+ characters; a name wins over a prefix it looks like).
+    """
     name: _builtins.str
     def __init__(
         self,
@@ -909,6 +968,9 @@ class ListEnvVarsRequest(_message.Message):
 
     PROJECT_FIELD_NUMBER: _builtins.int
     project: _builtins.str
+    """project is the project's name, its id, or a unique prefix of its id
+    (6+ characters; a name wins over a prefix it looks like).
+    """
     def __init__(
         self,
         *,
@@ -956,7 +1018,15 @@ class Token(_message.Message):
     id: _builtins.str
     name: _builtins.str
     @_builtins.property
-    def scopes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def scopes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """scopes are "read" (see projects, builds, logs, runners), "write"
+        (also create, change and delete projects and variables, trigger,
+        retry and cancel builds, deploy hooks) and "admin" (also tokens, the
+        audit log, webhook secrets); each implies the ones before it.
+        "system" (also accounts and secret-key rotation) belongs to the
+        installation's bootstrap admin token only.
+        """
+
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -986,7 +1056,11 @@ class CreateTokenRequest(_message.Message):
     SCOPES_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     @_builtins.property
-    def scopes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def scopes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """scopes are any of "read", "write", "admin" (see Token); empty means
+        ["read"].
+        """
+
     def __init__(
         self,
         *,
@@ -1066,6 +1140,10 @@ class RevokeTokenRequest(_message.Message):
 
     TOKEN_ID_FIELD_NUMBER: _builtins.int
     token_id: _builtins.str
+    """token_id is a token's id (from ListTokens) or a unique prefix of it (6
+    or more characters) among the account's tokens. Revoking twice is not
+    an error.
+    """
     def __init__(
         self,
         *,
@@ -1136,6 +1214,9 @@ class CreateAccountRequest(_message.Message):
     CONCURRENCY_LIMIT_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     concurrency_limit: _builtins.int
+    """concurrency_limit is how many of the account's builds run at once:
+    0 means 6; at most 1,000.
+    """
     def __init__(
         self,
         *,
@@ -1184,6 +1265,10 @@ class AuditEvent(_message.Message):
     TARGET_FIELD_NUMBER: _builtins.int
     DETAILS_FIELD_NUMBER: _builtins.int
     actor: _builtins.str
+    """actor is the name of the token that acted; action a dotted name such
+    as "project.update" or "token.revoke"; target what it acted on
+    ("project web"); details "key=value" pairs.
+    """
     action: _builtins.str
     target: _builtins.str
     details: _builtins.str
@@ -1212,6 +1297,7 @@ class ListAuditEventsRequest(_message.Message):
 
     LIMIT_FIELD_NUMBER: _builtins.int
     limit: _builtins.int
+    """limit is the number of newest events: 0 means 100; at most 1,000."""
     def __init__(
         self,
         *,
@@ -1267,6 +1353,7 @@ class RotateSecretsResponse(_message.Message):
     REENCRYPTED_FIELD_NUMBER: _builtins.int
     KEY_ID_FIELD_NUMBER: _builtins.int
     reencrypted: _builtins.int
+    """reencrypted counts the secrets rewritten; key_id names the current key."""
     key_id: _builtins.str
     def __init__(
         self,
@@ -1332,7 +1419,11 @@ class CreateDeployHookRequest(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     BRANCH_FIELD_NUMBER: _builtins.int
     project: _builtins.str
+    """project is the project's name, its id, or a unique prefix of its id
+    (6+ characters; a name wins over a prefix it looks like).
+    """
     name: _builtins.str
+    """name tells the hook apart in lists and the audit log."""
     branch: _builtins.str
     """branch defaults to the project's production branch."""
     def __init__(
@@ -1384,6 +1475,9 @@ class ListDeployHooksRequest(_message.Message):
 
     PROJECT_FIELD_NUMBER: _builtins.int
     project: _builtins.str
+    """project is the project's name, its id, or a unique prefix of its id
+    (6+ characters; a name wins over a prefix it looks like).
+    """
     def __init__(
         self,
         *,
@@ -1424,7 +1518,13 @@ class RevokeDeployHookRequest(_message.Message):
     PROJECT_FIELD_NUMBER: _builtins.int
     HOOK_ID_FIELD_NUMBER: _builtins.int
     project: _builtins.str
+    """project is the project's name, its id, or a unique prefix of its id
+    (6+ characters; a name wins over a prefix it looks like).
+    """
     hook_id: _builtins.str
+    """hook_id is the hook's id or a unique prefix of it (6 or more
+    characters) among the project's hooks.
+    """
     def __init__(
         self,
         *,

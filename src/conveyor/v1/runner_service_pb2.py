@@ -26,7 +26,7 @@ from conveyor.v1 import types_pb2 as conveyor_dot_v1_dot_types__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n conveyor/v1/runner_service.proto\x12\x0b\x63onveyor.v1\x1a\x17\x63onveyor/v1/types.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xd4\x01\n\x0bRunnerHello\x12\x12\n\x04name\x18\x01 \x01(\tR\x04name\x12\x1a\n\x08\x63\x61pacity\x18\x02 \x01(\x05R\x08\x63\x61pacity\x12\x16\n\x06labels\x18\x03 \x03(\tR\x06labels\x12\x1a\n\x08launcher\x18\x04 \x01(\tR\x08launcher\x12\x18\n\x07version\x18\x05 \x01(\tR\x07version\x12*\n\x11running_build_ids\x18\x06 \x03(\tR\x0frunningBuildIds\x12\x1b\n\trunner_id\x18\x07 \x01(\tR\x08runnerId\"A\n\x0fRunnerHeartbeat\x12\x12\n\x04\x62usy\x18\x01 \x01(\x05R\x04\x62usy\x12\x1a\n\x08\x64raining\x18\x02 \x01(\x08R\x08\x64raining\"^\n\rAssignmentAck\x12\x19\n\x08\x62uild_id\x18\x01 \x01(\tR\x07\x62uildId\x12\x1a\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\x08R\x08\x61\x63\x63\x65pted\x12\x16\n\x06reason\x18\x03 \x01(\tR\x06reason\"\xb8\x01\n\x0e\x43onnectRequest\x12\x30\n\x05hello\x18\x01 \x01(\x0b\x32\x18.conveyor.v1.RunnerHelloH\x00R\x05hello\x12<\n\theartbeat\x18\x02 \x01(\x0b\x32\x1c.conveyor.v1.RunnerHeartbeatH\x00R\theartbeat\x12.\n\x03\x61\x63k\x18\x03 \x01(\x0b\x32\x1a.conveyor.v1.AssignmentAckH\x00R\x03\x61\x63kB\x06\n\x04kind\"J\n\x06\x45nvVar\x12\x12\n\x04name\x18\x01 \x01(\tR\x04name\x12\x14\n\x05value\x18\x02 \x01(\tR\x05value\x12\x16\n\x06secret\x18\x03 \x01(\x08R\x06secret\"\xdc\x05\n\nAssignment\x12\x19\n\x08\x62uild_id\x18\x01 \x01(\tR\x07\x62uildId\x12\x1f\n\x0b\x62uild_token\x18\x02 \x01(\tR\nbuildToken\x12\x1d\n\nproject_id\x18\x03 \x01(\tR\tprojectId\x12!\n\x0cproject_name\x18\x04 \x01(\tR\x0bprojectName\x12\x19\n\x08repo_url\x18\x05 \x01(\tR\x07repoUrl\x12\x16\n\x06\x62ranch\x18\x06 \x01(\tR\x06\x62ranch\x12\x1d\n\ncommit_sha\x18\x07 \x01(\tR\tcommitSha\x12%\n\x0eroot_directory\x18\x08 \x01(\tR\rrootDirectory\x12\x1d\n\nstep_names\x18\t \x03(\tR\tstepNames\x12#\n\rstep_commands\x18\n \x03(\tR\x0cstepCommands\x12%\n\x03\x65nv\x18\x0b \x03(\x0b\x32\x13.conveyor.v1.EnvVarR\x03\x65nv\x12.\n\x13run_timeout_seconds\x18\x0c \x01(\x05R\x11runTimeoutSeconds\x12,\n\x12kill_grace_seconds\x18\r \x01(\x05R\x10killGraceSeconds\x12)\n\x10network_isolated\x18\x0e \x01(\x08R\x0fnetworkIsolated\x12\'\n\x0f\x63\x61\x63he_lockfiles\x18\x0f \x03(\tR\x0e\x63\x61\x63heLockfiles\x12\x1f\n\x0b\x63\x61\x63he_paths\x18\x10 \x03(\tR\ncachePaths\x12+\n\x11production_branch\x18\x11 \x01(\tR\x10productionBranch\x12)\n\x10\x63\x61\x63he_generation\x18\x12 \x01(\x03R\x0f\x63\x61\x63heGeneration\x12\x1e\n\nproduction\x18\x13 \x01(\x08R\nproduction\x12!\n\x0cpull_request\x18\x14 \x01(\x05R\x0bpullRequest\"j\n\x10\x43\x61ncelAssignment\x12\x19\n\x08\x62uild_id\x18\x01 \x01(\tR\x07\x62uildId\x12\x16\n\x06reason\x18\x02 \x01(\tR\x06reason\x12#\n\rgrace_seconds\x18\x03 \x01(\x05R\x0cgraceSeconds\"V\n\nRegistered\x12\x1b\n\trunner_id\x18\x01 \x01(\tR\x08runnerId\x12+\n\x11heartbeat_seconds\x18\x02 \x01(\x05R\x10heartbeatSeconds\"\xc8\x01\n\x0f\x43onnectResponse\x12\x39\n\nregistered\x18\x01 \x01(\x0b\x32\x17.conveyor.v1.RegisteredH\x00R\nregistered\x12\x39\n\nassignment\x18\x02 \x01(\x0b\x32\x17.conveyor.v1.AssignmentH\x00R\nassignment\x12\x37\n\x06\x63\x61ncel\x18\x03 \x01(\x0b\x32\x1d.conveyor.v1.CancelAssignmentH\x00R\x06\x63\x61ncelB\x06\n\x04kind\"\xd4\x01\n\nStepUpdate\x12\x14\n\x05index\x18\x01 \x01(\x05R\x05index\x12\x12\n\x04name\x18\x02 \x01(\tR\x04name\x12/\n\x06status\x18\x03 \x01(\x0e\x32\x17.conveyor.v1.StepStatusR\x06status\x12\x1b\n\texit_code\x18\x04 \x01(\x05R\x08\x65xitCode\x12\"\n\rhas_exit_code\x18\x05 \x01(\x08R\x0bhasExitCode\x12*\n\x02\x61t\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\x02\x61t\"\xf1\x01\n\x13ReportStatusRequest\x12\x19\n\x08\x62uild_id\x18\x01 \x01(\tR\x07\x62uildId\x12\x30\n\x06status\x18\x02 \x01(\x0e\x32\x18.conveyor.v1.BuildStatusR\x06status\x12\x16\n\x06reason\x18\x03 \x01(\tR\x06reason\x12-\n\x05steps\x18\x04 \x03(\x0b\x32\x17.conveyor.v1.StepUpdateR\x05steps\x12*\n\x02\x61t\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\x02\x61t\x12\x1a\n\x08warnings\x18\x06 \x03(\tR\x08warnings\"H\n\x14ReportStatusResponse\x12\x30\n\x06status\x18\x01 \x01(\x0e\x32\x18.conveyor.v1.BuildStatusR\x06status\"q\n\tBatchLine\x12 \n\x0ctime_unix_ms\x18\x01 \x01(\x03R\ntimeUnixMs\x12.\n\x06stream\x18\x02 \x01(\x0e\x32\x16.conveyor.v1.LogStreamR\x06stream\x12\x12\n\x04text\x18\x03 \x01(\tR\x04text\"\x9c\x01\n\x11\x41ppendLogsRequest\x12\x19\n\x08\x62uild_id\x18\x01 \x01(\tR\x07\x62uildId\x12\x10\n\x03seq\x18\x02 \x01(\x03R\x03seq\x12,\n\x05lines\x18\x03 \x03(\x0b\x32\x16.conveyor.v1.BatchLineR\x05lines\x12\x14\n\x05\x66inal\x18\x04 \x01(\x08R\x05\x66inal\x12\x16\n\x06packed\x18\x05 \x01(\x0cR\x06packed\"O\n\x12\x41ppendLogsResponse\x12\x1b\n\tlast_line\x18\x01 \x01(\x03R\x08lastLine\x12\x1c\n\tduplicate\x18\x02 \x01(\x08R\tduplicate2\xfd\x01\n\rRunnerService\x12H\n\x07\x43onnect\x12\x1b.conveyor.v1.ConnectRequest\x1a\x1c.conveyor.v1.ConnectResponse(\x01\x30\x01\x12S\n\x0cReportStatus\x12 .conveyor.v1.ReportStatusRequest\x1a!.conveyor.v1.ReportStatusResponse\x12M\n\nAppendLogs\x12\x1e.conveyor.v1.AppendLogsRequest\x1a\x1f.conveyor.v1.AppendLogsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n conveyor/v1/runner_service.proto\x12\x0b\x63onveyor.v1\x1a\x17\x63onveyor/v1/types.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xee\x01\n\x0bRunnerHello\x12\x12\n\x04name\x18\x01 \x01(\tR\x04name\x12\x1a\n\x08\x63\x61pacity\x18\x02 \x01(\x05R\x08\x63\x61pacity\x12\x16\n\x06labels\x18\x03 \x03(\tR\x06labels\x12\x1a\n\x08launcher\x18\x04 \x01(\tR\x08launcher\x12\x18\n\x07version\x18\x05 \x01(\tR\x07version\x12*\n\x11running_build_ids\x18\x06 \x03(\tR\x0frunningBuildIds\x12\x1b\n\trunner_id\x18\x07 \x01(\tR\x08runnerId\x12\x18\n\x07sandbox\x18\x08 \x01(\tR\x07sandbox\"A\n\x0fRunnerHeartbeat\x12\x12\n\x04\x62usy\x18\x01 \x01(\x05R\x04\x62usy\x12\x1a\n\x08\x64raining\x18\x02 \x01(\x08R\x08\x64raining\"^\n\rAssignmentAck\x12\x19\n\x08\x62uild_id\x18\x01 \x01(\tR\x07\x62uildId\x12\x1a\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\x08R\x08\x61\x63\x63\x65pted\x12\x16\n\x06reason\x18\x03 \x01(\tR\x06reason\"\xb8\x01\n\x0e\x43onnectRequest\x12\x30\n\x05hello\x18\x01 \x01(\x0b\x32\x18.conveyor.v1.RunnerHelloH\x00R\x05hello\x12<\n\theartbeat\x18\x02 \x01(\x0b\x32\x1c.conveyor.v1.RunnerHeartbeatH\x00R\theartbeat\x12.\n\x03\x61\x63k\x18\x03 \x01(\x0b\x32\x1a.conveyor.v1.AssignmentAckH\x00R\x03\x61\x63kB\x06\n\x04kind\"J\n\x06\x45nvVar\x12\x12\n\x04name\x18\x01 \x01(\tR\x04name\x12\x14\n\x05value\x18\x02 \x01(\tR\x05value\x12\x16\n\x06secret\x18\x03 \x01(\x08R\x06secret\"\xdc\x05\n\nAssignment\x12\x19\n\x08\x62uild_id\x18\x01 \x01(\tR\x07\x62uildId\x12\x1f\n\x0b\x62uild_token\x18\x02 \x01(\tR\nbuildToken\x12\x1d\n\nproject_id\x18\x03 \x01(\tR\tprojectId\x12!\n\x0cproject_name\x18\x04 \x01(\tR\x0bprojectName\x12\x19\n\x08repo_url\x18\x05 \x01(\tR\x07repoUrl\x12\x16\n\x06\x62ranch\x18\x06 \x01(\tR\x06\x62ranch\x12\x1d\n\ncommit_sha\x18\x07 \x01(\tR\tcommitSha\x12%\n\x0eroot_directory\x18\x08 \x01(\tR\rrootDirectory\x12\x1d\n\nstep_names\x18\t \x03(\tR\tstepNames\x12#\n\rstep_commands\x18\n \x03(\tR\x0cstepCommands\x12%\n\x03\x65nv\x18\x0b \x03(\x0b\x32\x13.conveyor.v1.EnvVarR\x03\x65nv\x12.\n\x13run_timeout_seconds\x18\x0c \x01(\x05R\x11runTimeoutSeconds\x12,\n\x12kill_grace_seconds\x18\r \x01(\x05R\x10killGraceSeconds\x12)\n\x10network_isolated\x18\x0e \x01(\x08R\x0fnetworkIsolated\x12\'\n\x0f\x63\x61\x63he_lockfiles\x18\x0f \x03(\tR\x0e\x63\x61\x63heLockfiles\x12\x1f\n\x0b\x63\x61\x63he_paths\x18\x10 \x03(\tR\ncachePaths\x12+\n\x11production_branch\x18\x11 \x01(\tR\x10productionBranch\x12)\n\x10\x63\x61\x63he_generation\x18\x12 \x01(\x03R\x0f\x63\x61\x63heGeneration\x12\x1e\n\nproduction\x18\x13 \x01(\x08R\nproduction\x12!\n\x0cpull_request\x18\x14 \x01(\x05R\x0bpullRequest\"j\n\x10\x43\x61ncelAssignment\x12\x19\n\x08\x62uild_id\x18\x01 \x01(\tR\x07\x62uildId\x12\x16\n\x06reason\x18\x02 \x01(\tR\x06reason\x12#\n\rgrace_seconds\x18\x03 \x01(\x05R\x0cgraceSeconds\"V\n\nRegistered\x12\x1b\n\trunner_id\x18\x01 \x01(\tR\x08runnerId\x12+\n\x11heartbeat_seconds\x18\x02 \x01(\x05R\x10heartbeatSeconds\"\xc8\x01\n\x0f\x43onnectResponse\x12\x39\n\nregistered\x18\x01 \x01(\x0b\x32\x17.conveyor.v1.RegisteredH\x00R\nregistered\x12\x39\n\nassignment\x18\x02 \x01(\x0b\x32\x17.conveyor.v1.AssignmentH\x00R\nassignment\x12\x37\n\x06\x63\x61ncel\x18\x03 \x01(\x0b\x32\x1d.conveyor.v1.CancelAssignmentH\x00R\x06\x63\x61ncelB\x06\n\x04kind\"\xd4\x01\n\nStepUpdate\x12\x14\n\x05index\x18\x01 \x01(\x05R\x05index\x12\x12\n\x04name\x18\x02 \x01(\tR\x04name\x12/\n\x06status\x18\x03 \x01(\x0e\x32\x17.conveyor.v1.StepStatusR\x06status\x12\x1b\n\texit_code\x18\x04 \x01(\x05R\x08\x65xitCode\x12\"\n\rhas_exit_code\x18\x05 \x01(\x08R\x0bhasExitCode\x12*\n\x02\x61t\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\x02\x61t\"\xf1\x01\n\x13ReportStatusRequest\x12\x19\n\x08\x62uild_id\x18\x01 \x01(\tR\x07\x62uildId\x12\x30\n\x06status\x18\x02 \x01(\x0e\x32\x18.conveyor.v1.BuildStatusR\x06status\x12\x16\n\x06reason\x18\x03 \x01(\tR\x06reason\x12-\n\x05steps\x18\x04 \x03(\x0b\x32\x17.conveyor.v1.StepUpdateR\x05steps\x12*\n\x02\x61t\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\x02\x61t\x12\x1a\n\x08warnings\x18\x06 \x03(\tR\x08warnings\"H\n\x14ReportStatusResponse\x12\x30\n\x06status\x18\x01 \x01(\x0e\x32\x18.conveyor.v1.BuildStatusR\x06status\"q\n\tBatchLine\x12 \n\x0ctime_unix_ms\x18\x01 \x01(\x03R\ntimeUnixMs\x12.\n\x06stream\x18\x02 \x01(\x0e\x32\x16.conveyor.v1.LogStreamR\x06stream\x12\x12\n\x04text\x18\x03 \x01(\tR\x04text\"\x9c\x01\n\x11\x41ppendLogsRequest\x12\x19\n\x08\x62uild_id\x18\x01 \x01(\tR\x07\x62uildId\x12\x10\n\x03seq\x18\x02 \x01(\x03R\x03seq\x12,\n\x05lines\x18\x03 \x03(\x0b\x32\x16.conveyor.v1.BatchLineR\x05lines\x12\x14\n\x05\x66inal\x18\x04 \x01(\x08R\x05\x66inal\x12\x16\n\x06packed\x18\x05 \x01(\x0cR\x06packed\"O\n\x12\x41ppendLogsResponse\x12\x1b\n\tlast_line\x18\x01 \x01(\x03R\x08lastLine\x12\x1c\n\tduplicate\x18\x02 \x01(\x08R\tduplicate2\xfd\x01\n\rRunnerService\x12H\n\x07\x43onnect\x12\x1b.conveyor.v1.ConnectRequest\x1a\x1c.conveyor.v1.ConnectResponse(\x01\x30\x01\x12S\n\x0cReportStatus\x12 .conveyor.v1.ReportStatusRequest\x1a!.conveyor.v1.ReportStatusResponse\x12M\n\nAppendLogs\x12\x1e.conveyor.v1.AppendLogsRequest\x1a\x1f.conveyor.v1.AppendLogsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,35 +34,35 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'conveyor.v1.runner_service_
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_RUNNERHELLO']._serialized_start=108
-  _globals['_RUNNERHELLO']._serialized_end=320
-  _globals['_RUNNERHEARTBEAT']._serialized_start=322
-  _globals['_RUNNERHEARTBEAT']._serialized_end=387
-  _globals['_ASSIGNMENTACK']._serialized_start=389
-  _globals['_ASSIGNMENTACK']._serialized_end=483
-  _globals['_CONNECTREQUEST']._serialized_start=486
-  _globals['_CONNECTREQUEST']._serialized_end=670
-  _globals['_ENVVAR']._serialized_start=672
-  _globals['_ENVVAR']._serialized_end=746
-  _globals['_ASSIGNMENT']._serialized_start=749
-  _globals['_ASSIGNMENT']._serialized_end=1481
-  _globals['_CANCELASSIGNMENT']._serialized_start=1483
-  _globals['_CANCELASSIGNMENT']._serialized_end=1589
-  _globals['_REGISTERED']._serialized_start=1591
-  _globals['_REGISTERED']._serialized_end=1677
-  _globals['_CONNECTRESPONSE']._serialized_start=1680
-  _globals['_CONNECTRESPONSE']._serialized_end=1880
-  _globals['_STEPUPDATE']._serialized_start=1883
-  _globals['_STEPUPDATE']._serialized_end=2095
-  _globals['_REPORTSTATUSREQUEST']._serialized_start=2098
-  _globals['_REPORTSTATUSREQUEST']._serialized_end=2339
-  _globals['_REPORTSTATUSRESPONSE']._serialized_start=2341
-  _globals['_REPORTSTATUSRESPONSE']._serialized_end=2413
-  _globals['_BATCHLINE']._serialized_start=2415
-  _globals['_BATCHLINE']._serialized_end=2528
-  _globals['_APPENDLOGSREQUEST']._serialized_start=2531
-  _globals['_APPENDLOGSREQUEST']._serialized_end=2687
-  _globals['_APPENDLOGSRESPONSE']._serialized_start=2689
-  _globals['_APPENDLOGSRESPONSE']._serialized_end=2768
-  _globals['_RUNNERSERVICE']._serialized_start=2771
-  _globals['_RUNNERSERVICE']._serialized_end=3024
+  _globals['_RUNNERHELLO']._serialized_end=346
+  _globals['_RUNNERHEARTBEAT']._serialized_start=348
+  _globals['_RUNNERHEARTBEAT']._serialized_end=413
+  _globals['_ASSIGNMENTACK']._serialized_start=415
+  _globals['_ASSIGNMENTACK']._serialized_end=509
+  _globals['_CONNECTREQUEST']._serialized_start=512
+  _globals['_CONNECTREQUEST']._serialized_end=696
+  _globals['_ENVVAR']._serialized_start=698
+  _globals['_ENVVAR']._serialized_end=772
+  _globals['_ASSIGNMENT']._serialized_start=775
+  _globals['_ASSIGNMENT']._serialized_end=1507
+  _globals['_CANCELASSIGNMENT']._serialized_start=1509
+  _globals['_CANCELASSIGNMENT']._serialized_end=1615
+  _globals['_REGISTERED']._serialized_start=1617
+  _globals['_REGISTERED']._serialized_end=1703
+  _globals['_CONNECTRESPONSE']._serialized_start=1706
+  _globals['_CONNECTRESPONSE']._serialized_end=1906
+  _globals['_STEPUPDATE']._serialized_start=1909
+  _globals['_STEPUPDATE']._serialized_end=2121
+  _globals['_REPORTSTATUSREQUEST']._serialized_start=2124
+  _globals['_REPORTSTATUSREQUEST']._serialized_end=2365
+  _globals['_REPORTSTATUSRESPONSE']._serialized_start=2367
+  _globals['_REPORTSTATUSRESPONSE']._serialized_end=2439
+  _globals['_BATCHLINE']._serialized_start=2441
+  _globals['_BATCHLINE']._serialized_end=2554
+  _globals['_APPENDLOGSREQUEST']._serialized_start=2557
+  _globals['_APPENDLOGSREQUEST']._serialized_end=2713
+  _globals['_APPENDLOGSRESPONSE']._serialized_start=2715
+  _globals['_APPENDLOGSRESPONSE']._serialized_end=2794
+  _globals['_RUNNERSERVICE']._serialized_start=2797
+  _globals['_RUNNERSERVICE']._serialized_end=3050
 # @@protoc_insertion_point(module_scope)

@@ -31,12 +31,18 @@ class RunnerHello(_message.Message):
     VERSION_FIELD_NUMBER: _builtins.int
     RUNNING_BUILD_IDS_FIELD_NUMBER: _builtins.int
     RUNNER_ID_FIELD_NUMBER: _builtins.int
+    SANDBOX_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     capacity: _builtins.int
     launcher: _builtins.str
     version: _builtins.str
     runner_id: _builtins.str
     """runner_id is chosen by the runner at start and kept across reconnects."""
+    sandbox: _builtins.str
+    """sandbox is the isolation this runner gives builds: "bubblewrap",
+    "none" (the operator chose --sandbox none) or "nomad" (the job
+    driver's). Shown by ListRunners and on each build the runner takes.
+    """
     @_builtins.property
     def labels(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -53,10 +59,11 @@ class RunnerHello(_message.Message):
         version: _builtins.str = ...,
         running_build_ids: _abc.Iterable[_builtins.str] | None = ...,
         runner_id: _builtins.str = ...,
+        sandbox: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capacity", b"capacity", "labels", b"labels", "launcher", b"launcher", "name", b"name", "runner_id", b"runner_id", "running_build_ids", b"running_build_ids", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capacity", b"capacity", "labels", b"labels", "launcher", b"launcher", "name", b"name", "runner_id", b"runner_id", "running_build_ids", b"running_build_ids", "sandbox", b"sandbox", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -104,7 +104,9 @@ Global___LogStream: _TypeAlias = LogStream  # noqa: Y015
 
 @_typing.final
 class Project(_message.Message):
-    """Project is a deployable service connected to a repository."""
+    """Project is a deployable service connected to a repository. The fields a
+    client sets are described on CreateProjectRequest; here the read-only ones.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -137,6 +139,7 @@ class Project(_message.Message):
     CACHE_GENERATION_FIELD_NUMBER: _builtins.int
     FORK_SECRETS_FIELD_NUMBER: _builtins.int
     id: _builtins.str
+    """id is a UUID chosen by the server; account_id the owning account's."""
     account_id: _builtins.str
     name: _builtins.str
     repo_url: _builtins.str
@@ -149,8 +152,14 @@ class Project(_message.Message):
     RotateWebhookSecret (shown once); every other read leaves it empty.
     """
     run_timeout_seconds: _builtins.int
+    """run_timeout_seconds is the effective bound (1,200 when the project
+    set none).
+    """
     cancel_in_progress: _builtins.bool
     build_other_branches: _builtins.bool
+    """build_other_branches: pushes to other branches than the production
+    branch build (true by default, see CreateProjectRequest).
+    """
     root_directory: _builtins.str
     forge: _builtins.str
     """forge is "github", "gitlab" or empty (not connected); with forge_repo
@@ -308,20 +317,46 @@ class Build(_message.Message):
     RUNNER_ID_FIELD_NUMBER: _builtins.int
     PROJECT_NAME_FIELD_NUMBER: _builtins.int
     WARNINGS_FIELD_NUMBER: _builtins.int
+    RUNNER_SANDBOX_FIELD_NUMBER: _builtins.int
     id: _builtins.str
+    """id is a UUID; every request that takes a build_id also accepts a unique
+    prefix of it (6 or more hex digits) among the caller's builds.
+    """
     project_id: _builtins.str
     branch: _builtins.str
     commit_sha: _builtins.str
+    """commit_sha is the full 40-hex-digit commit the build checked out."""
     status: Global___BuildStatus.ValueType
     status_reason: _builtins.str
     """status_reason explains a final state ("exit_code=2 in step build")."""
     trigger: _builtins.str
+    """trigger says what queued the build: "push" (a forge push webhook),
+    "pull_request" (a pull or merge request webhook), "manual"
+    (TriggerBuild), "retry" (RetryBuild; retry_of names the build retried)
+    or "hook" (a deploy hook URL).
+    """
     retry_of: _builtins.str
     production: _builtins.bool
+    """production says the build deploys: its branch is the project's
+    production branch and it runs deploy_command (others run
+    preview_command).
+    """
     runner_id: _builtins.str
+    """runner_id is the runner the build was given to; empty before that."""
     project_name: _builtins.str
+    runner_sandbox: _builtins.str
+    """runner_sandbox is the isolation the build's runner gave it, as that
+    runner reported when the build was given to it: "bubblewrap", "none"
+    (the operator chose --sandbox none), "nomad" (the Nomad job driver's
+    isolation), or empty (no runner yet, or one too old to say).
+    """
     @_builtins.property
-    def created_at(self) -> _timestamp_pb2.Timestamp: ...
+    def created_at(self) -> _timestamp_pb2.Timestamp:
+        """created_at is when it was queued, started_at when a runner took it,
+        running_at when its first step began, finished_at when it became final;
+        unset until then.
+        """
+
     @_builtins.property
     def started_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -331,7 +366,11 @@ class Build(_message.Message):
     @_builtins.property
     def steps(self) -> _containers.RepeatedCompositeFieldContainer[Global___Step]: ...
     @_builtins.property
-    def warnings(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def warnings(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """warnings are sentences the runner reported about the build (for
+        example that it ran without a sandbox).
+        """
+
     def __init__(
         self,
         *,
@@ -352,10 +391,11 @@ class Build(_message.Message):
         runner_id: _builtins.str = ...,
         project_name: _builtins.str = ...,
         warnings: _abc.Iterable[_builtins.str] | None = ...,
+        runner_sandbox: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "finished_at", b"finished_at", "running_at", b"running_at", "started_at", b"started_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["branch", b"branch", "commit_sha", b"commit_sha", "created_at", b"created_at", "finished_at", b"finished_at", "id", b"id", "production", b"production", "project_id", b"project_id", "project_name", b"project_name", "retry_of", b"retry_of", "runner_id", b"runner_id", "running_at", b"running_at", "started_at", b"started_at", "status", b"status", "status_reason", b"status_reason", "steps", b"steps", "trigger", b"trigger", "warnings", b"warnings"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["branch", b"branch", "commit_sha", b"commit_sha", "created_at", b"created_at", "finished_at", b"finished_at", "id", b"id", "production", b"production", "project_id", b"project_id", "project_name", b"project_name", "retry_of", b"retry_of", "runner_id", b"runner_id", "runner_sandbox", b"runner_sandbox", "running_at", b"running_at", "started_at", b"started_at", "status", b"status", "status_reason", b"status_reason", "steps", b"steps", "trigger", b"trigger", "warnings", b"warnings"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
