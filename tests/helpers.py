@@ -22,7 +22,7 @@ import aiohttp
 import grpc
 from grpc import aio
 
-from control.config import LifecycleSettings, Settings
+from control.config import LifecycleSettings, RepositorySettings, Settings
 from control.main import ControlPlane
 from control.webhooks.github import signature
 from conveyor.v1 import build_manager_pb2 as bm
@@ -149,6 +149,8 @@ class ControlHandle:
             scheduler_tick=0.5,
             lifecycle=LifecycleSettings(**{**FAST_LIFECYCLE, **lifecycle}),
             secret_keys=(self.secret_key,),
+            # Tests build repositories in temp directories, as one user would.
+            repositories=RepositorySettings(local="allow"),
         )
         self.plane = ControlPlane(self.settings)
 

@@ -116,6 +116,52 @@ def _retention(env: Mapping[str, str]) -> RetentionSettings:
     )
 
 
+LOCAL_REPOSITORY_MODES = ("allow", "deny")
+
+
+@dataclass(frozen=True)
+class RepositorySettings:
+    """Which repositories projects may name, and how the control plane reads
+    a branch head (manual triggers, deploy hooks) with ``git ls-remote``.
+
+    ``local`` is ``allow`` (absolute paths and ``file://`` URLs: one user,
+    the default of ``conveyor up``) or ``deny`` (every account names a
+    network URL: the default of ``conveyor control serve``). A read takes at
+    most ``timeout`` seconds, waiting for a slot included; at most
+    ``concurrency`` run at once, ``per_account`` of them for one account."""
+
+    local: str = "deny"
+    timeout: float = 10.0
+    concurrency: int = 8
+    per_account: int = 2
+
+    @property
+    def local_allowed(self) -> bool:
+        return self.local == "allow"
+
+
+def _repositories(env: Mapping[str, str]) -> RepositorySettings:
+    local = env.get("CONVEYOR_LOCAL_REPOSITORIES") or "deny"
+    if local not in LOCAL_REPOSITORY_MODES:
+        raise InvalidArgument(
+            "CONVEYOR_LOCAL_REPOSITORIES", f"must be allow or deny, not {local!r}"
+        )
+    timeout = _float(env, "CONVEYOR_LS_REMOTE_TIMEOUT_SECONDS", 10.0)
+    if not 0 < timeout <= 300:
+        raise InvalidArgument("CONVEYOR_LS_REMOTE_TIMEOUT_SECONDS", "must be between 0 and 300")
+    concurrency = _int(env, "CONVEYOR_LS_REMOTE_CONCURRENCY", 8)
+    per_account = _int(env, "CONVEYOR_LS_REMOTE_PER_ACCOUNT", 2)
+    for name, value in (
+        ("CONVEYOR_LS_REMOTE_CONCURRENCY", concurrency),
+        ("CONVEYOR_LS_REMOTE_PER_ACCOUNT", per_account),
+    ):
+        if value < 1:
+            raise InvalidArgument(name, f"must be 1 or more, not {value}")
+    return RepositorySettings(
+        local=local, timeout=timeout, concurrency=concurrency, per_account=per_account
+    )
+
+
 _UNITS = {"": 1, "b": 1, "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4,
           "kb": 1000, "mb": 1000**2, "gb": 1000**3, "tb": 1000**4}  # fmt: skip
 
@@ -198,6 +244,8 @@ class Settings:
     retention: RetentionSettings = field(default_factory=RetentionSettings)
     # Disk watermark and account log quota (issues 15 and 16): DiskSettings.
     disk: DiskSettings = field(default_factory=DiskSettings)
+    # Local-path repositories and the control plane's ls-remote (issue 15).
+    repositories: RepositorySettings = field(default_factory=RepositorySettings)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
@@ -228,6 +276,7 @@ class Settings:
             forge_api_urls=_forge_api_urls(env),
             retention=_retention(env),
             disk=DiskSettings.from_env(env),
+            repositories=_repositories(env),
         )
 
     def with_(self, **changes: object) -> Settings:

@@ -11,6 +11,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from control.api.transcoder import Transcoder
 from control.builds.lifecycle import Lifecycle
 from control.errors import ConveyorError
+from control.forge.remote import RemoteReader
 from control.logs.admission import LogAdmission
 from control.metrics import ControlMetrics
 from control.services.registry import Services
@@ -43,6 +44,7 @@ class HttpApp:
         *,
         api: Transcoder | None = None,
         services: Services | None = None,
+        reader: RemoteReader,
         admission: LogAdmission | None = None,
     ) -> None:
         self.db = db
@@ -55,7 +57,7 @@ class HttpApp:
         self.admission = admission
         metrics.db_pool.watch(db.stats)
         self.webhooks = WebhookReceiver(db, projects, lifecycle, metrics, max_body)
-        self.deploy_hooks = DeployHookReceiver(db, projects, lifecycle, metrics)
+        self.deploy_hooks = DeployHookReceiver(db, projects, lifecycle, metrics, reader)
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=self.max_body)

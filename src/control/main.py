@@ -29,6 +29,7 @@ from control.api.transcoder import Transcoder, routes_of
 from control.builds.lifecycle import Lifecycle
 from control.config import Settings
 from control.forge.links import Links
+from control.forge.remote import RemoteReader
 from control.forge.reporter import RetryPolicy, StatusReporter
 from control.http import HttpApp
 from control.logs.admission import LogAdmission
@@ -137,11 +138,19 @@ class ControlPlane:
             self.env,
         )
         self.hub = LogHub(self.logs, self.notifier)
+        # Branch heads of manual triggers and deploy hooks (issue 15).
+        self.reader = RemoteReader(s.repositories, self.metrics.forge)
         self.services = Services(
             builds=BuildService(
-                self.builds, self.projects, self.lifecycle, self.logs, self.hub, PushLog(self.db)
+                self.builds,
+                self.projects,
+                self.lifecycle,
+                self.logs,
+                self.hub,
+                PushLog(self.db),
+                reader=self.reader,
             ),
-            projects=ProjectService(self.projects, self.builds, self.env),
+            projects=ProjectService(self.projects, self.builds, self.env, reader=self.reader),
             runners=RunnerService(self.runners),
         )
         # Commit statuses to GitHub/GitLab: registered with the lifecycle
@@ -270,6 +279,7 @@ class ControlPlane:
             s.webhook_max_bytes,
             api=self.api,
             services=self.services,
+            reader=self.reader,
             admission=self.admission,
         )
         self.http_runner = web.AppRunner(http.app(), access_log=None, shutdown_timeout=2.0)

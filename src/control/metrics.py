@@ -298,6 +298,24 @@ class ForgeMetrics:
             ["forge", "result"],
             registry=registry,
         )
+        self.ls_remote = Counter(
+            "conveyor_ls_remote_total",
+            "Branch-head reads (git ls-remote) of manual triggers and deploy hooks, by result"
+            " (ok, no_branch, refused, busy).",
+            ["result"],
+            registry=registry,
+        )
+        self.ls_remote_running = Gauge(
+            "conveyor_ls_remote_running",
+            "git ls-remote processes running now.",
+            registry=registry,
+        )
+        self.ls_remote_seconds = Histogram(
+            "conveyor_ls_remote_seconds",
+            "Duration of one branch-head read, waiting for a slot included.",
+            buckets=_FAST_BUCKETS,
+            registry=registry,
+        )
         self.up = Gauge(
             "conveyor_forge_up",
             "1 when the forge answered the last commit-status request, 0 when it did not.",

@@ -302,6 +302,13 @@ async def _run(
             except IncompatibleData as exc:
                 raise UpRefused(str(exc)) from None
         env = dict(os.environ)
+        if pg is not None:
+            # Log batches wait while the embedded server's disk is low,
+            # before PostgreSQL runs out of space for its WAL.
+            env.setdefault("CONVEYOR_DISK_PATH", str(data_dir / "postgres"))
+        # One user's machine: projects may name local repositories, unless
+        # the operator said otherwise (issue 15; ``control serve`` denies).
+        env.setdefault("CONVEYOR_LOCAL_REPOSITORIES", "allow")
         if not env.get("CONVEYOR_SECRET_KEY") and not env.get("CONVEYOR_SECRET_KEY_FILE"):
             env["CONVEYOR_SECRET_KEY_FILE"] = str(
                 await asyncio.to_thread(_secret_key_file, data_dir)

@@ -56,6 +56,8 @@ class ControlProcess:
             "CONVEYOR_STARTUP_DEADLINE_SECONDS": str(startup_deadline),
             "CONVEYOR_RUNNER_LOST_SECONDS": str(runner_lost),
             "CONVEYOR_HEARTBEAT_SECONDS": str(heartbeat),
+            # The tests' repositories are local paths (one user).
+            "CONVEYOR_LOCAL_REPOSITORIES": "allow",
         }
         self.proc: asyncio.subprocess.Process | None = None
 

@@ -96,6 +96,7 @@ class ConfigServicer(AccessRpcs, ForgeRpcs, FleetRpcs, cs_grpc.ConfigServiceServ
         settings = settings_from(request)
         settings.validate(self.max_run_timeout, self.forge_api_urls)
         account = account_of_caller()
+        await self.services.projects.check_repository(account, settings.repo_url)
         project = await self.projects.create(account, settings)
         await self.audit.record(
             None, account, principal().name, "project.create", f"project {project.name}",
@@ -138,6 +139,8 @@ class ConfigServicer(AccessRpcs, ForgeRpcs, FleetRpcs, cs_grpc.ConfigServiceServ
         values = {m: _plain(getattr(request.values, m)) for m in mask}
         updated = replace(base, **values)
         updated.validate(self.max_run_timeout, self.forge_api_urls)
+        if "repo_url" in values:
+            await self.services.projects.check_repository(account, updated.repo_url)
         changes = {k: v for k, v in asdict(updated).items() if k in values}
         project = await self.projects.update(account, current.id, changes)
         details = "changed=" + ",".join(sorted(changes))

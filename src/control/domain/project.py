@@ -153,8 +153,38 @@ def validate_repo_url(url: str) -> None:
         )
     if parsed.scheme != "file" and not parsed.netloc:
         raise InvalidArgument("repo_url", "must name a host")
-    if parsed.scheme == "file" and not parsed.path.startswith("/"):
-        raise InvalidArgument("repo_url", "file URLs must hold an absolute path")
+    if parsed.scheme == "file":
+        # The runner binds the path after "file://" as written: no host, no
+        # escapes, nothing git would read differently.
+        if parsed.netloc or not parsed.path.startswith("/"):
+            raise InvalidArgument("repo_url", "file URLs must be file:///absolute/path")
+        if any(ch in url for ch in "%?#"):
+            raise InvalidArgument("repo_url", "file URLs must not hold '%', '?' or '#'")
+
+
+def local_repository_path(url: str) -> str | None:
+    """The host path a local repository names (an absolute path or a
+    ``file://`` URL), or None for a network URL. ``url`` must have passed
+    ``validate_repo_url``."""
+    if url.startswith("/"):
+        return url
+    if url.startswith("file://"):
+        return url.removeprefix("file://")
+    return None
+
+
+def validate_repo_allowed(url: str, local_allowed: bool) -> None:
+    """Raise ``InvalidArgument("repo_url", ...)`` for a local path or
+    ``file://`` URL when the operator does not allow local repositories
+    (``CONVEYOR_LOCAL_REPOSITORIES=deny``): with several accounts on one
+    control plane, a path would let a tenant name another tenant's
+    repository."""
+    if not local_allowed and local_repository_path(url) is not None:
+        raise InvalidArgument(
+            "repo_url",
+            "local repository paths are not allowed on this control plane"
+            " (CONVEYOR_LOCAL_REPOSITORIES=deny): serve the repository over https, ssh or git",
+        )
 
 
 def validate_branch(field_name: str, branch: str) -> None:

@@ -20,7 +20,7 @@ from control.builds.lifecycle import Lifecycle
 from control.domain import project as proj
 from control.domain.build import Build, BuildStatus
 from control.errors import FailedPrecondition, InvalidArgument
-from control.forge.remote import resolve_branch_head
+from control.forge.remote import RemoteReader
 from control.logs.fanout import LogHub
 from control.services.access import require
 from control.storage.accounts import Principal
@@ -106,7 +106,10 @@ class BuildService:
         logs: LogStore,
         hub: LogHub,
         pushes: PushLog,
+        *,
+        reader: RemoteReader,
     ) -> None:
+        self.reader = reader
         self.builds = builds
         self.projects = projects
         self.lifecycle = lifecycle
@@ -154,7 +157,9 @@ class BuildService:
         self, caller: Principal, project: str, branch: str = "", commit_sha: str = ""
     ) -> Build:
         """Queue a manual build of ``branch`` (default: the production branch)
-        at ``commit_sha`` (default: the branch head in the repository)."""
+        at ``commit_sha`` (default: the branch head in the repository, read
+        by ``RemoteReader.branch_head``, whose ``InvalidArgument`` and
+        ``Unavailable`` this raises)."""
         account = require(caller, "write")
         found = await self.projects.get(account, project)
         branch = branch or found.production_branch
@@ -163,7 +168,8 @@ class BuildService:
             proj.validate_commit_sha("commit_sha", commit_sha)
             sha = commit_sha
         else:
-            sha = await resolve_branch_head(found.repo_url, branch)
+            # Fenced: unprivileged, bounded, the URL policy (control.forge.remote).
+            sha = await self.reader.branch_head(account, found.repo_url, branch)
         build_id = await self.lifecycle.queue(
             found, branch=branch, commit_sha=sha, trigger="manual"
         )

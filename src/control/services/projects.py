@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from control.domain.build import Build
 from control.domain.project import Project
+from control.forge.remote import RemoteReader
 from control.services.access import require
 from control.storage.accounts import Principal
 from control.storage.builds import BuildStore
@@ -28,7 +29,10 @@ class ProjectService:
     project that is missing or another account's, ``PermissionDenied`` for a
     missing scope."""
 
-    def __init__(self, projects: ProjectStore, builds: BuildStore, env: EnvStore) -> None:
+    def __init__(
+        self, projects: ProjectStore, builds: BuildStore, env: EnvStore, *, reader: RemoteReader
+    ) -> None:
+        self.reader = reader
         self.projects = projects
         self.builds = builds
         self.env_store = env
@@ -48,3 +52,12 @@ class ProjectService:
         """The project's variables; secret values are blank, never read."""
         project = await self.get(caller, ref)
         return await self.env_store.list_for(project.id)
+
+    async def check_repository(self, account_id: str, repo_url: str) -> None:
+        """Before a project names ``repo_url`` (create, or an update of it):
+        raise ``InvalidArgument("repo_url", ...)`` for a local path when the
+        operator does not allow local repositories, or for one this host can
+        see that builds could not read (``RemoteReader.check_local``). A
+        network URL is checked when a branch head is read, not here: its
+        server may be down now and fine later."""
+        await self.reader.check_local(account_id, repo_url)

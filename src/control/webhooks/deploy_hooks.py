@@ -15,7 +15,7 @@ from aiohttp import web
 
 from control.builds.lifecycle import Lifecycle
 from control.errors import InvalidArgument, NotFound, Unavailable
-from control.forge.remote import resolve_branch_head
+from control.forge.remote import RemoteReader
 from control.logging_setup import bind
 from control.metrics import ControlMetrics
 from control.storage.db import Database
@@ -33,7 +33,9 @@ class DeployHookReceiver:
         projects: ProjectStore,
         lifecycle: Lifecycle,
         metrics: ControlMetrics,
+        reader: RemoteReader,
     ) -> None:
+        self.reader = reader
         self.db = db
         self.projects = projects
         self.lifecycle = lifecycle
@@ -56,9 +58,10 @@ class DeployHookReceiver:
         project = await self.projects.get(None, hook.project_id)
         bind(project_id=project.id, account_id=project.account_id)
         # Read the head before taking the hook's lock: ls-remote may take
-        # seconds, and other calls of the hook wait on that lock.
+        # seconds, and other calls of the hook wait on that lock. The reader
+        # bounds its time and how many reads of one account run at once.
         try:
-            sha = await resolve_branch_head(project.repo_url, hook.branch)
+            sha = await self.reader.branch_head(project.account_id, project.repo_url, hook.branch)
         except InvalidArgument as exc:
             log.warning("deploy hook %s: %s", hook.id, exc)
             return respond(502, result="error", error=str(exc)), "error"
