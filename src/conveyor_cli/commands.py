@@ -245,11 +245,13 @@ def builds_list(client: Client, args: argparse.Namespace) -> int:
 
 
 def _skipped_json(push: cs.SkippedPush) -> dict[str, Any]:
+    tag = push.ref.removeprefix("refs/tags/") if push.ref.startswith("refs/tags/") else None
     return {
         "id": push.id,
         "project_id": push.project_id,
         "project": push.project_name,
-        "branch": push.branch or push.ref,
+        "branch": None if tag is not None else push.branch or push.ref,
+        "tag": tag,
         "commit_sha": push.commit_sha,
         "status": "skipped",
         "status_reason": push.reason,
@@ -260,8 +262,9 @@ def _skipped_json(push: cs.SkippedPush) -> dict[str, Any]:
 
 
 def _skipped_row(data: dict[str, Any]) -> str:
+    where = f"tag {data['tag']}" if data["tag"] is not None else data["branch"]
     return (
-        f"{render.short_id(data['id'])}  {data['project']:<16} {data['branch']:<16}"
+        f"{render.short_id(data['id'])}  {data['project']:<16} {where:<16}"
         f" {data['commit_sha'][:10]:<10}"
         f"  {'skipped':<12} {data['created_at']}  {data['status_reason']}"
     )

@@ -107,7 +107,14 @@ async def test_replayed_delivery_queues_one_build(
     first = await post_webhook(url, body, headers)
     second = await post_webhook(url, body, headers)
     assert first[0] == 202
-    assert second == (200, {"result": "duplicate", "reason": "delivery already processed"})
+    assert second == (
+        200,
+        {
+            "result": "duplicate",
+            "reason": "delivery already processed",
+            "build_id": first[1]["build_id"],
+        },
+    )
     assert await build_count(control) == 1
 
 

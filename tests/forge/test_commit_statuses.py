@@ -269,11 +269,12 @@ async def test_a_superseded_build_says_so_unless_a_newer_build_owns_its_commit(
     await github_api.wait_for(lambda: github_api.states(SHA2) == ["pending"], what="new")
     old = [s for s in github_api.statuses if s["sha"] == SHA][-1]
     assert old["description"].startswith("Build superseded: superseded by build ")
-    # The same commit pushed again: the newer build owns the commit's status,
-    # so the superseded one sends nothing that could hide it.
+    # The same commit built again (a push of it within the hour answers with
+    # the build it queued, so trigger it): the newer build owns the commit's
+    # status, so the superseded one sends nothing that could hide it.
     labels = {"forge": "github", "result": "skipped"}
     before = metric(control, "conveyor_forge_status_reports_total", **labels)
-    await samples.send_github(url, project, samples.github_push("main", SHA2))
+    await api.trigger("web", branch="main", commit_sha=SHA2)
     await github_api.wait_for(lambda: github_api.states(SHA2) == ["pending", "pending"], what="2")
     # The superseded build's report was handled and skipped, not just late.
     await metric_grows(control, "conveyor_forge_status_reports_total", before, **labels)

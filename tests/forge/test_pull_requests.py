@@ -160,7 +160,14 @@ async def test_a_redelivered_pull_request_event_queues_once(
     first = await samples.send_github(control.http_url, project, body, "pull_request", "pr-1")
     again = await samples.send_github(control.http_url, project, body, "pull_request", "pr-1")
     assert first[0] == 202
-    assert again == (200, {"result": "duplicate", "reason": "delivery already processed"})
+    assert again == (
+        200,
+        {
+            "result": "duplicate",
+            "reason": "delivery already processed",
+            "build_id": first[1]["build_id"],
+        },
+    )
     status, bad = await samples.send_github(
         control.http_url, project, b'{"action": "opened", "number": 1}', "pull_request"
     )

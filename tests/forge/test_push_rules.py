@@ -111,8 +111,12 @@ async def test_a_push_that_touches_no_watched_file_does_not_build(
         api, watch_include=["src/**", "package.json"], watch_exclude=["src/**/*.md"]
     )
 
+    shas = (f"{n:040x}" for n in range(1, 100))
+
     async def push(files: list[str], commits: int = 1) -> tuple[int, str]:
-        body = samples.github_push("main", SHA, files=files, commits=commits)
+        # A new commit each time: a push of a commit built within the hour
+        # answers with that build.
+        body = samples.github_push("main", next(shas), files=files, commits=commits)
         status, reply = await samples.send_github(control.http_url, project, body)
         return status, reply.get("reason", reply["result"])
 
@@ -185,7 +189,7 @@ async def test_gitlab_pushes_follow_the_same_rules(control: ControlHandle, api: 
         assert (status, reply.get("reason")) == (200, reason)
     # GitLab lists only the newest 20 commits of a bigger push: it builds.
     status, reply = await samples.send_gitlab(
-        url, project, samples.gitlab_push("master", SHA, files=["CHANGELOG"], commits=40)
+        url, project, samples.gitlab_push("master", "2" * 40, files=["CHANGELOG"], commits=40)
     )
     assert status == 202
     assert skipped_total(control, "gitlab", "skip_ci") == 1

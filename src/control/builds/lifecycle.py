@@ -77,6 +77,12 @@ class AssignmentData:
     pull_request: int | None = None
 
 
+def _killed(exit_code: int | None) -> bool:
+    """An exit code that says a signal ended the step (128 + signal number,
+    or none at all)."""
+    return exit_code is None or exit_code > 128 or exit_code < 0
+
+
 def step_plan(project: Project, production: bool) -> list[tuple[str, str]]:
     """The (name, command) steps of a build after the clone."""
     steps = []
@@ -477,9 +483,18 @@ class Lifecycle:
             build = await self.builds.get_in(conn, None, build_id, lock=True)
             if build.status.final:
                 raise FailedPrecondition(f"build is {build.status.value}; it takes no more reports")
+            stopping: bool | None = None
             for step in steps or []:
+                step_status = step.status
+                if step_status == StepStatus.FAILED and _killed(step.exit_code):
+                    if stopping is None:
+                        stopping = await self._stop_requested(conn, build_id)
+                    if stopping:
+                        # The signal we sent ended it (exit 143 after SIGTERM):
+                        # the step was canceled, it did not fail.
+                        step_status = StepStatus.CANCELED
                 await self.builds.update_step(
-                    conn, build_id, step.index, step.status, step.exit_code, step.at
+                    conn, build_id, step.index, step_status, step.exit_code, step.at
                 )
             if warnings:
                 await self.builds.add_warnings(conn, build_id, warnings)
@@ -494,6 +509,13 @@ class Lifecycle:
             await self._write(conn, build, status, reason, at)
         self._after(build, status, at)
         return status
+
+    async def _stop_requested(self, conn: Conn, build_id: str) -> bool:
+        """Whether we asked the build's runner to stop it (cancel, deadline)."""
+        cur = await conn.execute(
+            "SELECT 1 FROM builds WHERE id = %s AND cancel_requested_at IS NOT NULL", (build_id,)
+        )
+        return await cur.fetchone() is not None
 
     async def _final_for(
         self, conn: Conn, build_id: str, status: BuildStatus, reason: str

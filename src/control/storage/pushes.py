@@ -1,11 +1,12 @@
-"""Forge events that queued nothing, and the pull-request builds to cancel
-when a request closes: every SQL statement about them."""
+"""Forge deliveries already seen, the push builds a replay must not repeat,
+forge events that queued nothing, and the pull-request builds to cancel when
+a request closes: every SQL statement about them."""
 
 from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from control.storage.db import Conn, Database
 
@@ -28,10 +29,69 @@ class SkippedPush:
     delivery_id: str
     received_at: datetime
 
+    @property
+    def tag(self) -> str:
+        """The tag a tag push or tag deletion names, else ``""`` (its
+        ``branch`` is empty: a tag is shown as a tag, not as its ref)."""
+        return self.ref.removeprefix("refs/tags/") if self.ref.startswith("refs/tags/") else ""
+
 
 class PushLog:
     def __init__(self, db: Database) -> None:
         self.db = db
+
+    async def claim_delivery(
+        self, conn: Conn, provider: str, delivery_id: str, project_id: str
+    ) -> bool:
+        """Record a delivery id in the caller's transaction; False when it
+        was recorded before (a redelivery: process nothing)."""
+        cur = await conn.execute(
+            "INSERT INTO webhook_deliveries (provider, delivery_id, project_id)"
+            " VALUES (%s, %s, %s) ON CONFLICT DO NOTHING RETURNING 1",
+            (provider, delivery_id, project_id),
+        )
+        return await cur.fetchone() is not None
+
+    async def delivery_build(self, conn: Conn, provider: str, delivery_id: str) -> str | None:
+        """The build a recorded delivery queued or was answered with, if any."""
+        cur = await conn.execute(
+            "SELECT build_id FROM webhook_deliveries WHERE provider = %s AND delivery_id = %s",
+            (provider, delivery_id),
+        )
+        row = await cur.fetchone()
+        return str(row[0]) if row and row[0] else None
+
+    async def set_delivery_build(
+        self, conn: Conn, provider: str, delivery_id: str, build_id: str
+    ) -> None:
+        await conn.execute(
+            "UPDATE webhook_deliveries SET build_id = %s WHERE provider = %s AND delivery_id = %s",
+            (build_id, provider, delivery_id),
+        )
+
+    async def recent_push_build(
+        self, conn: Conn, project_id: str, branch: str, commit_sha: str, window: timedelta
+    ) -> str | None:
+        """The newest build a push of ``commit_sha`` to ``branch`` queued
+        within ``window``, else None.
+
+        Takes a transaction-level lock on (project, branch, commit) first, so
+        a concurrent delivery of the same push waits for the caller's
+        transaction to commit and then finds its build: call it in the
+        transaction that queues the build.
+        """
+        await conn.execute(
+            "SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))",
+            (f"push:{project_id}:{branch}:{commit_sha}",),
+        )
+        cur = await conn.execute(
+            "SELECT id FROM builds WHERE project_id = %s AND branch = %s AND commit_sha = %s"
+            " AND trigger = 'push' AND created_at > clock_timestamp() - %s"
+            " ORDER BY created_at DESC LIMIT 1",
+            (project_id, branch, commit_sha, window),
+        )
+        row = await cur.fetchone()
+        return str(row[0]) if row else None
 
     async def record_skip(
         self,

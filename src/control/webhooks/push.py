@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import enum
+import json
+import urllib.parse
 from dataclasses import dataclass
 
 ZERO_SHA = "0" * 40
+# GitHub's webhook form offers this content type besides application/json:
+# the JSON document is then the form field ``payload``.
+FORM = "application/x-www-form-urlencoded"
 # Bounds on what a payload may make us hold (GitHub lists at most 2,048
 # commits and 3,000 files per commit; GitLab 20 commits).
 MAX_COMMITS = 2048
@@ -45,7 +50,12 @@ class PushEvent:
         return self.ref.startswith("refs/tags/")
 
     @property
+    def tag(self) -> str | None:
+        return self.ref.removeprefix("refs/tags/") if self.is_tag else None
+
+    @property
     def deletes_branch(self) -> bool:
+        """The push deletes its ref (a branch or a tag): ``after`` is all zeros."""
         return self.commit_sha == ZERO_SHA
 
 
@@ -79,6 +89,47 @@ class PullRequestEvent:
 class PayloadError(ValueError):
     """The body is not a payload of the documented shape; the message names
     the field."""
+
+
+def decode_payload(body: bytes, content_type: str) -> object:
+    """The JSON document a delivery carries: the body itself, or its form
+    field ``payload`` when ``content_type`` is ``FORM`` (what GitHub sends
+    when a webhook's content type is ``application/x-www-form-urlencoded``).
+    Check the signature over the raw body before calling this.
+
+    Raises ``PayloadError`` with a sentence when the body is not JSON, nests
+    arrays or objects too deeply for the parser, or is a form without
+    exactly one ``payload`` field.
+    """
+    if content_type.split(";", 1)[0].strip().lower() == FORM:
+        try:
+            fields = urllib.parse.parse_qs(
+                body.decode("utf-8"),
+                keep_blank_values=True,
+                strict_parsing=True,
+                errors="strict",
+                max_num_fields=32,
+            )
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise PayloadError(f"the body is not a valid {FORM} form") from exc
+        values = fields.get("payload", [])
+        if len(values) != 1:
+            raise PayloadError(
+                f"a {FORM} body must carry the JSON payload in one form field 'payload'"
+            )
+        document: str | bytes = values[0]
+    else:
+        document = body
+    try:
+        return json.loads(document)
+    except RecursionError as exc:
+        # The parser recurses once per level: a signed body of 1,000 nested
+        # arrays must be a refusal, not a server error.
+        raise PayloadError(
+            "the JSON payload nests arrays or objects too deeply to be a forge's payload"
+        ) from exc
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise PayloadError("the body is not valid JSON") from exc
 
 
 def text_field(payload: dict[str, object], name: str) -> str:

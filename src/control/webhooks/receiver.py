@@ -1,12 +1,18 @@
 """Receives forge webhooks: verify, parse, dedupe, then queue or record why not.
 
 Answers: 202 queued (a push or a pull/merge request that builds), 200 with
-``result`` "skipped" and the reason (a push that does not build: tag, branch
-deletion, branch rules, ``[skip ci]``, watch paths; the reason is stored and
-``conveyor builds list --all`` shows it), 200 "canceled" (a closed request's
-builds), 200 "ping" or "duplicate", 202 "ignored" for other events and
-actions, 400 malformed, 401 bad signature or token, 404 unknown project, 413
-body over the limit, 503 database unavailable.
+``result`` "skipped" and the reason (a push that does not build: tag push or
+deletion, branch deletion, branch rules, ``[skip ci]``, watch paths; the
+reason is stored and ``conveyor builds list --all`` shows it), 200
+"canceled" (a closed request's builds), 200 "ping", 200 "duplicate" (a
+delivery id seen before, or a push of a commit to a branch that a push built
+within ``REPLAY_WINDOW``; with that ``build_id`` when there is one), 202
+"ignored" for other events and actions, 400 malformed (the body, a field, or
+a missing delivery id header, named), 401 bad signature or token, 404
+unknown project, 413 body over the limit, 503 database unavailable.
+
+Bodies are JSON, or GitHub's ``application/x-www-form-urlencoded`` form
+with the JSON in its ``payload`` field; the signature covers the raw body.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ import json
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from aiohttp import web
 
@@ -30,8 +36,8 @@ from control.domain.project import (
 from control.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from control.logging_setup import bind
 from control.metrics import ControlMetrics
-from control.storage.builds import is_uuid
 from control.storage.db import RETRY_AFTER, Conn, Database
+from control.storage.ids import is_uuid
 from control.storage.projects import ProjectStore
 from control.storage.pushes import PushLog
 from control.webhooks import github, gitlab, rules
@@ -41,11 +47,19 @@ from control.webhooks.push import (
     PullRequestEvent,
     PushEvent,
     RequestAction,
+    decode_payload,
 )
 
 log = logging.getLogger(__name__)
 
 MAX_DELIVERY_ID = 200
+# GitHub signs the body only: neither the delivery id nor a time is covered,
+# so anyone who saw one signed push can send it again under a new id. A push
+# of a commit to a branch that a push already built within this window is
+# answered with that build instead of queueing another. (A force-push back to
+# such a commit within the window builds nothing either: `conveyor builds
+# retry` or `builds trigger --commit` rebuild it on purpose.)
+REPLAY_WINDOW = timedelta(hours=1)
 FORK_WARNING = (
     "pull request from another repository: built without the project's secrets"
     " and without its preview step (the project's fork_secrets is off)"
@@ -98,7 +112,7 @@ class WebhookReceiver:
             check,
             event=request.headers.get("X-GitHub-Event", ""),
             ping_event="ping",
-            delivery=request.headers.get("X-GitHub-Delivery", ""),
+            delivery_headers=("X-GitHub-Delivery",),
             parsers={"push": github.parse_push, "pull_request": github.parse_pull_request},
         )
 
@@ -112,8 +126,10 @@ class WebhookReceiver:
             check,
             event=request.headers.get("X-Gitlab-Event", ""),
             ping_event="",
-            delivery=request.headers.get("X-Gitlab-Event-UUID", "")
-            or request.headers.get("Idempotency-Key", ""),
+            # Idempotency-Key (GitLab 17.4+) is one per hook and delivery and
+            # stays the same on a retry; X-Gitlab-Event-UUID (older GitLab)
+            # names the event, the same for each hook it triggers.
+            delivery_headers=("Idempotency-Key", "X-Gitlab-Event-UUID"),
             parsers={
                 "Push Hook": gitlab.parse_push,
                 "Tag Push Hook": gitlab.parse_push,
@@ -129,13 +145,13 @@ class WebhookReceiver:
         *,
         event: str,
         ping_event: str,
-        delivery: str,
+        delivery_headers: tuple[str, ...],
         parsers: dict[str, Parser],
     ) -> web.Response:
         received_at = datetime.now(UTC)
         try:
             response = await self._process(
-                request, provider, check, event, ping_event, delivery, parsers, received_at
+                request, provider, check, event, ping_event, delivery_headers, parsers, received_at
             )
         except Unavailable as exc:
             response = respond(503, result="unavailable", error=str(exc))
@@ -152,7 +168,7 @@ class WebhookReceiver:
         check: Callable[[Project, bytes], Awaitable[bool]],
         event: str,
         ping_event: str,
-        delivery: str,
+        delivery_headers: tuple[str, ...],
         parsers: dict[str, Parser],
         received_at: datetime,
     ) -> web.Response:
@@ -174,20 +190,30 @@ class WebhookReceiver:
             return respond(413, result="too_large", error=f"body over {self.max_body} bytes")
         if not await check(project, body):
             return respond(401, result="bad_signature", error="signature or token does not match")
+        delivery = next(
+            (value for name in delivery_headers if (value := request.headers.get(name, ""))), ""
+        )
+        header = " or ".join(delivery_headers)
+        if not delivery:
+            # Forges always send one; without it a redelivery cannot be told
+            # from a new push.
+            return respond(400, result="malformed", error=f"header {header} is missing")
+        if len(delivery) > MAX_DELIVERY_ID or not delivery.isprintable():
+            return respond(
+                400,
+                result="malformed",
+                error=f"header {header} must be at most {MAX_DELIVERY_ID} printable characters",
+            )
         if ping_event and event == ping_event:
-            await self._ping(project, body)
+            await self._ping(project, body, request.content_type)
             return respond(200, result="ping")
         parse = parsers.get(event)
         if parse is None:
             return respond(202, result="ignored", reason=f"event {event!r} is not handled")
         try:
-            parsed = parse(json.loads(body))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            return respond(400, result="malformed", error="the body is not valid JSON")
+            parsed = parse(decode_payload(body, request.content_type))
         except PayloadError as exc:
             return respond(400, result="malformed", error=str(exc))
-        if len(delivery) > MAX_DELIVERY_ID:
-            return respond(400, result="malformed", error="delivery id is too long")
         hook = Delivery(provider, event, delivery, project, received_at)
         if isinstance(parsed, PushEvent):
             return await self._push(hook, parsed)
@@ -207,9 +233,26 @@ class WebhookReceiver:
         project = hook.project
         async with self.lifecycle.transaction() as conn:
             if not await self._first_delivery(conn, hook):
-                return respond(200, result="duplicate", reason="delivery already processed")
+                return await self._duplicate(conn, hook)
             await self._connect(conn, project, push.repo)
             reason = rules.skip_reason(project, push)
+            if reason is None:
+                assert branch is not None
+                earlier = await self.pushes.recent_push_build(
+                    conn, project.id, branch, push.commit_sha, REPLAY_WINDOW
+                )
+                if earlier is not None:
+                    await self.pushes.set_delivery_build(
+                        conn, hook.provider, hook.delivery_id, earlier
+                    )
+                    log.info("push of %s at %s built already", push.ref, push.commit_sha)
+                    return respond(
+                        200,
+                        result="duplicate",
+                        reason=f"a push of this commit to {branch} built within the last"
+                        f" {_span(REPLAY_WINDOW)}",
+                        build_id=earlier,
+                    )
             if reason is not None:
                 skip_id = await self.pushes.record_skip(
                     conn,
@@ -218,6 +261,7 @@ class WebhookReceiver:
                     provider=hook.provider,
                     event=hook.event,
                     ref=push.ref,
+                    # A tag is shown from its ref, never as a branch.
                     branch=branch or "",
                     commit_sha="" if push.deletes_branch else push.commit_sha,
                     reason=reason,
@@ -253,7 +297,7 @@ class WebhookReceiver:
         project = hook.project
         async with self.lifecycle.transaction() as conn:
             if not await self._first_delivery(conn, hook):
-                return respond(200, result="duplicate", reason="delivery already processed")
+                return await self._duplicate(conn, hook)
             await self._connect(conn, project, pull.repo)
             if pull.kind == RequestAction.CLOSE:
                 open_builds = await self.pushes.open_pull_request_builds(
@@ -294,12 +338,12 @@ class WebhookReceiver:
         log.info("%s %s: %d build(s) canceled", what, verb, len(canceled))
         return respond(200, result="canceled", build_ids=canceled)
 
-    async def _ping(self, project: Project, body: bytes) -> None:
+    async def _ping(self, project: Project, body: bytes, content_type: str) -> None:
         """GitHub pings a new webhook with its repository: connect the
         project's forge then, before any push."""
         try:
-            payload = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError):
+            payload = decode_payload(body, content_type)
+        except PayloadError:
             return
         if isinstance(payload, dict):
             async with self.db.transaction() as conn:
@@ -307,22 +351,18 @@ class WebhookReceiver:
 
     async def _first_delivery(self, conn: Conn, hook: Delivery) -> bool:
         """Record the delivery id; False when it was seen before."""
-        if not hook.delivery_id:
-            return True
-        cur = await conn.execute(
-            "INSERT INTO webhook_deliveries (provider, delivery_id, project_id)"
-            " VALUES (%s, %s, %s) ON CONFLICT DO NOTHING RETURNING 1",
-            (hook.provider, hook.delivery_id, hook.project.id),
+        return await self.pushes.claim_delivery(
+            conn, hook.provider, hook.delivery_id, hook.project.id
         )
-        return await cur.fetchone() is not None
+
+    async def _duplicate(self, conn: Conn, hook: Delivery) -> web.Response:
+        """The answer to a redelivery: the build it queued, if it did."""
+        build_id = await self.pushes.delivery_build(conn, hook.provider, hook.delivery_id)
+        extra = {"build_id": build_id} if build_id else {}
+        return respond(200, result="duplicate", reason="delivery already processed", **extra)
 
     async def _delivered(self, conn: Conn, hook: Delivery, build_id: str) -> None:
-        if hook.delivery_id:
-            await conn.execute(
-                "UPDATE webhook_deliveries SET build_id = %s"
-                " WHERE provider = %s AND delivery_id = %s",
-                (build_id, hook.provider, hook.delivery_id),
-            )
+        await self.pushes.set_delivery_build(conn, hook.provider, hook.delivery_id, build_id)
 
     async def _connect(self, conn: Conn, project: Project, repo: ForgeRepo | None) -> None:
         """Fill the project's empty forge and repository from the signed
@@ -340,3 +380,12 @@ class WebhookReceiver:
             log.info("payload names no usable repository (%s); forge not connected", exc)
             return
         await self.projects.connect_forge(conn, project.id, repo.forge, repo.repo)
+
+
+def _span(window: timedelta) -> str:
+    """``REPLAY_WINDOW`` in words: "hour", "2 hours", "30 minutes"."""
+    minutes = int(window.total_seconds() // 60)
+    if minutes % 60 == 0:
+        hours = minutes // 60
+        return "hour" if hours == 1 else f"{hours} hours"
+    return f"{minutes} minutes"

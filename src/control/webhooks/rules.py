@@ -14,6 +14,7 @@ ALWAYS_BUILD_COMMITS = 20
 SKIP_MARKERS = ("[skip ci]", "[ci skip]")
 
 TAG_PUSH = "skipped: tag push"
+TAG_DELETED = "skipped: tag deleted"
 BRANCH_DELETED = "skipped: branch deleted"
 OTHER_BRANCHES_OFF = "skipped: builds of branches other than the production branch are off"
 BRANCH_EXCLUDED = "skipped: branch excluded"
@@ -24,6 +25,7 @@ NO_WATCHED_PATH = "skipped: no watched path changed"
 # Short, bounded metric labels for each reason.
 REASON_LABELS = {
     TAG_PUSH: "tag_push",
+    TAG_DELETED: "tag_deleted",
     BRANCH_DELETED: "branch_deleted",
     OTHER_BRANCHES_OFF: "other_branches_off",
     BRANCH_EXCLUDED: "branch_excluded",
@@ -37,14 +39,14 @@ def skip_reason(project: Project, push: PushEvent) -> str | None:
     """None when ``push`` builds, else the reason it does not (one of the
     constants above, sometimes followed by a detail in parentheses).
 
-    In order: tags and branch deletions never build; the production branch
+    In order: tag pushes, tag deletions and branch deletions never build; the production branch
     always passes the branch rules; another branch needs builds of other
     branches on, must not match ``branch_exclude`` (an exclude wins) and, when
     ``branch_include`` is set, must match it; then ``[skip ci]`` or ``[ci
     skip]`` in the head commit's message skips; then the watch paths.
     """
     if push.is_tag:
-        return TAG_PUSH
+        return TAG_DELETED if push.deletes_branch else TAG_PUSH
     if push.deletes_branch:
         return BRANCH_DELETED
     branch = push.branch or ""
