@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from runner.cache import BuildCache, CachePolicy, LocalDirCache, S3Cache
+from runner.control_client import split_addresses
 from runner.launchers.base import Limits
 
 CACHE_BACKENDS = ("dir", "s3", "off")
@@ -16,6 +17,8 @@ SANDBOXES = ("bubblewrap", "none")
 
 @dataclass(frozen=True)
 class RunnerSettings:
+    # HOST:PORT of the control plane, or several separated by commas (its
+    # replicas: the runner moves to another when the one in use goes away).
     control_addr: str
     token: str
     name: str = field(default_factory=socket.gethostname)
@@ -96,8 +99,12 @@ class RunnerSettings:
             )
         values.update({k: v for k, v in overrides.items() if v not in (None, "", ())})
         settings = cls(**values)  # type: ignore[arg-type]
-        if not settings.control_addr:
+        if not settings.control_addr.strip():
             raise ValueError("the control-plane address is required (--control)")
+        try:
+            split_addresses(settings.control_addr)
+        except ValueError as exc:
+            raise ValueError(f"CONVEYOR_CONTROL_ADDR (--control): {exc}") from None
         if not settings.token:
             raise ValueError("a runner token is required (--token)")
         if not 0 < settings.capacity <= 1000:
