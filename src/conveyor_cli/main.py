@@ -114,7 +114,12 @@ def _parser() -> argparse.ArgumentParser:
 
     runner = _group(sub, "runner", "a runner agent, which runs builds")
     start = _cmd(runner, "start", "run a runner agent", json_flag=False)
-    start.add_argument("--control", default=None, help="control plane gRPC address HOST:PORT")
+    start.add_argument(
+        "--control",
+        default=None,
+        help="control plane gRPC address HOST:PORT, or its replicas' addresses separated by"
+        " commas (or CONVEYOR_CONTROL_ADDR)",
+    )
     start.add_argument("--token", default=None, help="runner token (or CONVEYOR_RUNNER_TOKEN)")
     start.add_argument("--capacity", type=int, default=None, help="builds it runs at once")
     start.add_argument(
