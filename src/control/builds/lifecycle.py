@@ -15,6 +15,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
+from control.builds.deadlines import run_deadline_reason
 from control.config import LifecycleSettings
 from control.domain.build import Build, BuildStatus, StepStatus, check_transition, is_allowed
 from control.domain.env import FORGE_TOKEN
@@ -650,13 +651,17 @@ class Lifecycle:
                     fired.append((build, BuildStatus.ERRORED))
                     await self._tell_runner_stop(conn, build, "startup deadline")
                 elif kind == "run":
-                    timeout = (now() - (build.started_at or build.created_at)).total_seconds()
-                    await self._request_stop(
-                        conn,
-                        build_id,
-                        BuildStatus.TIMED_OUT,
-                        f"run deadline of {round(timeout)} s",
+                    # The configured limit, not the time the alarm fired at:
+                    # after an outage the two differ (issue 16).
+                    cur = await conn.execute(
+                        "SELECT run_timeout_seconds FROM projects WHERE id = %s",
+                        (build.project_id,),
                     )
+                    row = await cur.fetchone()
+                    limit = min(int(row[0]) if row else 1200, self.settings.max_run_timeout)
+                    ran = (now() - (build.started_at or build.created_at)).total_seconds()
+                    reason = run_deadline_reason(limit, ran - limit, self.settings.alarm_poll)
+                    await self._request_stop(conn, build_id, BuildStatus.TIMED_OUT, reason)
                 elif kind == "kill":
                     cur = await conn.execute(
                         "SELECT cancel_status, cancel_reason FROM builds WHERE id = %s",
