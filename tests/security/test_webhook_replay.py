@@ -209,3 +209,33 @@ async def test_deeply_nested_json_is_a_400_with_a_sentence(
             "the JSON payload nests arrays or objects too deeply to be a forge's payload"
         )
     assert await build_ids(control, project.id) == []
+
+
+# (case, the delivery headers both projects' hooks get)
+SHARED_IDS: list[tuple[str, str, dict[str, str]]] = [
+    # Older GitLab names the event, not the delivery: one id for each hook.
+    ("gitlab: one X-Gitlab-Event-UUID for two hooks", "gitlab", {"X-Gitlab-Event-UUID": "event"}),
+    # A tenant who learns another's delivery id neither blocks nor sees it.
+    ("github: another project's delivery id", "github", {"X-GitHub-Delivery": "guid"}),
+]
+
+
+@pytest.mark.parametrize(("label", "forge", "headers"), SHARED_IDS, ids=[c[0] for c in SHARED_IDS])
+async def test_a_delivery_id_is_each_projects_own(
+    control: ControlHandle, api: Api, label: str, forge: str, headers: dict[str, str]
+) -> None:
+    first = await api.create_project("web", REPO)
+    second = await api.create_project("api", REPO)
+    make = github(GITHUB_BODY, **headers) if forge == "github" else gitlab(GITLAB_BODY, **headers)
+    queued = {}
+    for project in (first, second):
+        status, reply = await send(control, project, make)
+        assert (status, reply["result"]) == (202, "queued")
+        queued[project.id] = reply["build_id"]
+    for project in (second, first):
+        status, reply = await send(control, project, make)
+        assert (status, reply["result"], reply["build_id"]) == (
+            200, "duplicate", queued[project.id],
+        )  # fmt: skip
+    for project in (first, second):
+        assert await build_ids(control, project.id) == [queued[project.id]]

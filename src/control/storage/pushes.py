@@ -43,30 +43,54 @@ class PushLog:
     async def claim_delivery(
         self, conn: Conn, provider: str, delivery_id: str, project_id: str
     ) -> bool:
-        """Record a delivery id in the caller's transaction; False when it
-        was recorded before (a redelivery: process nothing)."""
-        cur = await conn.execute(
-            "INSERT INTO webhook_deliveries (provider, delivery_id, project_id)"
-            " VALUES (%s, %s, %s) ON CONFLICT DO NOTHING RETURNING 1",
-            (provider, delivery_id, project_id),
-        )
-        return await cur.fetchone() is not None
+        """Record a delivery id for ``project_id`` in the caller's
+        transaction; False when the project recorded it before (a
+        redelivery: process nothing).
 
-    async def delivery_build(self, conn: Conn, provider: str, delivery_id: str) -> str | None:
-        """The build a recorded delivery queued or was answered with, if any."""
+        GitLab's ``X-Gitlab-Event-UUID`` is the same for every hook one event
+        triggers, so an id another project recorded first is this project's
+        too: it is stored as ``<project id>:<id>`` then. One project never
+        learns or blocks another's deliveries.
+        """
+        for key in (delivery_id, f"{project_id}:{delivery_id}"):
+            cur = await conn.execute(
+                "INSERT INTO webhook_deliveries (provider, delivery_id, project_id)"
+                " VALUES (%s, %s, %s) ON CONFLICT DO NOTHING RETURNING 1",
+                (provider, key, project_id),
+            )
+            if await cur.fetchone() is not None:
+                return True
+            cur = await conn.execute(
+                "SELECT 1 FROM webhook_deliveries"
+                " WHERE provider = %s AND delivery_id = %s AND project_id = %s",
+                (provider, key, project_id),
+            )
+            if await cur.fetchone() is not None:
+                return False
+        # The qualified key names this project, so it cannot be another's.
+        raise AssertionError("unreachable: a project-qualified delivery id of another project")
+
+    async def delivery_build(
+        self, conn: Conn, provider: str, delivery_id: str, project_id: str
+    ) -> str | None:
+        """The build a delivery the project recorded queued or was answered
+        with, if any."""
         cur = await conn.execute(
-            "SELECT build_id FROM webhook_deliveries WHERE provider = %s AND delivery_id = %s",
-            (provider, delivery_id),
+            "SELECT build_id FROM webhook_deliveries WHERE provider = %s"
+            " AND delivery_id IN (%s, %s) AND project_id = %s AND build_id IS NOT NULL",
+            (provider, delivery_id, f"{project_id}:{delivery_id}", project_id),
         )
         row = await cur.fetchone()
-        return str(row[0]) if row and row[0] else None
+        return str(row[0]) if row else None
 
     async def set_delivery_build(
-        self, conn: Conn, provider: str, delivery_id: str, build_id: str
+        self, conn: Conn, provider: str, delivery_id: str, project_id: str, build_id: str
     ) -> None:
+        """Remember the build a recorded delivery queued or was answered with."""
         await conn.execute(
-            "UPDATE webhook_deliveries SET build_id = %s WHERE provider = %s AND delivery_id = %s",
-            (build_id, provider, delivery_id),
+            "UPDATE webhook_deliveries SET build_id = %s WHERE provider = %s"
+            " AND delivery_id IN (%s, %s) AND project_id = %s",
+            (build_id, provider, delivery_id, f"{project_id}:{delivery_id}", project_id),
         )
 
     async def recent_push_build(

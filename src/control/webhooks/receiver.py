@@ -243,7 +243,7 @@ class WebhookReceiver:
                 )
                 if earlier is not None:
                     await self.pushes.set_delivery_build(
-                        conn, hook.provider, hook.delivery_id, earlier
+                        conn, hook.provider, hook.delivery_id, project.id, earlier
                     )
                     log.info("push of %s at %s built already", push.ref, push.commit_sha)
                     return respond(
@@ -357,12 +357,16 @@ class WebhookReceiver:
 
     async def _duplicate(self, conn: Conn, hook: Delivery) -> web.Response:
         """The answer to a redelivery: the build it queued, if it did."""
-        build_id = await self.pushes.delivery_build(conn, hook.provider, hook.delivery_id)
+        build_id = await self.pushes.delivery_build(
+            conn, hook.provider, hook.delivery_id, hook.project.id
+        )
         extra = {"build_id": build_id} if build_id else {}
         return respond(200, result="duplicate", reason="delivery already processed", **extra)
 
     async def _delivered(self, conn: Conn, hook: Delivery, build_id: str) -> None:
-        await self.pushes.set_delivery_build(conn, hook.provider, hook.delivery_id, build_id)
+        await self.pushes.set_delivery_build(
+            conn, hook.provider, hook.delivery_id, hook.project.id, build_id
+        )
 
     async def _connect(self, conn: Conn, project: Project, repo: ForgeRepo | None) -> None:
         """Fill the project's empty forge and repository from the signed
