@@ -52,7 +52,10 @@ class Agent:
         self.metrics = metrics
         self.sandboxed = sandboxed
         self.runner_id = runner_id or str(uuid.uuid4())
-        self.client = ControlClient(settings.control_addr, settings.token, tls_ca=settings.tls_ca)
+        self.client = ControlClient(
+            settings.control_addr, settings.token, tls_ca=settings.tls_ca,
+            addresses_file=settings.control_addr_file,
+        )  # fmt: skip
         self.runs: dict[str, BuildRun] = {}
         self.tasks: dict[str, asyncio.Task[object]] = {}
         self.draining = False

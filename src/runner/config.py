@@ -21,6 +21,9 @@ class RunnerSettings:
     # replicas: the runner moves to another when the one in use goes away).
     control_addr: str
     token: str
+    # A file listing the addresses, read again whenever the replica in use
+    # stops answering (a template kept current by Nomad or Consul).
+    control_addr_file: Path | None = None
     name: str = field(default_factory=socket.gethostname)
     capacity: int = 6
     labels: tuple[str, ...] = ()
@@ -82,6 +85,8 @@ class RunnerSettings:
                 values["capacity"] = int(env["CONVEYOR_RUNNER_CAPACITY"])
             except ValueError:
                 raise ValueError("CONVEYOR_RUNNER_CAPACITY must be an integer") from None
+        if env.get("CONVEYOR_CONTROL_ADDR_FILE"):
+            values["control_addr_file"] = Path(env["CONVEYOR_CONTROL_ADDR_FILE"])
         if env.get("CONVEYOR_WORK_DIR"):
             values["work_dir"] = Path(env["CONVEYOR_WORK_DIR"])
         values.update(_cache_values(env))
@@ -99,12 +104,23 @@ class RunnerSettings:
             )
         values.update({k: v for k, v in overrides.items() if v not in (None, "", ())})
         settings = cls(**values)  # type: ignore[arg-type]
-        if not settings.control_addr.strip():
-            raise ValueError("the control-plane address is required (--control)")
         try:
-            split_addresses(settings.control_addr)
+            addresses = split_addresses(settings.control_addr)
         except ValueError as exc:
             raise ValueError(f"CONVEYOR_CONTROL_ADDR (--control): {exc}") from None
+        if settings.control_addr_file is not None:
+            try:
+                text = settings.control_addr_file.read_text(encoding="utf-8")
+                addresses += split_addresses(text.replace("\n", ","))
+            except (OSError, UnicodeDecodeError, ValueError) as exc:
+                raise ValueError(
+                    f"CONVEYOR_CONTROL_ADDR_FILE ({settings.control_addr_file}): {exc}"
+                ) from None
+        if not addresses:
+            raise ValueError(
+                "the control-plane address is required"
+                " (--control, CONVEYOR_CONTROL_ADDR or CONVEYOR_CONTROL_ADDR_FILE)"
+            )
         if not settings.token:
             raise ValueError("a runner token is required (--token)")
         if not 0 < settings.capacity <= 1000:

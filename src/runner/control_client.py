@@ -77,14 +77,24 @@ class ControlClient:
     the next call probes all of them at once and moves to the first that
     answers, so a dead replica costs its callers one failed call each, not
     an RPC deadline.
+
+    ``addresses_file``, when given, names a file listing the addresses
+    (commas or newlines; a Nomad or Consul template keeps it current). It is
+    read again whenever the replica in use stops answering, so the runner
+    follows replicas that moved; while it lists none, ``address`` is used.
+    Raises ``ValueError`` when there is no address at all.
     """
 
-    def __init__(self, address: str | Sequence[str], token: str, *, tls_ca: str = "") -> None:
-        addresses = split_addresses(address) if isinstance(address, str) else tuple(address)
-        if not addresses:
-            raise ValueError("the control-plane address is required (--control)")
+    def __init__(
+        self,
+        address: str | Sequence[str],
+        token: str,
+        *,
+        tls_ca: str = "",
+        addresses_file: Path | None = None,
+    ) -> None:
         self.token = token
-        options = [
+        self._options = [
             ("grpc.keepalive_time_ms", 10_000),
             ("grpc.keepalive_timeout_ms", 5_000),
             ("grpc.keepalive_permit_without_calls", 1),
@@ -94,25 +104,63 @@ class ControlClient:
             ("grpc.initial_reconnect_backoff_ms", 100),
             ("grpc.max_reconnect_backoff_ms", 2_000),
         ]
-        creds = (
+        self._creds = (
             grpc.ssl_channel_credentials(root_certificates=Path(tls_ca).read_bytes())
             if tls_ca
             else None
         )
-        self._endpoints: list[_Endpoint] = []
-        for target in addresses:
-            channel = (
-                aio.secure_channel(target, creds, options=options)
-                if creds is not None
-                else aio.insecure_channel(target, options=options)
-            )
-            self._endpoints.append(_Endpoint(target, channel, rs_grpc.RunnerServiceStub(channel)))
+        self._addresses_file = addresses_file
+        addresses = split_addresses(address) if isinstance(address, str) else tuple(address)
+        addresses = self._listed() or addresses
+        if not addresses:
+            raise ValueError("the control-plane address is required (--control)")
+        self._endpoints = [self._open(target) for target in addresses]
         self._active = 0
         self._switching = asyncio.Lock()
-        # One address: calls wait for its channel (a restarting control plane
-        # is reached as soon as it serves). Several: a call on a replica that
-        # went away fails at once, so the next try can go elsewhere.
-        self._wait_for_ready = len(self._endpoints) == 1
+        self._closing: set[asyncio.Task[None]] = set()
+        # One fixed address: calls wait for its channel (a restarting control
+        # plane is reached as soon as it serves). Otherwise a call on a
+        # replica that went away fails at once, so the next try can go
+        # elsewhere.
+        self._wait_for_ready = len(self._endpoints) == 1 and addresses_file is None
+
+    def _open(self, target: str) -> _Endpoint:
+        channel = (
+            aio.secure_channel(target, self._creds, options=self._options)
+            if self._creds is not None
+            else aio.insecure_channel(target, options=self._options)
+        )
+        return _Endpoint(target, channel, rs_grpc.RunnerServiceStub(channel))
+
+    def _listed(self) -> tuple[str, ...]:
+        """The addresses in ``addresses_file``; () when it has none or
+        cannot be read or parsed (logged: the addresses in use stay)."""
+        if self._addresses_file is None:
+            return ()
+        try:
+            text = self._addresses_file.read_text(encoding="utf-8")
+            return split_addresses(text.replace("\n", ","))
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            log.warning("control-plane addresses file %s: %s", self._addresses_file, exc)
+            return ()
+
+    def _follow_file(self) -> None:
+        """Adopt the addresses the file lists now; channels of replicas no
+        longer listed close once their calls had ``RPC_TIMEOUT`` to end."""
+        listed = self._listed()
+        if not listed or listed == self.addresses:
+            return
+        current = self.address
+        kept = {endpoint.address: endpoint for endpoint in self._endpoints}
+        self._endpoints = [
+            kept.pop(target) if target in kept else self._open(target) for target in listed
+        ]
+        self._active = listed.index(current) if current in listed else 0
+        for endpoint in kept.values():
+            task = asyncio.create_task(endpoint.channel.close(RPC_TIMEOUT))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+        log.info("control-plane addresses now %s", ", ".join(listed))
 
     @property
     def address(self) -> str:
@@ -125,8 +173,9 @@ class ControlClient:
 
     async def _endpoint(self) -> _Endpoint:
         """The replica to call: the one in use while its channel is ready,
-        else the first of all that becomes ready within ``PROBE_SECONDS``.
-        Raises ``AioRpcError`` UNAVAILABLE (retryable) when none does."""
+        else the first of all that becomes ready within ``PROBE_SECONDS``
+        (the addresses file read again first). Raises ``AioRpcError``
+        UNAVAILABLE (retryable) when none does."""
         current = self._endpoints[self._active]
         if self._wait_for_ready or _ready(current.channel):
             return current
@@ -135,6 +184,7 @@ class ControlClient:
             current = self._endpoints[self._active]
             if _ready(current.channel):
                 return current
+            self._follow_file()
             probes = {
                 asyncio.create_task(endpoint.channel.channel_ready()): index
                 for index, endpoint in enumerate(self._endpoints)
@@ -215,6 +265,7 @@ class ControlClient:
     async def close(self) -> None:
         for endpoint in self._endpoints:
             await endpoint.channel.close(None)
+        await asyncio.gather(*self._closing, return_exceptions=True)
 
 
 def _ready(channel: aio.Channel) -> bool:

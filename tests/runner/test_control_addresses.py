@@ -8,6 +8,7 @@ import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import grpc
 import pytest
@@ -102,5 +103,41 @@ async def test_with_no_replica_serving_a_call_is_unavailable_after_the_probe(
         assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
         assert control_client.is_retryable(refused.value)
         assert "no control-plane replica answered within 0.3 s" in str(refused.value.details())
+    finally:
+        await client.close()
+
+
+def test_the_addresses_may_come_from_a_file(tmp_path: Path) -> None:
+    listed = tmp_path / "control"
+    listed.write_text("10.0.0.1:7070\n10.0.0.2:7070\n")
+    settings = RunnerSettings.from_env({**BASE, "CONVEYOR_CONTROL_ADDR_FILE": str(listed)})
+    assert settings.control_addr_file == listed
+    listed.write_text("10.0.0.1:7070\nnowhere\n")
+    with pytest.raises(ValueError, match="nowhere") as refused:
+        RunnerSettings.from_env({**BASE, "CONVEYOR_CONTROL_ADDR_FILE": str(listed)})
+    assert str(refused.value) == (
+        f"CONVEYOR_CONTROL_ADDR_FILE ({listed}): 'nowhere' is not HOST:PORT"
+    )
+    with pytest.raises(ValueError, match=r"CONVEYOR_CONTROL_ADDR_FILE .*No such file"):
+        RunnerSettings.from_env({**BASE, "CONVEYOR_CONTROL_ADDR_FILE": str(tmp_path / "none")})
+    listed.write_text("")
+    with pytest.raises(ValueError, match="the control-plane address is required"):
+        RunnerSettings.from_env({**BASE, "CONVEYOR_CONTROL_ADDR_FILE": str(listed)})
+
+
+async def test_the_client_reads_the_file_again_when_its_replica_is_gone(
+    control: ControlHandle, tmp_path: Path
+) -> None:
+    listed = tmp_path / "control"
+    listed.write_text(f"127.0.0.1:{free_port()}\n")
+    client = ControlClient("", control.runner_token, addresses_file=listed)
+    try:
+        # The replica it knew is gone; the template has since listed another.
+        listed.write_text(f"{control.plane.grpc_address}\n")
+        stream = client.connect(_hello())
+        first = await asyncio.wait_for(anext(stream), 10)
+        assert first.WhichOneof("kind") == "registered"
+        assert client.addresses == (control.plane.grpc_address,)
+        await stream.aclose()
     finally:
         await client.close()
