@@ -22,7 +22,15 @@ from conveyor.v1.types_pb2 import BuildStatus
 from runner.cache import BuildCache, scope_for
 from runner.cache_run import CacheRun, CacheTarget
 from runner.control_client import ControlClient, backoff_sleep, is_retryable
-from runner.launchers.base import Job, JobResult, JobSpec, Launcher, LaunchError, Limits
+from runner.launchers.base import (
+    Job,
+    JobResult,
+    JobSpec,
+    Launcher,
+    LaunchError,
+    Limits,
+    OutputLine,
+)
 from runner.logbatch import LogBatcher
 from runner.masking import Masker
 from runner.metrics import RunnerMetrics
@@ -198,6 +206,7 @@ class BuildRun:
             root_directory=a.root_directory,
             nonce=BuildScript.new_nonce(),
             cache=cache_run.plan if cache_run else None,
+            channel=self.launcher.control_channel,
         )
         env = {
             "CI": "true",
@@ -289,7 +298,7 @@ class BuildRun:
         own = f"##conveyor:{script.nonce}:".encode()
         async for out in job.output():
             data = out.data
-            if out.stream == "stdout":
+            if out.stream == "stdout" and not script.channel:
                 at = data.find(own, 1)
                 if at > 0:
                     # Output without a final newline runs into the marker
@@ -297,7 +306,8 @@ class BuildRun:
                     text = data[:at].decode("utf-8", errors="replace")
                     await batcher.add(out.stream, masker.mask(text))
                     data = data[at:]
-                marker = script.parse_marker(data)
+            if out.stream in ("stdout", "control"):
+                marker = script.marker_of(OutputLine(out.stream, data))
                 if marker is not None and marker.kind.startswith("cache-"):
                     if cache_run is not None:
                         await cache_run.on_marker(marker)
@@ -329,6 +339,8 @@ class BuildRun:
                         )])  # fmt: skip
                         current = None
                     continue
+            if out.stream == "control":
+                continue  # the script's, never the build's output
             text = data.decode("utf-8", errors="replace")
             if batcher.add_nowait(out.stream, masker.mask(text)):
                 await batcher.flush()

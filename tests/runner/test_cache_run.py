@@ -97,6 +97,7 @@ async def build(
         steps=(("build", command),),
         nonce=BuildScript.new_nonce(),
         cache=plan,
+        channel=launcher.control_channel,
     )
     spec = JobSpec(
         build_id=build_id,
@@ -110,7 +111,7 @@ async def build(
         run.pipes.close_job_ends()
         stdout: list[str] = []
         async for line in job.output():
-            marker = script.parse_marker(line.data) if line.stream == "stdout" else None
+            marker = script.marker_of(line)
             if marker is not None and marker.kind.startswith("cache-"):
                 await run.on_marker(marker)
             elif marker is None and line.stream == "stdout":

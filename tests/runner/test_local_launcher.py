@@ -373,3 +373,30 @@ def test_build_cgroups_are_found_on_each_v1_hierarchy(tmp_path: Path) -> None:
     # Without the pids controller on v1 (cgroup v2 only, say): no cgroups.
     mountinfo.write_text("\n".join(line for line in lines if "pids" not in line) + "\n")
     assert CgroupRoot.detect(mountinfo) is None
+
+
+# ------------------------------------------------------ unreadable repository
+
+
+@needs_bwrap
+async def test_a_repository_the_build_user_cannot_read_says_so(
+    launcher: LocalLauncher, build_dir: Path
+) -> None:
+    # What a home directory is: 0700, owned by someone else than the build
+    # user (as root: root; unprivileged, the runner's own uid gets 0000).
+    home = build_dir / "home"
+    repo = make_repo(home / "myapp")
+    home.chmod(0o700 if ROOT else 0o000)
+    try:
+        with pytest.raises(LaunchError) as caught:
+            await launcher.launch(job_spec("echo never\n", local_paths=(str(repo),)))
+    finally:
+        home.chmod(0o755)
+    message = str(caught.value)
+    assert f"the build user cannot read {repo}: make it readable to uid " in message
+    assert "or serve it over git/ssh/https" in message
+    assert not any((build_dir / "workspaces").glob("*/.conveyor")), "workspace left behind"
+    # Readable again: the same launch works.
+    lines, result = await run(launcher, job_spec("echo ran\n", local_paths=(str(repo),)))
+    assert result.exit_code == 0, lines
+    assert of(lines, "stdout") == ["ran"]

@@ -12,7 +12,9 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
-Stream = Literal["stdout", "stderr", "system"]
+# "control": a line of the script's control channel (its step markers), for
+# launchers whose ``control_channel`` is true; never a line of the build's.
+Stream = Literal["stdout", "stderr", "system", "control"]
 
 
 @dataclass(frozen=True)
@@ -98,10 +100,14 @@ class Job(Protocol):
 class Launcher(Protocol):
     """Starts jobs. ``launch`` raises ``LaunchError`` when the job could not
     even be submitted. ``supports_cache`` says whether jobs can get the
-    build-cache pipes (``JobSpec.cache_fds``)."""
+    build-cache pipes (``JobSpec.cache_fds``); ``control_channel`` whether
+    the script finds a channel at ``runner.script.CONTROL_FD`` that no step
+    can write, whose lines ``output()`` yields as "control" lines in order
+    with the build's output (the script's markers then travel there)."""
 
     name: str
     supports_cache: bool
+    control_channel: bool
 
     async def launch(self, spec: JobSpec) -> Job: ...
 

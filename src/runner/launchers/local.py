@@ -56,9 +56,12 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 from runner.launchers import seccomp as seccomp_filter
@@ -75,7 +78,7 @@ from runner.launchers.user_network import (
 )
 from runner.launchers.workspace import Workspace, hard_limits_available, sweep
 from runner.metrics import RunnerMetrics
-from runner.script import CACHE_IN_FD, CACHE_OUT_FD
+from runner.pipes import close_fd
 
 log = logging.getLogger(__name__)
 
@@ -104,40 +107,16 @@ _MiB = 1024 * 1024
 _CPU_SLACK = 2
 _SET_UP_TIMEOUT = 60.0
 
-# As root, on the host, before anything forks: mount the workspace
-# filesystem ($1, if any) on the workspace ($2), join the build's cgroups
-# (the $4 files that follow), tell the runner on fd $3, and become the rest
-# of the command line (setpriv first: root ends here).
-_SHIM = """
-img=$1 ws=$2 ready=$3 n=$4; shift 4
-if [ -n "$img" ]; then
-  mount -t ext4 -o loop,nosuid,nodev,noatime "$img" "$ws" \\
-    || { echo "conveyor: could not mount the workspace filesystem" >&2; exit 125; }
-  rm -f -- "$img"; chmod 0700 -- "$ws"; rmdir -- "$ws/lost+found" 2>/dev/null
-fi
-cd -- "$ws" || exit 125
-while [ "$n" -gt 0 ]; do
-  echo 0 > "$1" || { echo "conveyor: could not join the cgroup $1" >&2; exit 125; }
-  shift; n=$((n - 1))
-done
-printf ready >&"$ready"; exec {ready}>&-
-exec "$@"
-"""
-# Inside the sandbox: say "up" on the pipe $4 (or "-") once the sandbox is
-# set up; export the job's variables, read NUL-separated from the pipe whose
-# number is $1; put the build-cache pipes $2 and $3 (or "-") at fds 7 and 8
-# (through free fds, as either may already be 7 or 8); then become the
-# build script.
-_LOAD_ENV = (
-    "fd=$1 cin=$2 cout=$3 up=$4; shift 4;"
-    ' if [ "$up" != - ]; then printf up >&"$up"; exec {up}>&-; fi;'
-    " while IFS= read -r -d '' -u \"$fd\" kv; do"
-    ' export -- "$kv" 2>/dev/null'
-    " || printf 'conveyor: ignored the environment variable %s (not a valid name)\\n'"
-    ' "${kv%%=*}" >&2; done; exec {fd}<&-;'
-    ' if [ "$cin" != - ]; then exec {a}<&"$cin" {b}>&"$cout"; exec {cin}<&- {cout}>&-;'
-    f' exec {CACHE_IN_FD}<&"$a" {CACHE_OUT_FD}>&"$b"; exec {{a}}<&- {{b}}>&-; fi; exec "$@"'
-)
+# The shims (runner/scripts): as root on the host before anything forks
+# (mount the workspace, join the cgroups, drop to the build uid), and first
+# in the sandbox (export the job's variables, put the pipes in place).
+_SHIM = resources.files("runner").joinpath("scripts/shim.sh").read_text()
+_LOAD_ENV = resources.files("runner").joinpath("scripts/load-env.sh").read_text()
+# Where the sandbox finds the execute-only copy of bash that runs the build
+# script: a process whose program its user cannot read is not dumpable, so
+# a step (the same uid) cannot open its fds through /proc, ptrace it or take
+# its fds with pidfd_getfd; the control channel is safe in it.
+SCRIPT_SHELL = "/.conveyor/bash"
 
 
 def _prlimit(limits: Limits, *, cgroup: bool) -> list[str]:
@@ -240,6 +219,35 @@ def _read_ready(fd: int) -> bool:
         os.close(fd)
 
 
+def _read_now(fd: int, limit: int) -> bytes:
+    """What the pipe ``fd`` holds now, up to ``limit`` bytes, without
+    waiting for more."""
+    os.set_blocking(fd, False)
+    try:
+        return os.read(fd, limit)
+    except OSError:
+        return b""
+
+
+# The descriptors of one job's start (runner.launchers.local._start).
+_FDS = (
+    "env_read", "env_write", "out_read", "out_write", "err_read", "err_write",
+    "control", "job_control", "shell", "ready_read", "ready_write", "seccomp",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class _Started:
+    """A started job: the runner's ends of its output and control channel."""
+
+    proc: asyncio.subprocess.Process
+    env_writer: asyncio.Task[None]
+    network: UserNetwork | None
+    stdout: int
+    stderr: int
+    control: int
+
+
 class LocalLauncher:
     """Runs jobs under ``work_root/<build id>``; one runner per work root.
 
@@ -260,6 +268,7 @@ class LocalLauncher:
 
     name = "local"
     supports_cache = True
+    control_channel = True
 
     def __init__(
         self,
@@ -355,7 +364,7 @@ class LocalLauncher:
             setup.add_done_callback(self._release_later)
             raise
         try:
-            proc, writer, network = await self._start(spec, grant)
+            started = await self._start(spec, grant)
         except BaseException:
             self._release_soon(grant)
             raise
@@ -364,15 +373,17 @@ class LocalLauncher:
             extra={"build_id": spec.build_id},
         )  # fmt: skip
         return LocalJob(
-            proc,
+            started.proc,
             build_id=spec.build_id,
             limits=spec.limits,
             grant=grant,
             keep_workspace=self.keep_workspaces,
             warning=None if self.bwrap else NO_SANDBOX_WARNING,
-            env_writer=writer,
+            env_writer=started.env_writer,
             metrics=self.metrics,
-            network=network,
+            network=started.network,
+            output_fds=(started.stdout, started.stderr),
+            control_fd=started.control,
         )
 
     def _set_up(self, spec: JobSpec) -> Grant:
@@ -392,6 +403,7 @@ class LocalLauncher:
             self.users,
         )
         try:
+            self._check_readable(spec.local_paths, user)
             self.work_root.mkdir(parents=True, exist_ok=True)
             if user is not None:
                 _ensure_traversable(self.work_root)
@@ -406,65 +418,69 @@ class LocalLauncher:
             raise
         return grant
 
-    async def _start(
-        self, spec: JobSpec, grant: Grant
-    ) -> tuple[asyncio.subprocess.Process, asyncio.Task[None], UserNetwork | None]:
+    async def _start(self, spec: JobSpec, grant: Grant) -> _Started:
         """Start the job, wait for its shim to have set it up, give it its
         network, hand it its environment. Raises ``LaunchError``; the caller
         releases ``grant``."""
         workspace, user = grant.workspace, grant.user
-        env_read = env_write = ready_read = ready_write = seccomp_fd = -1
+        fd = dict.fromkeys(_FDS, -1)
         net: SandboxPipes | None = None
         try:
-            env_read, env_write = os.pipe()
+            fd["env_read"], fd["env_write"] = os.pipe()
+            fd["out_read"], fd["out_write"] = os.pipe()
+            fd["err_read"], fd["err_write"] = os.pipe()
+            # A socket, not a pipe: /proc/<pid>/fd cannot reopen a socket.
+            fd["control"], fd["job_control"] = (end.detach() for end in socket.socketpair())
+            if self.bwrap:
+                fd["shell"] = os.open(self.bash, os.O_RDONLY | os.O_CLOEXEC)
             if user is not None:
-                ready_read, ready_write = os.pipe()
+                fd["ready_read"], fd["ready_write"] = os.pipe()
             if self.seccomp:
-                seccomp_fd = seccomp_filter.filter_fd()
+                fd["seccomp"] = seccomp_filter.filter_fd()
             if self.network is not None and spec.network:
                 net = SandboxPipes()
         except OSError as exc:
-            for fd in (env_read, env_write, ready_read, ready_write, seccomp_fd):
-                if fd >= 0:
-                    os.close(fd)
+            for number in fd.values():
+                close_fd(number)
             raise LaunchError(f"could not prepare the sandbox: {exc}") from exc
-        ours = (env_read, ready_write, seccomp_fd)
-        fds = tuple(fd for fd in ours if fd >= 0) + (spec.cache_fds or ())
-        fds += net.child_fds() if net else ()
+        # The job's ends: closed here once it started (it holds its copies).
+        jobs = ("env_read", "ready_write", "seccomp", "job_control", "shell")
+        pass_fds = tuple(fd[name] for name in jobs if fd[name] >= 0) + (spec.cache_fds or ())
+        pass_fds += net.child_fds() if net else ()
         try:
             proc = await asyncio.create_subprocess_exec(
-                *self._argv(spec, grant, env_read, ready_write, seccomp_fd, net),
+                *self._argv(spec, grant, fd, net),
                 cwd=workspace.path,
                 env=HOST_ENV,
                 stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-                pass_fds=fds,
+                stdout=fd["out_write"],
+                stderr=fd["err_write"],
+                pass_fds=pass_fds,
                 start_new_session=True,
             )
         except BaseException as exc:
-            for fd in (env_write, ready_read):
-                if fd >= 0:
-                    os.close(fd)
+            for name in _FDS:
+                if name not in jobs:
+                    fd[name] = close_fd(fd[name])
             if net is not None:
                 net.close()
             if isinstance(exc, OSError):
                 raise LaunchError(f"could not start the sandbox: {exc}") from exc
             raise
         finally:
-            for fd in ours:
-                if fd >= 0:
-                    os.close(fd)
+            for name in (*jobs, "out_write", "err_write"):
+                fd[name] = close_fd(fd[name])
             if net is not None:
                 net.close_child_ends()
         network: UserNetwork | None = None
         try:
             if user is not None:
-                await self._await_shim(proc, ready_read, workspace)
+                await self._await_shim(proc, fd["ready_read"], fd["err_read"], workspace)
             if net is not None:
                 network = await self._give_network(net, user, spec.build_id)
         except BaseException:
-            os.close(env_write)
+            for name in ("env_write", "out_read", "err_read", "control"):
+                fd[name] = close_fd(fd[name])
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
             raise
@@ -472,7 +488,8 @@ class LocalLauncher:
             if net is not None:
                 net.close()
         env = {"PATH": DEFAULT_PATH, **spec.env, **spec.secret_env, **self._forced_env(workspace)}
-        return proc, asyncio.create_task(asyncio.to_thread(_write_env, env_write, env)), network
+        writer = asyncio.create_task(asyncio.to_thread(_write_env, fd["env_write"], env))
+        return _Started(proc, writer, network, fd["out_read"], fd["err_read"], fd["control"])
 
     async def _give_network(
         self, net: SandboxPipes, user: BuildUser | None, build_id: str
@@ -495,7 +512,7 @@ class LocalLauncher:
         return network
 
     async def _await_shim(
-        self, proc: asyncio.subprocess.Process, ready_read: int, workspace: Workspace
+        self, proc: asyncio.subprocess.Process, ready_read: int, err_read: int, workspace: Workspace
     ) -> None:
         """Wait for the shim's word; then hold the workspace filesystem it
         mounted. The job cannot end before: it waits for its environment."""
@@ -508,10 +525,9 @@ class LocalLauncher:
                 f"the sandbox was not set up within {_SET_UP_TIMEOUT:.0f} s"
             ) from None
         if not ready:
-            assert proc.stderr is not None
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(proc.wait(), 5)
-            why = (await proc.stderr.read(4096)).decode(errors="replace").strip()
+            why = _read_now(err_read, 4096).decode(errors="replace").strip()
             raise LaunchError(f"could not set up the sandbox: {why or 'the shim failed'}")
         if workspace.image is not None:
             await asyncio.to_thread(workspace.attach, proc.pid)
@@ -541,19 +557,44 @@ class LocalLauncher:
                         " builds may not read it"
                     )
 
+    def _check_readable(self, paths: Sequence[str], user: BuildUser | None) -> None:
+        """Blocking: raise ``LaunchError`` saying what to do when the build
+        user cannot read a local repository path (a home directory is 0700):
+        bubblewrap would fail to bind it, and the build would end with a
+        puzzling sandbox error. A path that does not exist is git's to
+        report. As root, asks ``test`` running as the build user (it counts
+        ACLs and every directory above the path)."""
+        for raw in paths:
+            if not Path(raw).exists():
+                continue
+            if user is None:
+                readable = os.access(raw, os.R_OK | os.X_OK)
+            else:
+                assert self.setpriv is not None
+                argv = [
+                    self.setpriv, f"--reuid={user.uid}", f"--regid={user.gid}",
+                    "--clear-groups", "--", "test", "-r", raw, "-a", "-x", raw,
+                ]  # fmt: skip
+                try:
+                    done = subprocess.run(argv, env=HOST_ENV, cwd="/", timeout=30, check=False)
+                except (OSError, subprocess.TimeoutExpired) as exc:
+                    raise LaunchError(f"could not check access to {raw}: {exc}") from exc
+                readable = done.returncode == 0
+            if not readable:
+                uid = user.uid if user is not None else os.getuid()
+                raise LaunchError(
+                    f"the build user cannot read {raw}: make it readable to uid {uid}"
+                    " (o+rX on the repository, o+x on every directory above it),"
+                    " or serve it over git/ssh/https"
+                )
+
     def _forced_env(self, workspace: Workspace) -> dict[str, str]:
         if self.bwrap:
             return {"HOME": "/workspace/.conveyor", "TMPDIR": "/tmp"}
         return {"HOME": str(workspace.path / ".conveyor"), "TMPDIR": str(workspace.tmp)}
 
     def _argv(
-        self,
-        spec: JobSpec,
-        grant: Grant,
-        env_fd: int,
-        ready_fd: int,
-        seccomp_fd: int,
-        net: SandboxPipes | None,
+        self, spec: JobSpec, grant: Grant, fd: Mapping[str, int], net: SandboxPipes | None
     ) -> list[str]:
         prefix: list[str] = []
         workspace, cgroup, user = grant.workspace, grant.cgroup, grant.user
@@ -565,25 +606,25 @@ class LocalLauncher:
                 prefix = [self.unshare, "--mount", "--propagation", "private", "--"]
             prefix += [
                 self.bash, "--noprofile", "--norc", "-c", _SHIM, "shim",
-                image, str(workspace.path), str(ready_fd), str(len(files)), *files,
+                image, str(workspace.path), str(fd["ready_write"]), str(len(files)), *files,
                 self.setpriv, f"--reuid={user.uid}", f"--regid={user.gid}",
                 "--clear-groups", "--inh-caps=-all", "--",
             ]  # fmt: skip
         if self.prlimit:
             prefix += _prlimit(spec.limits, cgroup=cgroup is not None)
-        script = [self.bash, ".conveyor/build.sh"]
-        cache_in, cache_out = (str(fd) for fd in spec.cache_fds) if spec.cache_fds else ("-", "-")
+        cache_in, cache_out = (str(n) for n in spec.cache_fds) if spec.cache_fds else ("-", "-")
         load_env = [
             self.bash, "--noprofile", "--norc", "-c", _LOAD_ENV, "load-env",
-            str(env_fd), cache_in, cache_out, str(net.up_write) if net else "-",
+            str(fd["env_read"]), cache_in, cache_out, str(net.up_write) if net else "-",
+            str(fd["job_control"]),
         ]  # fmt: skip
         if not self.bwrap:
-            return [*prefix, *load_env, *script]
-        sandbox = self._bwrap(spec, workspace, seccomp_fd, net)
-        return [*prefix, *sandbox, "--", *load_env, *script]
+            return [*prefix, *load_env, self.bash, ".conveyor/build.sh"]
+        sandbox = self._bwrap(spec, workspace, fd, net)
+        return [*prefix, *sandbox, "--", *load_env, SCRIPT_SHELL, ".conveyor/build.sh"]
 
     def _bwrap(
-        self, spec: JobSpec, workspace: Workspace, seccomp_fd: int, net: SandboxPipes | None
+        self, spec: JobSpec, workspace: Workspace, fd: Mapping[str, int], net: SandboxPipes | None
     ) -> list[str]:
         assert self.bwrap is not None
         # As Docker does, 64 MiB; less with a small memory limit, which
@@ -634,8 +675,10 @@ class LocalLauncher:
             real = Path(path).resolve()
             if real.exists():
                 argv += ["--ro-bind", str(real), path]
-        if seccomp_fd >= 0:
-            argv += ["--seccomp", str(seccomp_fd)]
+        # Mode 0111: its user may run it but not read it (see SCRIPT_SHELL).
+        argv += ["--perms", "0111", "--ro-bind-data", str(fd["shell"]), SCRIPT_SHELL]
+        if fd["seccomp"] >= 0:
+            argv += ["--seccomp", str(fd["seccomp"])]
         # Last: everything above is mounted, nothing else may be created.
         argv += ["--remount-ro", "/dev", "--remount-ro", "/"]
         return argv

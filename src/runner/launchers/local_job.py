@@ -30,6 +30,12 @@ log = logging.getLogger(__name__)
 
 READ_CHUNK = 64 * 1024
 MAX_LINE = 64 * 1024
+MAX_CONTROL_LINE = 256
+# Reads of one output stream per wake-up (then the others get their turn),
+# and before a control line (bounded: a process a step left behind may
+# write without end).
+_READS_PER_TURN = 16
+_READS_BEFORE_MARKER = 64
 _MiB = 1024 * 1024
 # How often the limits are checked: cgroup counters and statvfs are cheap;
 # walking a workspace tree (without a filesystem of its own) is not.
@@ -61,6 +67,50 @@ class Grant:
                 self.users.release(self.user)
 
 
+class _Source:
+    """One non-blocking descriptor the job writes lines to."""
+
+    def __init__(self, fd: int, name: Stream) -> None:
+        self.fd = fd
+        self.name = name
+        self.pending = b""
+        self.open = True
+        # Whether the last read filled its buffer (more may be waiting).
+        self.more = False
+
+    def read_lines(self, loop: asyncio.AbstractEventLoop) -> list[OutputLine]:
+        """One read: the complete lines it finished (lines over
+        ``MAX_LINE`` cut), and at the end of the stream its last line."""
+        self.more = False
+        if not self.open:
+            return []
+        try:
+            chunk = os.read(self.fd, READ_CHUNK)
+        except (BlockingIOError, InterruptedError):
+            return []
+        except OSError:
+            chunk = b""
+        if not chunk:
+            last = [OutputLine(self.name, self.pending)] if self.pending else []
+            self.pending = b""
+            self.close(loop)
+            return last
+        self.more = len(chunk) == READ_CHUNK
+        self.pending += chunk
+        *lines, self.pending = self.pending.split(b"\n")
+        batch = [OutputLine(self.name, line) for line in lines]
+        while len(self.pending) > MAX_LINE:
+            batch.append(OutputLine(self.name, self.pending[:MAX_LINE]))
+            self.pending = self.pending[MAX_LINE:]
+        return batch
+
+    def close(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self.open:
+            self.open = False
+            loop.remove_reader(self.fd)
+            os.close(self.fd)
+
+
 class LocalJob:
     """A build running on this host (see ``runner.launchers.base.Job``)."""
 
@@ -74,6 +124,8 @@ class LocalJob:
         keep_workspace: bool,
         warning: str | None,
         env_writer: asyncio.Task[None],
+        output_fds: tuple[int, int],
+        control_fd: int = -1,
         metrics: RunnerMetrics | None = None,
         network: UserNetwork | None = None,
     ) -> None:
@@ -92,10 +144,9 @@ class LocalJob:
         # per line cost as much as everything else the runner does per line.
         # Bounded, so a slow consumer stalls the pipe rather than memory.
         self._queue: asyncio.Queue[list[OutputLine] | None] = asyncio.Queue(maxsize=256)
-        self._pumps = [
-            asyncio.create_task(self._pump(proc.stdout, "stdout")),
-            asyncio.create_task(self._pump(proc.stderr, "stderr")),
-        ]
+        # The job takes ownership of the descriptors (the read ends of its
+        # stdout and stderr, the runner's end of its control channel).
+        self._pumps = [asyncio.create_task(self._pump(*output_fds, control_fd))]
         self._watchdog = asyncio.create_task(self._watch_limits())
         # Opened now, while the job still runs (it waits for its
         # environment): readable once the script has ended.
@@ -127,26 +178,62 @@ class LocalJob:
     def uid(self) -> int | None:
         return self.grant.user.uid if self.grant.user else None
 
-    async def _pump(self, stream: asyncio.StreamReader | None, name: Stream) -> None:
-        assert stream is not None
-        pending = b""
+    async def _pump(self, stdout: int, stderr: int, control: int) -> None:
+        """Read the job's stdout, stderr and control channel to their ends.
+
+        A control line is queued after every byte of output the job wrote
+        before it (a marker of the script's is written once the step it ends
+        has exited), then acknowledged: the script waits for that before it
+        starts the next step, so a step's header lands in the log before the
+        step's first line."""
+        loop = asyncio.get_running_loop()
+        wake = asyncio.Event()
+        sources = [_Source(stdout, "stdout"), _Source(stderr, "stderr")]
+        output = list(sources)
+        channel = _Source(control, "control") if control >= 0 else None
+        if channel is not None:
+            sources.append(channel)
+        for source in sources:
+            os.set_blocking(source.fd, False)
+            loop.add_reader(source.fd, wake.set)
         try:
-            while True:
-                chunk = await stream.read(READ_CHUNK)
-                if not chunk:
-                    break
-                pending += chunk
-                *lines, pending = pending.split(b"\n")
-                batch = [OutputLine(name, line) for line in lines]
-                while len(pending) > MAX_LINE:
-                    batch.append(OutputLine(name, pending[:MAX_LINE]))
-                    pending = pending[MAX_LINE:]
-                if batch:
-                    await self._queue.put(batch)
-            if pending:
-                await self._queue.put([OutputLine(name, pending)])
+            while any(source.open for source in sources):
+                await wake.wait()
+                wake.clear()
+                for source in output:
+                    await self._drain(source, reads=_READS_PER_TURN)
+                if channel is None or not channel.open:
+                    continue
+                for line in channel.read_lines(loop):
+                    if len(line.data) > MAX_CONTROL_LINE:
+                        continue  # not the script's: it writes short lines
+                    for source in output:
+                        await self._drain(source, reads=_READS_BEFORE_MARKER, flush=True)
+                    await self._queue.put([line])
+                    try:
+                        os.write(channel.fd, b"ok\n")
+                    except OSError:
+                        pass  # the script went away or stopped reading: it goes on
         finally:
+            for source in sources:
+                source.close(loop)
             await self._queue.put(None)
+
+    async def _drain(self, source: _Source, *, reads: int, flush: bool = False) -> None:
+        """Queue what ``source`` holds now, in at most ``reads`` reads;
+        with ``flush``, also a last line without its newline."""
+        loop = asyncio.get_running_loop()
+        for _ in range(reads):
+            if not source.open:
+                break
+            batch = source.read_lines(loop)
+            if batch:
+                await self._queue.put(batch)
+            if not source.more:
+                break
+        if flush and source.pending:
+            await self._queue.put([OutputLine(source.name, source.pending)])
+            source.pending = b""
 
     async def output(self) -> AsyncIterator[OutputLine]:
         """The build's lines, then ``system`` lines for every limit it hit."""

@@ -89,6 +89,7 @@ class NomadLauncher:
     name = "nomad"
     # A Nomad task runs on another host: the runner cannot hand it pipes.
     supports_cache = False
+    control_channel = False
 
     def __init__(self, settings: NomadSettings, *, metrics: RunnerMetrics | None = None) -> None:
         self._settings = settings
