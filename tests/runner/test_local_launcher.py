@@ -24,7 +24,8 @@ from runner.launchers.base import JobResult, JobSpec, LaunchError, Limits, Outpu
 from runner.launchers.local import NO_SANDBOX_WARNING, LocalLauncher
 from runner.launchers.local_job import LocalJob
 from runner.metrics import RunnerMetrics
-from tests.helpers import Api, ControlHandle, RunnerProcess, make_repo
+from runner.script import BuildScript
+from tests.helpers import Api, ControlHandle, RunnerProcess, git, make_repo
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -400,3 +401,31 @@ async def test_a_repository_the_build_user_cannot_read_says_so(
     lines, result = await run(launcher, job_spec("echo ran\n", local_paths=(str(repo),)))
     assert result.exit_code == 0, lines
     assert of(lines, "stdout") == ["ran"]
+
+
+# ------------------------------------------------------------ control lines
+
+
+@needs_bwrap
+async def test_control_lines_arrive_after_the_output_written_before_them(
+    launcher: LocalLauncher, build_dir: Path
+) -> None:
+    repo = make_repo(build_dir / "ordered")
+    steps = (
+        ("one", "seq 1 3000; printf 'no newline'"),  # more than a pipe holds
+        ("two", "echo two >&2; echo two"),
+    )
+    script = BuildScript(str(repo), git(repo, "rev-parse", "HEAD"), "main", steps, channel=True)
+    lines, result = await run(launcher, job_spec(script.render(), local_paths=(str(repo),)))
+    assert result.exit_code == 0, lines
+    stdout = [(ln.stream, ln.data.decode()) for ln in lines if ln.stream != "stderr"]
+    begin_one = stdout.index(("control", "begin:1"))
+    assert stdout[begin_one + 1 : begin_one + 3] == [("stdout", "1"), ("stdout", "2")]
+    assert stdout[begin_one + 3000 : begin_one + 3005] == [
+        ("stdout", "3000"),
+        ("stdout", "no newline"),
+        ("control", "end:1:0"),
+        ("control", "begin:2"),
+        ("stdout", "two"),
+    ]
+    assert stdout[-1] == ("control", "end:2:0")
