@@ -117,6 +117,8 @@ job "conveyor-control" {
       }
     }
 
+    # Runners list this service's instances (conveyor-runner.nomad.hcl) and
+    # move to another replica when theirs goes away.
     service {
       provider = var.service_provider
       name     = "conveyor-grpc"

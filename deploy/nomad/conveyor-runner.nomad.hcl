@@ -18,11 +18,31 @@
 #   nomad var put nomad/jobs/conveyor-runner \
 #     runner_token=<CONVEYOR_RUNNER_TOKEN of the control plane> nomad_token=<secret id>
 #
-#   nomad job run -var control_addr=conveyor-grpc.internal:7070 deploy/nomad/conveyor-runner.nomad.hcl
+#   nomad job run deploy/nomad/conveyor-runner.nomad.hcl
+#
+# Runners find the control-plane replicas through the conveyor-grpc service
+# that conveyor-control.nomad.hcl registers: a template writes every
+# instance's address to a file (CONVEYOR_CONTROL_ADDR_FILE) and keeps it
+# current. The runner holds one replica's stream; when that replica goes
+# away it reads the file again and moves to another that answers, without
+# a restart and without waiting for a load balancer's health check.
+
+variable "control_service" {
+  type        = string
+  description = "Service name of the control plane's gRPC port (conveyor-control.nomad.hcl registers conveyor-grpc)."
+  default     = "conveyor-grpc"
+}
+
+variable "service_provider" {
+  type        = string
+  description = "Where that service is registered: \"nomad\" (native service discovery) or \"consul\"; as in conveyor-control.nomad.hcl."
+  default     = "nomad"
+}
 
 variable "control_addr" {
   type        = string
-  description = "HOST:PORT of the control plane's gRPC endpoint (a load balancer or DNS name in front of the replicas)."
+  description = "Optional HOST:PORT list (commas) used while the service lists no replica, e.g. a load balancer or a DNS name with one record per replica."
+  default     = ""
 }
 
 variable "datacenters" {
@@ -75,6 +95,12 @@ variable "nomad_addr" {
   type        = string
   description = "The local Nomad agent's HTTP API (https://... when the cluster uses TLS)."
   default     = "http://127.0.0.1:4646"
+}
+
+locals {
+  # One HOST:PORT a line, every registered replica of the control plane.
+  control_addresses_nomad  = "{{- range nomadService \"${var.control_service}\" }}{{ .Address }}:{{ .Port }}\n{{ end -}}"
+  control_addresses_consul = "{{- range service \"${var.control_service}\" }}{{ .Address }}:{{ .Port }}\n{{ end -}}"
 }
 
 job "conveyor-runner" {
@@ -132,6 +158,7 @@ job "conveyor-runner" {
       }
 
       env {
+        CONVEYOR_CONTROL_ADDR_FILE   = "${NOMAD_TASK_DIR}/control-addresses"
         CONVEYOR_CONTROL_ADDR        = var.control_addr
         CONVEYOR_LAUNCHER            = "nomad"
         CONVEYOR_RUNNER_CAPACITY     = "${var.capacity}"
@@ -151,6 +178,15 @@ job "conveyor-runner" {
         # NOMAD_CLIENT_KEY (host paths), and CONVEYOR_TLS_CA when the control
         # plane serves TLS. NOMAD_NAMESPACE / NOMAD_REGION pick where the build
         # jobs go.
+      }
+
+      # The control-plane replicas. Re-rendered when they change; the runner
+      # reads it again whenever the replica in use stops answering, so no
+      # restart (which would drain running builds) is needed.
+      template {
+        destination = "local/control-addresses"
+        change_mode = "noop"
+        data        = var.service_provider == "consul" ? local.control_addresses_consul : local.control_addresses_nomad
       }
 
       template {

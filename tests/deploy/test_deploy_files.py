@@ -216,6 +216,30 @@ def test_runner_job_is_a_system_job_on_build_nodes() -> None:
     assert task["kill_timeout"] == "25m"
 
 
+def test_runners_find_every_control_replica_through_its_grpc_service() -> None:
+    control_path = DEPLOY / "nomad" / "conveyor-control.nomad.hcl"
+    runner_path = DEPLOY / "nomad" / "conveyor-runner.nomad.hcl"
+    (control_group,) = _groups(_job(control_path)[1])
+    grpc_services = [s for s in _services(control_group) if s["port"] == "grpc"]
+    assert [s["name"] for s in grpc_services] == [_variable_default(runner_path, "control_service")]
+
+    (group,) = _groups(_job(runner_path)[1])
+    (task,) = _tasks(group)
+    (env,) = task["env"]
+    listed = "${NOMAD_TASK_DIR}/control-addresses"
+    assert env["CONVEYOR_CONTROL_ADDR_FILE"] == listed
+    (template,) = [t for t in task["template"] if t["destination"] == "local/control-addresses"]
+    # A restart would drain the runner's builds: the runner re-reads the file.
+    assert template["change_mode"] == "noop"
+    (local,) = _load_hcl(runner_path)["locals"]
+    assert "local.control_addresses_consul" in template["data"]
+    assert "local.control_addresses_nomad" in template["data"]
+    assert 'range nomadService \\"${var.control_service}\\"' in local["control_addresses_nomad"]
+    assert 'range service \\"${var.control_service}\\"' in local["control_addresses_consul"]
+    for text in local.values():
+        assert "{{ .Address }}:{{ .Port }}" in text
+
+
 def test_build_job_runs_once() -> None:
     _, job = _job(DEPLOY / "nomad" / "build-job.nomad.hcl")
     assert job["type"] == "batch"
