@@ -166,6 +166,11 @@ job "conveyor-control" {
         #   CONVEYOR_TLS_CERT = "${NOMAD_SECRETS_DIR}/tls.crt"
         #   CONVEYOR_TLS_KEY  = "${NOMAD_SECRETS_DIR}/tls.key"
         # The readyz check then needs protocol = "https".
+        # The space the database may use (docs/operations.md "Disk space and
+        # log quotas"): log batches are refused when less than
+        # CONVEYOR_DISK_MIN_FREE (1GiB) of it is left, and per account:
+        #   CONVEYOR_DATABASE_DISK_BUDGET = "200GiB"
+        #   CONVEYOR_ACCOUNT_LOG_QUOTA    = "20GiB"
       }
 
       # Connection string and tokens from the Nomad Variable, as environment.
