@@ -12,6 +12,7 @@ from control.api.transcoder import Transcoder
 from control.builds.lifecycle import Lifecycle
 from control.errors import ConveyorError
 from control.forge.remote import RemoteReader
+from control.http_limits import BODY_SECONDS, FORM_MAX_BYTES, WebhookBudget, body_deadline
 from control.logs.admission import LogAdmission
 from control.metrics import ControlMetrics
 from control.services.registry import Services
@@ -59,10 +60,16 @@ class HttpApp:
         self.webhooks = WebhookReceiver(db, projects, lifecycle, metrics, max_body)
         self.deploy_hooks = DeployHookReceiver(db, projects, lifecycle, metrics, reader)
 
-    def app(self) -> web.Application:
-        app = web.Application(client_max_size=self.max_body)
-        app.router.add_post("/webhooks/github/{project_id}", self.webhooks.github)
-        app.router.add_post("/webhooks/gitlab/{project_id}", self.webhooks.gitlab)
+    def app(self, body_seconds: float = BODY_SECONDS) -> web.Application:
+        """The application. A body must arrive within ``body_seconds`` of its
+        headers; forms may be ``FORM_MAX_BYTES``, webhooks ``max_body``
+        (see ``control.http_limits``)."""
+        app = web.Application(
+            client_max_size=FORM_MAX_BYTES, middlewares=[body_deadline(body_seconds)]
+        )
+        budget = WebhookBudget(self.max_body)
+        app.router.add_post("/webhooks/github/{project_id}", budget.gate(self.webhooks.github))
+        app.router.add_post("/webhooks/gitlab/{project_id}", budget.gate(self.webhooks.gitlab))
         app.router.add_post("/hooks/deploy/{key}", self.deploy_hooks.call)
         app.router.add_get("/metrics", self.metrics_endpoint)
         app.router.add_get("/healthz", self.healthz)

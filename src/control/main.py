@@ -32,6 +32,7 @@ from control.forge.links import Links
 from control.forge.remote import RemoteReader
 from control.forge.reporter import RetryPolicy, StatusReporter
 from control.http import HttpApp
+from control.http_limits import BODY_SECONDS, HEADER_SECONDS
 from control.logs.admission import LogAdmission
 from control.logs.fanout import LogHub
 from control.metrics import ControlMetrics
@@ -80,7 +81,9 @@ SERVICE_NAMES = (
     build_manager_pb2.DESCRIPTOR.services_by_name["BuildManager"].full_name,
     runner_service_pb2.DESCRIPTOR.services_by_name["RunnerService"].full_name,
 )
-# Enough for a 64 x 5 KB environment and 20,000-line log batches.
+# Enough for a 64 x 5 KB environment and 20,000-line log batches. Only an
+# authenticated call is read: the edge turns anyone else away before gRPC
+# buffers the message (control.api.edge).
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 SHUTDOWN_GRACE = 5.0
 
@@ -97,6 +100,10 @@ class ControlPlane:
     http_port: int = 0
     admin_account_id: str = ""
     shutdown_grace: float = SHUTDOWN_GRACE
+    # How long an HTTP client may take to send a request's headers, and its
+    # body after them, before its connection is closed (tests shorten them).
+    http_header_seconds: float = HEADER_SECONDS
+    http_body_seconds: float = BODY_SECONDS
     # Backoff of commit statuses to forges (tests shorten it).
     forge_retry: RetryPolicy = field(default_factory=RetryPolicy)
 
@@ -282,7 +289,14 @@ class ControlPlane:
             reader=self.reader,
             admission=self.admission,
         )
-        self.http_runner = web.AppRunner(http.app(), access_log=None, shutdown_timeout=2.0)
+        # keepalive_timeout doubles as the header timeout: aiohttp drops a
+        # connection that has not sent a whole request head by then.
+        self.http_runner = web.AppRunner(
+            http.app(self.http_body_seconds),
+            access_log=None,
+            shutdown_timeout=2.0,
+            keepalive_timeout=self.http_header_seconds,
+        )
         await self.http_runner.setup()
         hhost, _, hport = s.http_addr.rpartition(":")
         ssl_context = None

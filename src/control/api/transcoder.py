@@ -340,7 +340,16 @@ class Transcoder:
                     grpc.StatusCode.RESOURCE_EXHAUSTED,
                     f"the body is larger than {self.max_body} bytes",
                 )
-            raw = await request.content.read(self.max_body + 1)
+            # read(n) returns what has arrived, not n bytes: read to the end.
+            parts: list[bytes] = []
+            size = 0
+            while size <= self.max_body:
+                part = await request.content.read(self.max_body + 1 - size)
+                if not part:
+                    break
+                parts.append(part)
+                size += len(part)
+            raw = b"".join(parts)
             if len(raw) > self.max_body:
                 raise ApiError(
                     grpc.StatusCode.RESOURCE_EXHAUSTED,
