@@ -237,10 +237,14 @@ async def test_a_root_only_repository_is_not_readable(
     assert code == grpc.StatusCode.INVALID_ARGUMENT
     assert details.startswith(f"repo_url: builds cannot read {secret}")
     assert head not in details
-    # The same repository opened to other users is read, although the
-    # folders above it are 0700: what a build's bind mount sees.
+    # Opened to other users, but in a folder they cannot pass: still not
+    # readable, as a root runner's build user could not reach it either.
     secret.chmod(0o755)
     os.chmod(tmp_path, 0o700)
+    code, details = await error_of(api.create_project("web2", secret))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "o+x on every folder above it" in details
+    os.chmod(tmp_path, 0o701)
     await api.create_project("web2", secret)
     build = await api.trigger("web2")
     assert build.commit_sha == head

@@ -14,11 +14,9 @@ build is (see "Threat model" in docs/operations.md):
   connects to the address that was checked (pinned), so DNS cannot answer
   differently between the check and the connection, and HTTP redirects are
   not followed;
-- a local path is read only when the operator allows local repositories;
-  the control plane opens the directory and the unprivileged reader reads
-  it through that descriptor, which is what a build sees through its bind
-  mount of the path: the directory's own permissions decide, not those of
-  the folders above it;
+- a local path is read only when the operator allows local repositories,
+  by the same unprivileged user, so it reads what a root runner's build
+  user could (every folder above the path must let other users pass);
 - every read ends within ``RepositorySettings.timeout`` seconds, waiting
   for a slot included (its process group is killed), and at most
   ``concurrency`` run at once, ``per_account`` for one account, so a silent
@@ -289,16 +287,13 @@ class RemoteReader:
 
     async def _command(self, repo_url: str, must_exist: bool) -> tuple[list[str], list[int]]:
         """The git command line reading ``repo_url`` (without the ref) and
-        the descriptors it must inherit, the config first; ([], []) when a
-        local path is not on this host and ``must_exist`` is false. Raises
+        the descriptor of its config, which it must inherit; ([], []) when
+        a local path is not on this host and ``must_exist`` is false. Raises
         ``InvalidArgument`` for a refused URL."""
         proj.validate_repo_allowed(repo_url, self.settings.local_allowed)
         path = proj.local_repository_path(repo_url)
-        directory: int | None = None
-        if path is not None:
-            directory = self._open_local(path, must_exist)
-            if directory is None:
-                return [], []
+        if path is not None and not self._local_exists(path, must_exist):
+            return [], []
         argv = [
             "git",
             # Only the one protocol of this URL: no ext::, no fd::, no
@@ -306,43 +301,41 @@ class RemoteReader:
             "-c", "protocol.allow=never",
             "-c", "http.followRedirects=false",
         ]  # fmt: skip
-        try:
-            if directory is not None:
-                argv += ["-c", "protocol.file.allow=always", "ls-remote", "--"]
-                argv.append(f"/proc/self/fd/{directory}")
-            else:
-                argv += await self._network_args(repo_url)
-            config = os.memfd_create("conveyor-gitconfig", os.MFD_CLOEXEC)
-        except BaseException:
-            if directory is not None:
-                os.close(directory)
-            raise
+        if path is not None:
+            # The path as written, read by the unprivileged user: as a root
+            # runner's build user reaches it (bubblewrap binds it as that
+            # user), so every folder above it must let other users pass.
+            argv += ["-c", "protocol.file.allow=always", "ls-remote", "--", path]
+        else:
+            argv += await self._network_args(repo_url)
+        config = os.memfd_create("conveyor-gitconfig", os.MFD_CLOEXEC)
         os.write(config, GIT_CONFIG)
-        return argv, [config] if directory is None else [config, directory]
+        return argv, [config]
 
-    def _open_local(self, path: str, must_exist: bool) -> int | None:
+    def _local_exists(self, path: str, must_exist: bool) -> bool:
+        """Whether ``path`` is on this host (asked with the control plane's
+        own rights); raises ``InvalidArgument`` when it must be and is not."""
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            os.stat(path)
         except FileNotFoundError:
             if not must_exist:
-                return None
+                return False
             raise InvalidArgument(
                 "repo_url",
                 f"{path} does not exist on the control plane's host, so its head cannot be"
                 " read here: give commit_sha",
             ) from None
-        except NotADirectoryError:
-            raise InvalidArgument("repo_url", f"{path} is not a directory") from None
         except PermissionError:
-            raise self._unreadable(path, "permission denied") from None
-        return fd
+            # Not even this process may look: then no build may either.
+            return True
+        return True
 
     def _unreadable(self, path: str, why: str) -> InvalidArgument:
         return InvalidArgument(
             "repo_url",
             f"builds cannot read {path} as a git repository ({why}): make it readable to"
-            f" other users (chmod -R o+rX {path}; {self.reads_as} could not read it), or"
-            " serve it over https, ssh or git",
+            f" other users (chmod -R o+rX {path}, and o+x on every folder above it;"
+            f" {self.reads_as} could not read it), or serve it over https, ssh or git",
         )
 
     async def _network_args(self, repo_url: str) -> list[str]:
@@ -453,9 +446,9 @@ class RemoteReader:
 
 
 def _first_fatal(text: str, returncode: int | None) -> str:
-    """git's first ``fatal:`` line without the descriptor path, or the end
-    of what it wrote, or its exit status."""
+    """git's first ``fatal:`` line, or the end of what it wrote, or its
+    exit status."""
     for line in text.splitlines():
         if line.startswith("fatal:"):
-            return re.sub(r"'?/proc/self/fd/\d+'?", "it", line.removeprefix("fatal:").strip())
+            return line.removeprefix("fatal:").strip()
     return text[-STDERR_CHARS:] or f"git exited with {returncode}"
