@@ -356,11 +356,14 @@ async def _many(
                 proc.kill()
                 await proc.wait()
     samples: list[float] = []
+    by_second: dict[int, list[float]] = {}
     for proc, (out, _) in zip(procs, outputs, strict=True):
         data = json.loads(out or b"{}")
         if proc.returncode != 0 or not data:
             raise BenchError(f"a {kind} follower failed: {data.get('errors') if data else out!r}")
-        samples += [latency * 1000 for _written, latency in data["samples"]]
+        for written, latency in data["samples"]:
+            samples.append(latency * 1000)
+            by_second.setdefault(int(written), []).append(latency * 1000)
     if len(samples) != count * lines:
         raise BenchError(f"{kind} followers got {len(samples)} tick lines, not {count * lines}")
     return {
@@ -372,6 +375,10 @@ async def _many(
         "cpu_percent": usage.cpu_percent,
         "rss_mb": usage.rss_mb,
         "follower_processes_cpu_percent": client_usage.cpu_percent,
+        # Whether latency grew over the window (a backlog) or stayed flat.
+        "p50_max_by_second": [
+            [round(statistics.median(v)), round(max(v))] for _, v in sorted(by_second.items())
+        ],
     }
 
 
