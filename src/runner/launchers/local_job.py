@@ -22,6 +22,7 @@ import psutil
 from runner.launchers.base import JobResult, Limits, OutputLine, Stream
 from runner.launchers.build_users import BuildUser, BuildUsers, kill_processes_of
 from runner.launchers.cgroups import BuildCgroup
+from runner.launchers.lines import LineCutter
 from runner.launchers.user_network import UserNetwork
 from runner.launchers.workspace import Workspace
 from runner.metrics import RunnerMetrics
@@ -29,7 +30,6 @@ from runner.metrics import RunnerMetrics
 log = logging.getLogger(__name__)
 
 READ_CHUNK = 64 * 1024
-MAX_LINE = 64 * 1024
 MAX_CONTROL_LINE = 256
 # Reads of one output stream per wake-up (then the others get their turn),
 # and before a control line (bounded: a process a step left behind may
@@ -73,14 +73,14 @@ class _Source:
     def __init__(self, fd: int, name: Stream) -> None:
         self.fd = fd
         self.name = name
-        self.pending = b""
+        self.lines = LineCutter()
         self.open = True
         # Whether the last read filled its buffer (more may be waiting).
         self.more = False
 
     def read_lines(self, loop: asyncio.AbstractEventLoop) -> list[OutputLine]:
-        """One read: the complete lines it finished (lines over
-        ``MAX_LINE`` cut), and at the end of the stream its last line."""
+        """One read: the complete lines it finished (cut by
+        ``LineCutter``), and at the end of the stream its last line."""
         self.more = False
         if not self.open:
             return []
@@ -91,18 +91,12 @@ class _Source:
         except OSError:
             chunk = b""
         if not chunk:
-            last = [OutputLine(self.name, self.pending)] if self.pending else []
-            self.pending = b""
+            tail = self.lines.flush()
+            last = [OutputLine(self.name, tail)] if tail is not None else []
             self.close(loop)
             return last
         self.more = len(chunk) == READ_CHUNK
-        self.pending += chunk
-        *lines, self.pending = self.pending.split(b"\n")
-        batch = [OutputLine(self.name, line) for line in lines]
-        while len(self.pending) > MAX_LINE:
-            batch.append(OutputLine(self.name, self.pending[:MAX_LINE]))
-            self.pending = self.pending[MAX_LINE:]
-        return batch
+        return [OutputLine(self.name, line) for line in self.lines.feed(chunk)]
 
     def close(self, loop: asyncio.AbstractEventLoop) -> None:
         if self.open:
@@ -231,9 +225,8 @@ class LocalJob:
                 await self._queue.put(batch)
             if not source.more:
                 break
-        if flush and source.pending:
-            await self._queue.put([OutputLine(source.name, source.pending)])
-            source.pending = b""
+        if flush and (tail := source.lines.flush()) is not None:
+            await self._queue.put([OutputLine(source.name, tail)])
 
     async def output(self) -> AsyncIterator[OutputLine]:
         """The build's lines, then ``system`` lines for every limit it hit."""

@@ -26,7 +26,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-MAX_LINE_BYTES = 1 << 20
+from runner.launchers.lines import LineCutter
+
 MAX_UNPARSED_CHARS = 4 << 20
 DELETED = "file deleted"
 TRUNCATED = "file truncated"
@@ -168,27 +169,5 @@ class FrameDecoder:
         return frames
 
 
-class LineSplitter:
-    """Cuts bytes into lines without their newline; a line longer than
-    ``MAX_LINE_BYTES`` is cut into pieces of that size."""
-
-    def __init__(self) -> None:
-        self._partial = bytearray()
-
-    def feed(self, data: bytes) -> list[bytes]:
-        self._partial += data
-        *lines, rest = self._partial.split(b"\n")
-        self._partial = bytearray(rest)
-        out = [bytes(line) for line in lines]
-        while len(self._partial) > MAX_LINE_BYTES:
-            out.append(bytes(self._partial[:MAX_LINE_BYTES]))
-            del self._partial[:MAX_LINE_BYTES]
-        return out
-
-    def flush(self) -> bytes | None:
-        """The last line when it had no newline."""
-        if not self._partial:
-            return None
-        tail = bytes(self._partial)
-        self._partial.clear()
-        return tail
+# Nomad's log frames cut lines the same way as the local launcher.
+LineSplitter = LineCutter
