@@ -309,9 +309,12 @@ async def test_a_hundred_reads_of_a_silent_listener_hold_at_most_the_cap() -> No
         timed_out = [r for r in results if isinstance(r, InvalidArgument)]
         busy = [r for r in results if isinstance(r, Unavailable)]
         assert len(timed_out) + len(busy) == 100, results
-        # Two accounts of two slots each under a cap of three.
-        assert 1 <= len(timed_out) <= 3
-        assert listener.connections == len(timed_out)
+        # Two accounts of two slots each under a cap of three: three run,
+        # a few more may start in the last moment before their own
+        # deadline (when the first three end), the rest find no slot.
+        assert 3 <= len(timed_out) <= 10
+        # A read that started at its deadline may die before it dials.
+        assert 3 <= listener.connections <= len(timed_out)
     assert 1 <= most <= 3
     assert took < 3.0
     assert "too many repository reads at once" in str(busy[0])
