@@ -13,11 +13,11 @@ is the browser's Navigation Timing (responseStart), time to last line
 visible is the first animation frame, counted from navigation start, at
 which `#L1000000` is laid out and the log box is scrolled to its end.
 
-Live line → browser: a build prints ``tick <unix time>`` lines at a steady
-rate (as in part 3), behind a gate file that is created once the control
-plane's `conveyor_log_streams_active` gauge shows both followers attached:
-the build page (its EventSource on the API's SSE follow) and one terminal
-follower (`StreamLogs(follow=True)` over gRPC in its own process,
+Live line → browser: a build prints one line, then ``tick <unix time>``
+lines at a steady rate (as in part 3) behind a gate file that is created
+once the control plane's `conveyor_log_streams_active` gauge shows both
+followers attached: the build page (its EventSource on the API's SSE
+follow) and one terminal follower (`StreamLogs(follow=True)` over gRPC in its own process,
 bench.follower). In the page, a MutationObserver on the log takes the time
 each line's element is added to the DOM, and a requestAnimationFrame
 callback the start of the frame that paints it. Latency = that time minus
@@ -25,10 +25,13 @@ the time written in the line (one clock: same machine).
 
 200 SSE followers: processes of 100 connections each (bench.sse_follower)
 follow a build over `GET /api/v1/builds/{id}/logs?follow=true` with
-`Accept: text/event-stream`; the control plane's CPU time (its process,
-the runner agent excluded) is read over the printing window, and each
-follower records every tick line's delivery latency. For comparison the
-same build is then followed by as many gRPC `StreamLogs` followers.
+`Accept: text/event-stream`. An SSE answer begins with its first event,
+so the followers attach after the build's first line and the gate opens
+once every process says all its responses are open. The control plane's
+CPU time (its process, the runner agent excluded) is read over the
+printing window, and each follower records every tick line's delivery
+latency. For comparison the same build shape is then followed by as many
+gRPC `StreamLogs` followers.
 """
 
 from __future__ import annotations
@@ -48,8 +51,9 @@ from bench.client import Api, Forge, Watcher
 from bench.context import Context
 from bench.figures import Figure, PartResult, at_most, summary
 from bench.gitrepo import Repo
-from bench.live_tail import _wait_streams, build_command
-from bench.processes import BenchError, ConveyorUp, UsageMeter
+from bench.live_tail import _wait_streams
+from bench.live_tail import build_command as gated_ticks
+from bench.processes import BenchError, ConveyorUp, UsageMeter, poll
 from control.storage.db import Database
 from control.storage.logs import LogStore
 
@@ -116,6 +120,14 @@ OBSERVE_TICKS = """
   }).observe(document.getElementById("log"), { childList: true });
 }
 """
+
+
+def build_command(gate: Path, lines: int, interval: float) -> str:
+    """Part 3's gated tick printer, after one line printed at once: an SSE
+    answer starts with its first event, so without a line before the gate
+    every follower's response headers would go out with the first tick and
+    that tick would time the opening of 200 responses, not their delivery."""
+    return f"echo waiting for the bench; {gated_ticks(gate, lines, interval)}"
 
 
 async def run(
@@ -265,6 +277,7 @@ async def _live(
         _t0, build_id = await forge.push("main", repo.commit("main", "live"))
     finally:
         await forge.close()
+    await _wait_printed(watcher, build_id, 120)
     page = await context.new_page()
     follower = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "bench.follower", up.grpc_address, up.token, build_id, "1",
@@ -273,6 +286,8 @@ async def _live(
     try:
         await page.goto(f"{up.http_url}/builds/{build_id}")
         await page.evaluate(OBSERVE_TICKS)
+        # Both wait for the first tick: the page has every stored line, the
+        # gRPC call has sent them; each counts once in the gauge until then.
         await _wait_streams(up.http_url, 2, 60)
         await asyncio.to_thread(gate.touch)
         await watcher.wait_final([build_id], lines / rate + 120)
@@ -332,16 +347,27 @@ async def _many(
     sse = kind == "sse"
     module = "bench.sse_follower" if sse else "bench.follower"
     target = up.http_url if sse else up.grpc_address
+    await _wait_printed(watcher, build_id, 120)
     procs = []
     for first in range(0, count, FOLLOWERS_PER_PROCESS):
         n = min(FOLLOWERS_PER_PROCESS, count - first)
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", module, target, up.token, build_id, str(n),
             cwd=REPO_ROOT, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE if sse else None,
         )  # fmt: skip
         procs.append(proc)
     try:
-        await _wait_streams(up.http_url, count, 60)
+        if sse:
+            # Each SSE follower already had the stored line as its first
+            # event; the processes say when all their responses are open.
+            for proc in procs:
+                assert proc.stderr is not None
+                line = await asyncio.wait_for(proc.stderr.readline(), 60)
+                if line.strip() != b"attached":
+                    raise BenchError(f"an SSE follower process did not attach: {line!r}")
+        else:
+            await _wait_streams(up.http_url, count, 60)
         meter = UsageMeter([up.pid])
         clients = UsageMeter([p.pid for p in procs])
         meter.start()
@@ -366,6 +392,8 @@ async def _many(
             by_second.setdefault(int(written), []).append(latency * 1000)
     if len(samples) != count * lines:
         raise BenchError(f"{kind} followers got {len(samples)} tick lines, not {count * lines}")
+    seconds = sorted(by_second)
+    later = [v for second in seconds[1:] for v in by_second[second]]
     return {
         **summary(samples),
         "followers": count,
@@ -375,11 +403,27 @@ async def _many(
         "cpu_percent": usage.cpu_percent,
         "rss_mb": usage.rss_mb,
         "follower_processes_cpu_percent": client_usage.cpu_percent,
+        "first_second": summary(by_second[seconds[0]]),
+        "after_first_second": summary(later),
         # Whether latency grew over the window (a backlog) or stayed flat.
         "p50_max_by_second": [
             [round(statistics.median(v)), round(max(v))] for _, v in sorted(by_second.items())
         ],
     }
+
+
+async def _wait_printed(watcher: Watcher, build_id: str, within: float) -> None:
+    """Wait until the build's first line (before its gate) is stored."""
+
+    async def printed() -> bool:
+        cur = await watcher.db().execute(
+            "SELECT 1 FROM log_chunks WHERE build_id = %s AND data LIKE %s LIMIT 1",
+            (build_id, "%waiting for the bench%"),
+        )
+        return await cur.fetchone() is not None
+
+    if not await poll(printed, within, every=0.1):
+        raise BenchError(f"build {build_id} printed nothing within {within:.0f} s")
 
 
 def _page_figures(r: dict[str, Any], lines: int) -> list[Figure]:
@@ -428,6 +472,13 @@ def _many_figures(sse: dict[str, Any], grpc: dict[str, Any], count: int) -> list
             f" the followers' own processes: {r['follower_processes_cpu_percent']:.0f} %"
         )
 
+    def split_note(r: dict[str, Any]) -> str:
+        first, later = r["first_second"], r["after_first_second"]
+        return (
+            f"first second's lines p50 {first['p50']:.0f} ms, max {first['max']:.0f} ms;"
+            f" after it p99 {later['p99']:.0f} ms"
+        )
+
     who = f"{count} SSE followers"
     other = f"{count} gRPC followers"
     note = f"n={sse['n']:.0f} deliveries ({sse['lines']} lines at {sse['rate']:g}/s)"
@@ -435,10 +486,12 @@ def _many_figures(sse: dict[str, Any], grpc: dict[str, Any], count: int) -> list
         Figure(PART, f"control-plane CPU, {who}", sse["cpu_percent"], "% of a core",
                note=cpu_note(sse)),
         Figure(PART, f"write → SSE follower p50, {who}", sse["p50"], "ms", note=note),
-        Figure(PART, f"write → SSE follower p99, {who}", sse["p99"], "ms"),
+        Figure(PART, f"write → SSE follower p99, {who}", sse["p99"], "ms",
+               note=split_note(sse)),
         Figure(PART, f"write → SSE follower max, {who}", sse["max"], "ms"),
         Figure(PART, f"control-plane CPU, {other} (same build shape)", grpc["cpu_percent"],
                "% of a core", note=cpu_note(grpc)),
         Figure(PART, f"write → gRPC follower p50, {other}", grpc["p50"], "ms"),
-        Figure(PART, f"write → gRPC follower p99, {other}", grpc["p99"], "ms"),
+        Figure(PART, f"write → gRPC follower p99, {other}", grpc["p99"], "ms",
+               note=split_note(grpc)),
     ]  # fmt: skip

@@ -5,7 +5,9 @@ BUILD COUNT``: COUNT connections to ``GET /api/v1/builds/BUILD/logs
 ?follow=true`` with ``Accept: text/event-stream``, the way a script (or the
 build page's EventSource) follows a build over HTTP. Each follower records,
 for every ``tick <unix time>`` line, the line's write time and its arrival
-time here. When every stream has ended (the last event carries the build's
+time here. Once every stream has delivered its first event it writes
+``attached`` on stderr (an SSE answer starts with its first event, so this
+is when every response is open). When every stream has ended (the last event carries the build's
 final status) it prints one JSON object on stdout, as bench.follower does:
 ``{"samples": [[written, latency], ...], "calls": COUNT, "errors": [...]}``.
 """
@@ -20,8 +22,25 @@ import time
 import aiohttp
 
 
+class Attached:
+    """Counts streams that got their first event; says so once all have."""
+
+    def __init__(self, count: int) -> None:
+        self.left = count
+
+    def one(self) -> None:
+        self.left -= 1
+        if self.left == 0:
+            sys.stderr.write("attached\n")
+            sys.stderr.flush()
+
+
 async def follow(
-    session: aiohttp.ClientSession, url: str, token: str, out: list[tuple[float, float]]
+    session: aiohttp.ClientSession,
+    url: str,
+    token: str,
+    out: list[tuple[float, float]],
+    attached: Attached,
 ) -> None:
     """Follow one stream to its final event. Raises ``RuntimeError`` for an
     error answer, an error event or a stream that ends without a status."""
@@ -31,6 +50,7 @@ async def follow(
             raise RuntimeError(f"HTTP {response.status}: {(await response.text())[:200]}")
         event = ""
         data: list[str] = []
+        first = True
         async for raw in response.content:
             line = raw.decode().rstrip("\r\n")
             if line:
@@ -45,6 +65,9 @@ async def follow(
             message = json.loads("\n".join(data))
             data.clear()
             kind, event = event, ""
+            if first:
+                first = False
+                attached.one()
             if kind == "error":
                 raise RuntimeError(f"error event: {message}")
             for entry in message.get("lines", ()):
@@ -60,13 +83,14 @@ async def follow(
 async def main(http_url: str, token: str, build_id: str, count: int) -> int:
     url = f"{http_url}/api/v1/builds/{build_id}/logs?follow=true"
     samples: list[tuple[float, float]] = []
+    attached = Attached(count)
     # No pool limit and no total timeout: each follower holds its connection
     # for the whole build; the parent bounds the wait and kills this process.
     connector = aiohttp.TCPConnector(limit=0)
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=30)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         results = await asyncio.gather(
-            *(follow(session, url, token, samples) for _ in range(count)),
+            *(follow(session, url, token, samples, attached) for _ in range(count)),
             return_exceptions=True,
         )
     errors = [repr(r) for r in results if isinstance(r, BaseException)]
