@@ -110,10 +110,10 @@ async def _http_refusal(
         async with session.post(url, data=io.BytesIO(body), headers=headers) as response:
             await response.read()
             return str(response.status)
-    except aiohttp.ClientError as exc:
+    except aiohttp.ClientError:
         # The server may close the connection on an oversized body before
         # the client has sent it all: that is a refusal too.
-        return type(exc).__name__
+        return "disconnected"
 
 
 async def run(
@@ -179,7 +179,7 @@ async def run(
                     lambda: _http_refusal(
                         session, f"{control.http_url}/login", b"token=" + b"x" * size, form
                     ),
-                    {"403", "413", "ClientOSError", "ServerDisconnectedError"},
+                    {"403", "413", "disconnected"},
                 ),
                 (
                     "GitHub webhook, wrong signature",
@@ -189,7 +189,7 @@ async def run(
                         b'{"x":"' + b"x" * size + b'"}',
                         signed,
                     ),
-                    {"401", "413", "ClientOSError", "ServerDisconnectedError"},
+                    {"401", "413", "disconnected"},
                 ),
             ]
             for name, one, refusals in attacks:
