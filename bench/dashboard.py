@@ -11,14 +11,15 @@ gets 1,000,000 lines through the control plane's storage ingest path
 them). The page is opened several times in fresh tabs; time to first byte
 is the browser's Navigation Timing (responseStart), time to last line
 visible is the first animation frame, counted from navigation start, at
-which `#L1000000` is laid out and the log box is scrolled to its end.
+which the last line's element (`#L<n>`) is laid out and the log box is
+scrolled to its end.
 
 Live line → browser: a build prints one line, then ``tick <unix time>``
 lines at a steady rate (as in part 3) behind a gate file that is created
 once the control plane's `conveyor_log_streams_active` gauge shows both
 followers attached: the build page (its EventSource on the API's SSE
-follow) and one terminal follower (`StreamLogs(follow=True)` over gRPC in its own process,
-bench.follower). In the page, a MutationObserver on the log takes the time
+follow) and one terminal follower (`StreamLogs(follow=True)` over gRPC
+in its own process, bench.follower). In the page, a MutationObserver on the log takes the time
 each line's element is added to the DOM, and a requestAnimationFrame
 callback the start of the frame that paints it. Latency = that time minus
 the time written in the line (one clock: same machine).
