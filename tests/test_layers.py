@@ -52,3 +52,15 @@ def test_only_control_client_talks_grpc_in_the_runner() -> None:
         if any(n.split(".")[0] == "grpc" for n in imports_of(path))
     )
     assert talking == ["runner/control_client.py"]
+
+
+def test_no_module_of_builds_issues_sql() -> None:
+    """The lifecycle decides; storage/ reads and writes rows. A call of
+    ``execute`` (or a cursor) in builds/ is SQL in the wrong home."""
+    offenders = sorted(
+        f"{path.relative_to(SRC)}:{node.lineno}"
+        for path in (SRC / "control" / "builds").rglob("*.py")
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Attribute) and node.attr in ("execute", "executemany", "cursor")
+    )
+    assert offenders == []

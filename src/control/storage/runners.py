@@ -74,46 +74,6 @@ class RunnerStore:
                 (runner_id, session_id),
             )
 
-    async def pick_free(self, conn: Conn, alive_seconds: float) -> str | None:
-        """Lock and return the least busy live runner with a free slot.
-
-        The caller must assign its build in the same transaction: the runner
-        row stays locked until then, which is what keeps a runner within its
-        capacity when several builds are started at once.
-        """
-        tried: list[str] = []
-        for _ in range(8):
-            # The first pick waits for a runner that a concurrent start holds
-            # (a few milliseconds), so that a burst of starts fills a runner
-            # in one scheduler pass. Later picks, made while this transaction
-            # already holds a full runner, skip locked ones: waiting then
-            # could deadlock with a start doing the same the other way round.
-            lock = "FOR UPDATE OF r SKIP LOCKED" if tried else "FOR UPDATE OF r"
-            cur = await conn.execute(
-                f"SELECT r.id FROM runners r WHERE r.connected"
-                f" AND r.last_seen_at > now() - make_interval(secs => %s)"
-                f" AND NOT r.id = ANY(%s::uuid[])"
-                f" AND r.capacity > {_BUSY} ORDER BY {_BUSY}, random()"
-                f" LIMIT 1 {lock}",
-                (alive_seconds, tried),
-            )
-            row = await cur.fetchone()
-            if row is None:
-                return None
-            runner_id = str(row[0])
-            # The count above comes from the statement's snapshot, taken
-            # before the lock was granted: a start that held this runner and
-            # committed meanwhile is not in it. Count again now that the lock
-            # is ours (a new statement sees every committed assignment).
-            cur = await conn.execute(
-                f"SELECT r.capacity > {_BUSY} FROM runners r WHERE r.id = %s", (runner_id,)
-            )
-            free = await cur.fetchone()
-            if free and free[0]:
-                return runner_id
-            tried.append(runner_id)
-        return None
-
     async def lock_free(self, conn: Conn, alive_seconds: float) -> dict[str, int]:
         """Lock every live runner with a free slot (in id order, so two
         callers never deadlock) and return its free slots, counted after the
@@ -155,6 +115,10 @@ class RunnerStore:
             (lost_after_seconds, lost_after_seconds),
         )
         return [str(r[0]) for r in await cur.fetchall()]
+
+    async def disconnect(self, conn: Conn, runner_id: str) -> None:
+        """Mark a lost runner disconnected (its row stays: the id is kept)."""
+        await conn.execute("UPDATE runners SET connected = false WHERE id = %s", (runner_id,))
 
     async def list_all(self) -> list[RunnerInfo]:
         """Every registered runner, connected ones first, then by name. A
