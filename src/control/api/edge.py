@@ -26,6 +26,7 @@ from control.api.errors import status_of
 from control.errors import ConveyorError, PermissionDenied, Unauthenticated
 from control.logging_setup import bind
 from control.metrics import ControlMetrics
+from control.services.access import IMPLIED
 from control.storage import build_tokens
 from control.storage.accounts import AccountStore, Principal
 from control.storage.builds import is_uuid
@@ -81,12 +82,6 @@ ACCESS: dict[str, str] = {
     _RUNNER + "AppendLogs": "build",
 }
 PUBLIC_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
-_IMPLIED = {
-    "system": {"system", "admin", "write", "read"},
-    "admin": {"admin", "write", "read"},
-    "write": {"write", "read"},
-    "read": {"read"},
-}
 _CACHE_SECONDS = 2.0
 
 
@@ -161,7 +156,7 @@ def _check(method: str, who: Principal | None, token: str) -> Principal:
         return who
     if who.kind != "user":
         raise PermissionDenied("this call needs a user token")
-    granted = set().union(*(_IMPLIED.get(s, set()) for s in who.scopes))
+    granted = set().union(*(IMPLIED.get(s, frozenset()) for s in who.scopes))
     if need not in granted:
         raise PermissionDenied(f"this call needs the {need!r} scope")
     return who
