@@ -143,6 +143,7 @@ class ControlPlane:
             self.metrics,
             s.lifecycle,
             self.env,
+            local_repositories=s.repositories.local_allowed,
         )
         self.hub = LogHub(self.logs, self.notifier)
         # Branch heads of manual triggers and deploy hooks (issue 15).

@@ -32,7 +32,15 @@ from control.errors import InvalidArgument, Unavailable
 from control.forge.remote import IPAddress, RemoteReader
 from control.main import ControlPlane
 from conveyor.v1 import config_service_pb2 as cs
-from tests.helpers import Api, ControlHandle, git, host_address, make_repo
+from tests.helpers import (
+    Api,
+    ControlHandle,
+    git,
+    github_headers,
+    github_push,
+    host_address,
+    make_repo,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -178,6 +186,35 @@ async def test_a_denying_control_plane_reads_no_local_path_of_an_older_project(
         body = await reply.json()
     assert "local repository paths are not allowed" in body["error"]
     assert head not in str(body)
+
+
+async def test_a_denying_control_plane_queues_no_build_of_an_older_local_project(
+    shared: ControlHandle, shared_api: Api, repo: Path
+) -> None:
+    """A signed push and a trigger naming the commit never reach the runner
+    (which would clone the path) for a project stored before the operator
+    denied local paths; nothing is stored."""
+    project = await shared_api.create_project("web", "https://git.example.com/acme/web.git")
+    async with shared.plane.db.connection() as conn:
+        await conn.execute(
+            "UPDATE projects SET repo_url = %s WHERE id = %s", (str(repo), project.id)
+        )
+    head = git(repo, "rev-parse", "HEAD")
+    body = github_push("main", head)
+    url = f"{shared.http_url}/webhooks/github/{project.id}"
+    async with aiohttp.ClientSession() as session:
+        headers = github_headers(project.webhook_secret, body)
+        async with session.post(url, data=body, headers=headers) as reply:
+            assert reply.status == 422
+            answer = await reply.json()
+    assert answer["result"] == "refused"
+    assert "CONVEYOR_LOCAL_REPOSITORIES=deny" in answer["error"]
+    code, details = await error_of(shared_api.trigger("web", commit_sha=head))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION
+    assert "builds a local path" in details
+    async with shared.plane.db.connection() as conn:
+        cur = await conn.execute("SELECT count(*) FROM builds WHERE project_id = %s", (project.id,))
+        assert await cur.fetchone() == (0,)
 
 
 @pytest.mark.parametrize(

@@ -52,6 +52,8 @@ class Lifecycle:
         metrics: ControlMetrics,
         settings: LifecycleSettings,
         env: EnvStore,
+        *,
+        local_repositories: bool,
     ) -> None:
         self.db = db
         self.builds = builds
@@ -60,7 +62,7 @@ class Lifecycle:
         self.env = env
         self.settings = settings
         self.transitions = Transitions(db, builds, AssignmentStore(), notifier, metrics, settings)
-        self.queueing = Queueing(self.transitions)
+        self.queueing = Queueing(self.transitions, local_repositories=local_repositories)
         self.placement = Placement(self.transitions, runners, settings)
         self.dispatcher = Dispatch(self.transitions, projects, runners, env, settings)
         self.alarms = Alarms(self.transitions, metrics)

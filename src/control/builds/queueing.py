@@ -8,7 +8,8 @@ from datetime import datetime
 from control.builds.dispatch import step_plan
 from control.builds.transitions import Queued, Transitions, now
 from control.domain.build import BuildStatus
-from control.domain.project import Project
+from control.domain.project import Project, local_repository_path
+from control.errors import FailedPrecondition
 from control.storage.assignments import notify
 from control.storage.db import Conn
 
@@ -16,8 +17,10 @@ log = logging.getLogger(__name__)
 
 
 class Queueing:
-    def __init__(self, transitions: Transitions) -> None:
+    def __init__(self, transitions: Transitions, *, local_repositories: bool) -> None:
         self.transitions = transitions
+        # Whether projects may build local paths (CONVEYOR_LOCAL_REPOSITORIES).
+        self.local_repositories = local_repositories
         self.builds = transitions.builds
         self.assignments = transitions.assignments
 
@@ -35,7 +38,9 @@ class Queueing:
     ) -> str:
         """Queue a build; supersede the branch's builds no runner was sent
         yet (and, with ``cancel_in_progress``, stop its running ones).
-        Returns the build id.
+        Returns the build id; raises ``FailedPrecondition`` for a project
+        naming a local path on a control plane that does not allow them
+        (one created before the operator denied them).
 
         With ``conn`` the caller commits; it must come from
         ``Transitions.transaction()`` (else ``ValueError``), so that nobody
@@ -53,6 +58,12 @@ class Queueing:
                     conn=own,
                 )
         self.transitions.require(conn)
+        if not self.local_repositories and local_repository_path(project.repo_url) is not None:
+            raise FailedPrecondition(
+                f"project {project.name} builds a local path, which this control plane does not"
+                " allow (CONVEYOR_LOCAL_REPOSITORIES=deny): set its repo_url to an https, ssh"
+                " or git URL"
+            )
         if production is None:
             production = branch == project.production_branch
         build_id = await self.builds.insert(

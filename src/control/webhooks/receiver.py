@@ -153,6 +153,11 @@ class WebhookReceiver:
             response = await self._process(
                 request, provider, check, event, ping_event, delivery_headers, parsers, received_at
             )
+        except FailedPrecondition as exc:
+            # The project cannot build as it stands (a local repository on a
+            # control plane that no longer allows them): nothing was stored,
+            # and a redelivery gets the same answer until the project changes.
+            response = respond(422, result="refused", error=str(exc))
         except Unavailable as exc:
             response = respond(503, result="unavailable", error=str(exc))
             # Forges redeliver; tell them when the database may be back.
