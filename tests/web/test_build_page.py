@@ -84,6 +84,10 @@ async def test_running_build_log_is_live_and_controllable(
     # range endpoint.
     assert [u for u in dashboard.requests if "/logs?follow=true" in u]
     assert not [u for u in dashboard.requests if "/lines?" in u]
+    # One page is one follower: the SSE answer and the StreamLogs call
+    # behind it count once together in the gauge.
+    streams = control.plane.metrics.registry.get_sample_value("conveyor_log_streams_active")
+    assert streams == 1
     await dashboard.screenshot("build-running.png")
 
     # Scrolling up pauses following; "Follow" resumes it.

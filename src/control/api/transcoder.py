@@ -419,7 +419,9 @@ class Transcoder:
                 "X-Accel-Buffering": "no",
             }
         )
-        self.metrics.log_streams.inc()
+        # No gauge here: the servicer method behind the route (StreamLogs)
+        # counts its own open calls, so an SSE follower counts once, as a
+        # gRPC one does.
         try:
             await response.prepare(request)
             while item is not None:
@@ -434,7 +436,6 @@ class Transcoder:
             # resumes it later.
             pass
         finally:
-            self.metrics.log_streams.dec()
             producer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await producer
