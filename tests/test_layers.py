@@ -54,6 +54,25 @@ def test_only_control_client_talks_grpc_in_the_runner() -> None:
     assert talking == ["runner/control_client.py"]
 
 
+def test_the_runner_imports_nothing_of_the_control_plane() -> None:
+    """A runner host installs the runner; what both sides need (log setup,
+    retries) lives in ``common/``, which imports neither side."""
+    offenders = {
+        str(path.relative_to(SRC)): sorted(
+            n for n in imports_of(path) if n.split(".")[0] in ("control", "conveyor_cli")
+        )
+        for path in (SRC / "runner").rglob("*.py")
+    }
+    assert {k: v for k, v in offenders.items() if v} == {}
+    shared = {
+        str(path.relative_to(SRC)): sorted(
+            n for n in imports_of(path) if n.split(".")[0] in ("control", "runner", "conveyor_cli")
+        )
+        for path in (SRC / "common").rglob("*.py")
+    }
+    assert {k: v for k, v in shared.items() if v} == {}
+
+
 def test_no_module_of_builds_issues_sql() -> None:
     """The lifecycle decides; storage/ reads and writes rows. A call of
     ``execute`` (or a cursor) in builds/ is SQL in the wrong home."""

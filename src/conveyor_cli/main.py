@@ -413,7 +413,7 @@ def _reader_gone() -> int:
 
 
 def _up(args: argparse.Namespace) -> int:
-    from control.logging_setup import configure
+    from common.logging_setup import configure
     from conveyor_cli.up import run_up
 
     data_dir = args.up_data_dir or args.data_dir or os.environ.get("CONVEYOR_DATA_DIR")
@@ -430,9 +430,9 @@ def _up(args: argparse.Namespace) -> int:
 
 
 def _control_serve(args: argparse.Namespace) -> int:
+    from common.logging_setup import configure
     from control.config import Settings
     from control.errors import InvalidArgument
-    from control.logging_setup import configure
     from control.main import ControlPlane
 
     try:
@@ -472,7 +472,7 @@ def _control_serve(args: argparse.Namespace) -> int:
 def _runner_start(args: argparse.Namespace) -> int:
     from prometheus_client import CollectorRegistry
 
-    from control.logging_setup import configure
+    from common.logging_setup import configure
     from conveyor_cli.parent import die_with_parent
     from runner.agent import Agent, serve_metrics
     from runner.identity import WorkDirInUse, claim

@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from control.logging_setup import release
+from common.logging_setup import release
 from conveyor.v1 import runner_service_pb2 as rs
 from runner.build_run import BuildRun
 from runner.cache import BuildCache

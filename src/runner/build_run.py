@@ -15,7 +15,7 @@ from pathlib import Path
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from control.logging_setup import bind
+from common.logging_setup import bind
 from conveyor.v1 import runner_service_pb2 as rs
 from conveyor.v1 import types_pb2 as pb
 from conveyor.v1.types_pb2 import BuildStatus

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from control.logging_setup import JsonFormatter
+from common.logging_setup import JsonFormatter
 
 
 class JsonLines(logging.Handler):

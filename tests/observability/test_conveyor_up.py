@@ -17,7 +17,7 @@ from typing import Any
 
 from grpc import aio
 
-from control.logging_setup import release
+from common.logging_setup import release
 from conveyor.v1 import build_manager_pb2 as bm
 from conveyor.v1 import build_manager_pb2_grpc as bm_grpc
 from conveyor.v1 import config_service_pb2 as cs

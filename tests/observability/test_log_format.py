@@ -15,16 +15,16 @@ from pathlib import Path
 
 import pytest
 
-from control import logging_setup
-from control.config import Settings
-from control.errors import InvalidArgument
-from control.logging_setup import (
+from common import logging_setup
+from common.logging_setup import (
     BUILD_ID,
     JsonFormatter,
     TextFormatter,
     bind,
     release,
 )
+from control.config import Settings
+from control.errors import InvalidArgument
 from conveyor.v1 import types_pb2 as pb
 from tests.helpers import REPO_ROOT, Api, ControlHandle, RunnerProcess, git
 
@@ -178,18 +178,12 @@ async def test_a_runner_started_with_text_logs_prints_readable_lines(
     assert finished[0].endswith(f"build_id={build.id} project_id={project.id}")
 
 
-def test_the_runner_takes_only_the_stdlib_log_setup_from_the_control_plane() -> None:
-    """The runner tags its lines with the same context variables, so it
-    imports ``control.logging_setup``, and nothing else of the control plane;
-    that module needs nothing outside the standard library."""
+def test_the_shared_log_setup_needs_only_the_standard_library() -> None:
+    """The runner tags its lines with the same context variables as the
+    control plane through ``common.logging_setup``; that module needs nothing
+    outside the standard library, so the runner takes nothing of the control
+    plane with it (``tests/test_layers.py`` keeps ``control`` out of it)."""
     from tests.test_layers import SRC, imports_of
 
-    taken = {
-        name
-        for path in (SRC / "runner").rglob("*.py")
-        for name in imports_of(path)
-        if name.split(".")[0] == "control"
-    }
-    assert taken == {"control.logging_setup"}
-    needs = {name.split(".")[0] for name in imports_of(SRC / "control" / "logging_setup.py")}
+    needs = {name.split(".")[0] for name in imports_of(SRC / "common" / "logging_setup.py")}
     assert needs <= set(sys.stdlib_module_names) | {"__future__"}, needs

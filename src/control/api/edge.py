@@ -22,9 +22,9 @@ from typing import Any
 import grpc
 from grpc import aio
 
+from common.logging_setup import bind
 from control.api.errors import status_of
 from control.errors import ConveyorError, PermissionDenied, Unauthenticated
-from control.logging_setup import bind
 from control.metrics import ControlMetrics
 from control.services.access import IMPLIED
 from control.storage import build_tokens

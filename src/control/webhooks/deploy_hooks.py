@@ -13,10 +13,10 @@ from datetime import UTC, datetime
 
 from aiohttp import web
 
+from common.logging_setup import bind
 from control.builds.lifecycle import Lifecycle
 from control.errors import InvalidArgument, NotFound, Unavailable
 from control.forge.remote import RemoteReader
-from control.logging_setup import bind
 from control.metrics import ControlMetrics
 from control.storage.db import Database
 from control.storage.hooks import DeployHookStore

@@ -25,6 +25,7 @@ from datetime import UTC, datetime, timedelta
 
 from aiohttp import web
 
+from common.logging_setup import bind
 from control.builds.lifecycle import Lifecycle
 from control.domain.project import (
     Project,
@@ -34,7 +35,6 @@ from control.domain.project import (
     without_fork_privileges,
 )
 from control.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
-from control.logging_setup import bind
 from control.metrics import ControlMetrics
 from control.storage.db import RETRY_AFTER, Conn, Database
 from control.storage.ids import is_uuid

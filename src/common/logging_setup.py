@@ -24,7 +24,7 @@ BUILD_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("build_id"
 PROJECT_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("project_id", default=None)
 ACCOUNT_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("account_id", default=None)
 _CONTEXT = {"build_id": BUILD_ID, "project_id": PROJECT_ID, "account_id": ACCOUNT_ID}
-# The checkout this module runs from, when it runs from one (src/control/..).
+# The checkout this module runs from, when it runs from one (src/common/..).
 _SOURCE_ROOT = Path(__file__).resolve().parents[2]
 
 
