@@ -475,7 +475,8 @@ def _runner_start(args: argparse.Namespace) -> int:
     from common.logging_setup import configure
     from conveyor_cli.parent import die_with_parent
     from runner.agent import Agent, serve_metrics
-    from runner.identity import WorkDirInUse, claim
+    from runner.errors import WorkDirInUse
+    from runner.identity import claim
     from runner.metrics import RunnerMetrics
 
     die_with_parent(os.environ)

@@ -15,12 +15,10 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from runner.errors import WorkDirInUse
+
 ID_FILE = "runner-id"
 LOCK_FILE = "runner.lock"
-
-
-class WorkDirInUse(Exception):
-    """Another live agent holds the work directory's lock."""
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,8 @@ import psutil
 import pytest
 
 from conveyor.v1 import types_pb2 as pb
-from runner.identity import ID_FILE, WorkDirInUse, claim
+from runner.errors import WorkDirInUse
+from runner.identity import ID_FILE, claim
 from tests.crash.processes import NUMBERED, UpTree, gone_within, wait_for_text
 from tests.helpers import FINAL, Api, make_repo
 from tests.observability.scrape import scrape, scrape_until

@@ -12,6 +12,9 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
+# Launchers raise it; it lives with the runner's other errors.
+from runner.errors import LaunchError as LaunchError
+
 # "control": a line of the script's control channel (its step markers), for
 # launchers whose ``control_channel`` is true; never a line of the build's.
 Stream = Literal["stdout", "stderr", "system", "control"]
@@ -112,7 +115,3 @@ class Launcher(Protocol):
     async def launch(self, spec: JobSpec) -> Job: ...
 
     async def close(self) -> None: ...
-
-
-class LaunchError(Exception):
-    """The launcher could not start the job; the message is user-facing."""

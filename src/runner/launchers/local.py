@@ -64,13 +64,13 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from runner.errors import LaunchError, NetworkError
 from runner.launchers import seccomp as seccomp_filter
-from runner.launchers.base import JobSpec, LaunchError, Limits
+from runner.launchers.base import JobSpec, Limits
 from runner.launchers.build_users import BuildUser, BuildUsers
 from runner.launchers.cgroups import CgroupRoot
 from runner.launchers.local_job import Grant, LocalJob
 from runner.launchers.user_network import (
-    NetworkError,
     NetworkTools,
     SandboxPipes,
     UserNetwork,

@@ -24,6 +24,7 @@ import nomad
 import requests
 from nomad.api import exceptions as nomad_errors
 
+from runner.errors import RunnerError
 from runner.launchers.base import JobResult, JobSpec, LaunchError, OutputLine
 from runner.launchers.nomad_job import (
     TASK,
@@ -59,7 +60,7 @@ _QUEUED_LINES = 10_000
 _FINAL_READ_ATTEMPTS = 5
 
 
-class NomadUnavailable(Exception):
+class NomadUnavailable(RunnerError):
     """Nomad refused a request, or did not answer for longer than the settings'
     ``unreachable_seconds``."""
 

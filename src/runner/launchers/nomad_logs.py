@@ -26,6 +26,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from runner.errors import ProtocolError
 from runner.launchers.lines import LineCutter
 
 MAX_UNPARSED_CHARS = 4 << 20
@@ -33,7 +34,7 @@ DELETED = "file deleted"
 TRUNCATED = "file truncated"
 
 
-class LogStreamError(ValueError):
+class LogStreamError(ProtocolError):
     """A log stream did not hold the frames the API documents."""
 
 

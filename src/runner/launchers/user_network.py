@@ -51,6 +51,7 @@ from dataclasses import dataclass
 
 import psutil
 
+from runner.errors import NetworkError
 from runner.pipes import close_fd, data_fd
 
 log = logging.getLogger(__name__)
@@ -77,10 +78,6 @@ exec "$@"
 # The anchor, once in its user namespace: say so, then wait for its stdin
 # to close (the runner's word, or the runner's death).
 _ANCHOR = "printf up; exec cat"
-
-
-class NetworkError(Exception):
-    """The build's network could not be set up; the message says why."""
 
 
 def available() -> str | None:
