@@ -25,13 +25,14 @@ class Alarms:
         current state."""
         ended = 0
         async with self.transitions.transaction() as conn:
-            for build_id, kind in await self.builds.due_alarms(conn, limit):
-                await self.builds.disarm(conn, build_id, [kind])
-                build = await self.builds.get_in(conn, None, build_id, lock=True)
+            for alarm in await self.builds.due_alarms(conn, limit):
+                kind = alarm.kind
+                await self.builds.disarm(conn, alarm.build_id, [kind])
+                build = await self.builds.get_in(conn, None, alarm.build_id, lock=True)
                 self.metrics.alarms_fired.labels(kind).inc()
                 if build.status.final:
                     continue
-                log.info("%s deadline fired", kind, extra={"build_id": build_id})
+                log.info("%s deadline fired", kind, extra={"build_id": build.id})
                 if kind == "startup" and build.status == BuildStatus.QUEUED:
                     await self.transitions.move(
                         conn, build, BuildStatus.ERRORED, "startup deadline", now()
@@ -53,7 +54,7 @@ class Alarms:
                     reason = run_deadline_reason(limit, ran - limit, settings.alarm_poll)
                     await self.transitions.stop(conn, build, BuildStatus.TIMED_OUT, reason)
                 elif kind == "kill":
-                    asked = await self.assignments.stop_request(conn, build_id)
+                    asked = build.stop_request
                     status = asked.status if asked and asked.status else BuildStatus.ERRORED
                     reason = asked.reason if asked and asked.reason else "stopped"
                     if is_allowed(build.status, status):

@@ -131,8 +131,8 @@ class Dispatch:
                     conn, {a.build.id: a.token for a in assignments}
                 )
             stops = [
-                Stop(build_id, reason, self.settings.kill_grace)
-                for build_id, reason in await self.assignments.take_stops(conn, runner_id)
+                Stop(stop.build_id, stop.reason, self.settings.kill_grace)
+                for stop in await self.assignments.take_stops(conn, runner_id)
             ]
         return assignments, stops
 

@@ -82,7 +82,7 @@ class LostRunners:
         """Take a queued build (locked by the caller) back from its runner:
         it never started. Returns True when it went back to the queue; a
         build someone asked to stop ends instead, in the state asked for."""
-        asked = await self.assignments.stop_request(conn, build.id)
+        asked = build.stop_request
         if asked is not None:
             status = asked.status or BuildStatus.CANCELED
             await self.transitions.move(conn, build, status, asked.reason or "stopped", now())

@@ -204,13 +204,14 @@ class Transitions:
         await notify(conn, "conveyor_build", f"{build.id}:{status.value}")
 
     async def stop(self, conn: Conn, build: Build, status: BuildStatus, reason: str) -> bool:
-        """Stop ``build`` (locked by the caller), ending in ``status``: at
+        """Stop ``build`` (locked by the caller and read in this transaction,
+        so its ``dispatched_at`` is current), ending in ``status``: at
         once when no runner was sent it (returns True), else by asking its
         runner, with a kill alarm for a stop it never confirms. A final
         build is left alone (returns False)."""
         if build.status.final:
             return False
-        if not await self.assignments.dispatched(conn, build.id):
+        if build.dispatched_at is None:
             await self.move(conn, build, status, reason, now())
             return True
         await self.assignments.request_stop(conn, build.id, status, reason)
@@ -247,7 +248,7 @@ class Transitions:
             build = await self.builds.get_in(conn, None, build_id, lock=True)
             if build.status.final:
                 raise FailedPrecondition(f"build is {build.status.value}; it takes no more reports")
-            asked = await self.assignments.stop_request(conn, build_id)
+            asked = build.stop_request
             for step in steps or []:
                 step_status = step.status
                 if asked and step_status == StepStatus.FAILED and _killed(step.exit_code):

@@ -89,6 +89,15 @@ class Step:
 
 
 @dataclass(frozen=True)
+class StopRequest:
+    """A stop someone asked for: the state the build ends in (None: the
+    runner's own outcome) and why."""
+
+    status: BuildStatus | None
+    reason: str
+
+
+@dataclass(frozen=True)
 class Build:
     id: str
     project_id: str
@@ -112,6 +121,20 @@ class Build:
     # The isolation its runner gave it ("bubblewrap", "none", "nomad"), as
     # that runner reported when it took the build; "" before that.
     runner_sandbox: str = ""
+    # When its runner was sent it (None: not yet, or taken back since).
+    dispatched_at: datetime | None = None
+    # A stop asked for it: when (None: none), the state it ends in (None:
+    # the runner's own outcome) and why. The first request's fields win.
+    cancel_requested_at: datetime | None = None
+    cancel_status: BuildStatus | None = None
+    cancel_reason: str = ""
+
+    @property
+    def stop_request(self) -> StopRequest | None:
+        """The stop asked for this build, or None when nobody asked."""
+        if self.cancel_requested_at is None:
+            return None
+        return StopRequest(self.cancel_status, self.cancel_reason)
 
 
 def check_transition(current: BuildStatus, to: BuildStatus) -> None:

@@ -13,26 +13,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 
-from psycopg.rows import class_row
+from psycopg.rows import class_row, kwargs_row, scalar_row
 
 from control.domain.build import BuildStatus
 from control.storage.accounts import hash_token
 from control.storage.db import Conn
-
-
-@dataclass(frozen=True)
-class StopRequest:
-    """A stop someone asked for: the state the build ends in (None: the
-    runner's own outcome) and why."""
-
-    status: BuildStatus | None
-    reason: str
-
-
-@dataclass(frozen=True)
-class _StopRow:
-    cancel_status: str | None
-    cancel_reason: str | None
 
 
 @dataclass(frozen=True)
@@ -43,10 +28,29 @@ class Held:
     status: BuildStatus
 
 
+def _held(*, id: str, status: str) -> Held:
+    return Held(id, BuildStatus(status))
+
+
 @dataclass(frozen=True)
 class PullRequestLink:
     number: int
     fork: bool
+
+
+@dataclass(frozen=True)
+class _PullRequestRow:
+    build_id: str
+    number: int
+    fork: bool
+
+
+@dataclass(frozen=True)
+class StopToSend:
+    """A stop to send a runner: the build and why."""
+
+    build_id: str
+    reason: str
 
 
 async def notify(conn: Conn, channel: str, payload: str) -> None:
@@ -61,12 +65,13 @@ class AssignmentStore:
         """Lock and return, oldest first, those of ``build_ids`` still queued
         and held by no runner. Rows another transaction holds are skipped:
         a concurrent placement has them."""
-        cur = await conn.execute(
+        cur = conn.cursor(row_factory=scalar_row)
+        await cur.execute(
             "SELECT id::text FROM builds WHERE id = ANY(%s::uuid[]) AND status = 'queued'"
             " AND runner_id IS NULL ORDER BY created_at FOR NO KEY UPDATE SKIP LOCKED",
             (build_ids,),
         )
-        return [row[0] for row in await cur.fetchall()]
+        return await cur.fetchall()
 
     async def assign(self, conn: Conn, placed: dict[str, str], startup_by: datetime) -> None:
         """Give each build of ``placed`` ({build id: runner id}) to its runner
@@ -90,21 +95,23 @@ class AssignmentStore:
         # NO KEY UPDATE: a row some insert merely references (a foreign
         # key's KEY SHARE lock: alarms, log chunks, commit-status rows)
         # must not be skipped, or its assignment waits for the recheck.
-        cur = await conn.execute(
+        cur = conn.cursor(row_factory=scalar_row)
+        await cur.execute(
             "SELECT id::text FROM builds WHERE runner_id = %s AND status = 'queued'"
             " AND dispatched_at IS NULL ORDER BY created_at FOR NO KEY UPDATE SKIP LOCKED",
             (runner_id,),
         )
-        return [row[0] for row in await cur.fetchall()]
+        return await cur.fetchall()
 
     async def pull_requests(self, conn: Conn, build_ids: list[str]) -> dict[str, PullRequestLink]:
         """The pull request each of ``build_ids`` builds, for those that do."""
-        cur = await conn.execute(
+        cur = conn.cursor(row_factory=class_row(_PullRequestRow))
+        await cur.execute(
             "SELECT build_id::text, number, fork FROM pull_request_builds"
             " WHERE build_id = ANY(%s::uuid[])",
             (build_ids,),
         )
-        return {row[0]: PullRequestLink(int(row[1]), bool(row[2])) for row in await cur.fetchall()}
+        return {row.build_id: PullRequestLink(row.number, row.fork) for row in await cur.fetchall()}
 
     async def link_retry(self, conn: Conn, build_id: str, retry_of: str) -> None:
         """A retry of a pull request's build is that request's too: its
@@ -125,16 +132,17 @@ class AssignmentStore:
             (list(tokens), [hash_token(t) for t in tokens.values()]),
         )
 
-    async def take_stops(self, conn: Conn, runner_id: str) -> list[tuple[str, str]]:
-        """The (build id, reason) stops the runner was not yet sent, marked
-        sent."""
-        cur = await conn.execute(
+    async def take_stops(self, conn: Conn, runner_id: str) -> list[StopToSend]:
+        """The stops the runner was not yet sent, marked sent."""
+        cur = conn.cursor(row_factory=class_row(StopToSend))
+        await cur.execute(
             "UPDATE builds SET cancel_sent_at = now() WHERE runner_id = %s"
             " AND cancel_requested_at IS NOT NULL AND cancel_sent_at IS NULL"
-            " AND dispatched_at IS NOT NULL RETURNING id::text, cancel_reason",
+            " AND dispatched_at IS NOT NULL"
+            " RETURNING id::text AS build_id, coalesce(cancel_reason, '') AS reason",
             (runner_id,),
         )
-        return [(row[0], row[1] or "") for row in await cur.fetchall()]
+        return await cur.fetchall()
 
     async def unassign(self, conn: Conn, build_id: str, runner_id: str | None = None) -> None:
         """Put a queued build back in the queue (of ``runner_id`` only, when
@@ -149,33 +157,10 @@ class AssignmentStore:
     async def token_matches(self, conn: Conn, build_id: str, token: str) -> bool:
         """Whether ``token`` is the build's live token (compared in constant
         time; False for an unknown or ended build)."""
-        cur = await conn.execute("SELECT token_hash FROM builds WHERE id = %s", (build_id,))
-        row = await cur.fetchone()
-        return bool(
-            row is not None
-            and row[0] is not None
-            and secrets.compare_digest(bytes(row[0]), hash_token(token))
-        )
-
-    async def dispatched(self, conn: Conn, build_id: str) -> bool:
-        """Whether the build was sent to its runner."""
-        cur = await conn.execute("SELECT dispatched_at FROM builds WHERE id = %s", (build_id,))
-        row = await cur.fetchone()
-        return bool(row and row[0])
-
-    async def stop_request(self, conn: Conn, build_id: str) -> StopRequest | None:
-        """The stop asked for the build, or None."""
-        cur = conn.cursor(row_factory=class_row(_StopRow))
-        await cur.execute(
-            "SELECT cancel_status, cancel_reason FROM builds WHERE id = %s"
-            " AND cancel_requested_at IS NOT NULL",
-            (build_id,),
-        )
-        row = await cur.fetchone()
-        if row is None:
-            return None
-        status = BuildStatus(row.cancel_status) if row.cancel_status else None
-        return StopRequest(status, row.cancel_reason or "")
+        cur = conn.cursor(row_factory=scalar_row)
+        await cur.execute("SELECT token_hash FROM builds WHERE id = %s", (build_id,))
+        stored: bytes | None = await cur.fetchone()
+        return stored is not None and secrets.compare_digest(bytes(stored), hash_token(token))
 
     async def request_stop(
         self, conn: Conn, build_id: str, status: BuildStatus | None, reason: str
@@ -193,13 +178,14 @@ class AssignmentStore:
     async def lock_held(self, conn: Conn, runner_id: str, *, dispatched: bool) -> list[Held]:
         """Lock and return the unfinished builds the runner holds (only those
         sent to it, with ``dispatched``)."""
-        cur = await conn.execute(
+        cur = conn.cursor(row_factory=kwargs_row(_held))
+        await cur.execute(
             "SELECT id::text, status FROM builds WHERE runner_id = %s"
             " AND (NOT %s OR dispatched_at IS NOT NULL)"
             " AND status IN ('queued', 'initializing', 'running') FOR UPDATE",
             (runner_id, dispatched),
         )
-        return [Held(row[0], BuildStatus(row[1])) for row in await cur.fetchall()]
+        return await cur.fetchall()
 
     async def stop_ended(self, conn: Conn, runner_id: str, build_ids: Iterable[str]) -> None:
         """Of ``build_ids`` (builds a reconnecting runner still runs), ask it
@@ -215,8 +201,7 @@ class AssignmentStore:
 
     async def run_timeout(self, conn: Conn, project_id: str) -> int | None:
         """The project's run timeout in seconds (None: the project is gone)."""
-        cur = await conn.execute(
-            "SELECT run_timeout_seconds FROM projects WHERE id = %s", (project_id,)
-        )
-        row = await cur.fetchone()
-        return int(row[0]) if row else None
+        cur = conn.cursor(row_factory=scalar_row)
+        await cur.execute("SELECT run_timeout_seconds FROM projects WHERE id = %s", (project_id,))
+        timeout: int | None = await cur.fetchone()
+        return timeout

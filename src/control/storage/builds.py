@@ -6,47 +6,66 @@ each transition with the pure ``check_transition`` first.
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from collections.abc import Iterable
+from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
+
+from psycopg.rows import class_row, kwargs_row, scalar_row
 
 from control.domain.build import Build, BuildStatus, Step, StepStatus
 from control.errors import NotFound
-from control.storage.db import Conn, Database, Row
+from control.storage.db import Conn, Database
 from control.storage.ids import expand, is_prefix
 from control.storage.ids import is_uuid as is_uuid  # older home: callers import it here
 
+# Aliased to the names of ``Build``'s fields, which ``_build`` receives.
 _COLUMNS = (
-    "b.id, b.project_id, b.account_id, b.branch, b.commit_sha, b.status, b.created_at,"
-    " b.status_reason, b.trigger, b.retry_of, b.production, b.started_at, b.running_at,"
-    " b.finished_at, b.runner_id, p.name, b.warnings, b.received_at, b.runner_sandbox"
+    "b.id::text AS id, b.project_id::text AS project_id, b.account_id::text AS account_id,"
+    " b.branch, b.commit_sha, b.status, b.created_at, b.status_reason, b.trigger,"
+    " b.retry_of::text AS retry_of, b.production, b.started_at, b.running_at,"
+    " b.finished_at, b.runner_id::text AS runner_id, p.name AS project_name, b.warnings,"
+    " b.received_at, b.runner_sandbox, b.dispatched_at, b.cancel_requested_at,"
+    " b.cancel_status, b.cancel_reason"
 )
 _FROM = "builds b JOIN projects p ON p.id = b.project_id"
 
 
-def _build(row: Row, steps: tuple[Step, ...] = ()) -> Build:
+def _build(
+    *,
+    status: str,
+    warnings: list[str],
+    cancel_status: str | None,
+    cancel_reason: str | None,
+    **columns: Any,
+) -> Build:
+    """A ``Build`` without steps from a row of ``_COLUMNS`` (the row factory
+    ``_BUILD``); a column ``Build`` has no field for raises ``TypeError``."""
     return Build(
-        id=str(row[0]),
-        project_id=str(row[1]),
-        account_id=str(row[2]),
-        branch=row[3],
-        commit_sha=row[4],
-        status=BuildStatus(row[5]),
-        created_at=row[6],
-        status_reason=row[7],
-        trigger=row[8],
-        retry_of=str(row[9]) if row[9] else None,
-        production=row[10],
-        started_at=row[11],
-        running_at=row[12],
-        finished_at=row[13],
-        runner_id=str(row[14]) if row[14] else None,
-        project_name=row[15],
-        warnings=tuple(row[16] or ()),
-        received_at=row[17],
-        runner_sandbox=row[18],
-        steps=steps,
+        status=BuildStatus(status),
+        warnings=tuple(warnings),
+        cancel_status=BuildStatus(cancel_status) if cancel_status else None,
+        cancel_reason=cancel_reason or "",
+        **columns,
     )
+
+
+def _step(*, status: str, **columns: Any) -> Step:
+    return Step(status=StepStatus(status), **columns)
+
+
+_BUILD = kwargs_row(_build)
+_STEP = kwargs_row(_step)
+
+
+@dataclass(frozen=True)
+class DueAlarm:
+    """An alarm whose time came: the build's ``kind`` deadline."""
+
+    build_id: str
+    kind: str
 
 
 class BuildStore:
@@ -118,35 +137,28 @@ class BuildStore:
             params.append(account_id)
         if lock:
             sql += " FOR UPDATE OF b"
-        cur = await conn.execute(sql, params)
-        row = await cur.fetchone()
-        if row is None:
+        cur = conn.cursor(row_factory=_BUILD)
+        await cur.execute(sql, params)
+        build = await cur.fetchone()
+        if build is None:
             raise NotFound(f"build {build_id!r} not found")
-        cur = await conn.execute(
+        steps = conn.cursor(row_factory=_STEP)
+        await steps.execute(
             "SELECT name, status, exit_code, started_at, finished_at FROM build_steps"
             " WHERE build_id = %s ORDER BY idx",
             (build_id,),
         )
-        steps = tuple(
-            Step(
-                name=r[0],
-                status=StepStatus(r[1]),
-                exit_code=r[2],
-                started_at=r[3],
-                finished_at=r[4],
-            )
-            for r in await cur.fetchall()
-        )
-        return _build(row, steps)
+        return dataclasses.replace(build, steps=tuple(await steps.fetchall()))
 
     async def get_many_in(self, conn: Conn, build_ids: list[str]) -> list[Build]:
         """The builds (without their steps), in the order of ``build_ids``."""
         if not build_ids:
             return []
-        cur = await conn.execute(
+        cur = conn.cursor(row_factory=_BUILD)
+        await cur.execute(
             f"SELECT {_COLUMNS} FROM {_FROM} WHERE b.id = ANY(%s::uuid[])", (build_ids,)
         )
-        found = {str(r[0]): _build(r) for r in await cur.fetchall()}
+        found = {b.id: b for b in await cur.fetchall()}
         return [found[b] for b in build_ids if b in found]
 
     async def list_for(self, account_id: str, project_id: str | None, limit: int) -> list[Build]:
@@ -158,8 +170,9 @@ class BuildStore:
         sql += " ORDER BY b.created_at DESC LIMIT %s"
         params.append(limit)
         async with self.db.connection() as conn:
-            cur = await conn.execute(sql, params)
-            return [_build(r) for r in await cur.fetchall()]
+            cur = conn.cursor(row_factory=_BUILD)
+            await cur.execute(sql, params)
+            return await cur.fetchall()
 
     async def list_page(
         self,
@@ -194,19 +207,21 @@ class BuildStore:
         sql += " ORDER BY b.created_at DESC, b.id DESC LIMIT %s"
         params.append(limit)
         async with self.db.connection() as conn:
-            cur = await conn.execute(sql, params)
-            return [_build(r) for r in await cur.fetchall()]
+            cur = conn.cursor(row_factory=_BUILD)
+            await cur.execute(sql, params)
+            return await cur.fetchall()
 
     async def last_per_project(self, account_id: str) -> dict[str, Build]:
         """Each of the account's projects' newest build (without steps), by
         project id; projects with no build are absent."""
         async with self.db.connection() as conn:
-            cur = await conn.execute(
+            cur = conn.cursor(row_factory=_BUILD)
+            await cur.execute(
                 f"SELECT DISTINCT ON (b.project_id) {_COLUMNS} FROM {_FROM}"
                 " WHERE b.account_id = %s ORDER BY b.project_id, b.created_at DESC, b.id DESC",
                 (account_id,),
             )
-            return {str(r[1]): _build(r) for r in await cur.fetchall()}
+            return {b.project_id: b for b in await cur.fetchall()}
 
     async def set_status(
         self,
@@ -280,22 +295,24 @@ class BuildStore:
         yet (without steps), but ``except_id``. A build being dispatched
         meanwhile is waited for and then left out (its ``dispatched_at`` is
         set once the lock is granted)."""
-        cur = await conn.execute(
+        cur = conn.cursor(row_factory=_BUILD)
+        await cur.execute(
             f"SELECT {_COLUMNS} FROM {_FROM} WHERE b.project_id = %s AND b.branch = %s"
             " AND b.status = 'queued' AND b.dispatched_at IS NULL AND b.id <> %s"
             " ORDER BY b.created_at FOR UPDATE OF b",
             (project_id, branch, except_id),
         )
-        return [_build(r) for r in await cur.fetchall()]
+        return await cur.fetchall()
 
     async def active_on_branch(self, conn: Conn, project_id: str, branch: str) -> list[str]:
-        cur = await conn.execute(
-            "SELECT id FROM builds WHERE project_id = %s AND branch = %s"
+        cur = conn.cursor(row_factory=scalar_row)
+        await cur.execute(
+            "SELECT id::text FROM builds WHERE project_id = %s AND branch = %s"
             " AND (status IN ('initializing', 'running')"
             "      OR (status = 'queued' AND dispatched_at IS NOT NULL))",
             (project_id, branch),
         )
-        return [str(r[0]) for r in await cur.fetchall()]
+        return await cur.fetchall()
 
     # --- alarms -----------------------------------------------------------
 
@@ -311,11 +328,12 @@ class BuildStore:
             "DELETE FROM alarms WHERE build_id = %s AND kind = ANY(%s)", (build_id, list(kinds))
         )
 
-    async def due_alarms(self, conn: Conn, limit: int) -> list[tuple[str, str]]:
-        """Lock and return due alarms (build id, kind); other replicas skip them."""
-        cur = await conn.execute(
-            "SELECT build_id, kind FROM alarms WHERE fire_at <= clock_timestamp()"
+    async def due_alarms(self, conn: Conn, limit: int) -> list[DueAlarm]:
+        """Lock and return due alarms; other replicas skip them."""
+        cur = conn.cursor(row_factory=class_row(DueAlarm))
+        await cur.execute(
+            "SELECT build_id::text, kind FROM alarms WHERE fire_at <= clock_timestamp()"
             " ORDER BY fire_at LIMIT %s FOR UPDATE SKIP LOCKED",
             (limit,),
         )
-        return [(str(r[0]), r[1]) for r in await cur.fetchall()]
+        return await cur.fetchall()
