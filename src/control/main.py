@@ -19,6 +19,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_health.v1.health import SERVICE_NAME as HEALTH_SERVICE
 from prometheus_client import CollectorRegistry
 
+from common.retry import RetryPolicy
 from control.api import reflection
 from control.api.build_manager_servicer import BuildManagerServicer
 from control.api.config_servicer import ConfigServicer
@@ -30,7 +31,7 @@ from control.builds.lifecycle import Lifecycle
 from control.config import Settings
 from control.forge.links import Links
 from control.forge.remote import RemoteReader
-from control.forge.reporter import RetryPolicy, StatusReporter
+from control.forge.reporter import FORGE_RETRY, StatusReporter
 from control.http import HttpApp
 from control.http_limits import BODY_SECONDS, HEADER_SECONDS
 from control.logs.admission import LogAdmission
@@ -105,7 +106,7 @@ class ControlPlane:
     http_header_seconds: float = HEADER_SECONDS
     http_body_seconds: float = BODY_SECONDS
     # Backoff of commit statuses to forges (tests shorten it).
-    forge_retry: RetryPolicy = field(default_factory=RetryPolicy)
+    forge_retry: RetryPolicy = FORGE_RETRY
 
     async def start(self) -> None:
         s = self.settings

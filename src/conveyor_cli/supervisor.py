@@ -27,7 +27,7 @@ from collections.abc import Sequence
 import psutil
 from prometheus_client import CollectorRegistry, Counter
 
-from control.forge.reporter import RetryPolicy
+from common.retry import RetryPolicy
 from control.storage.embedded import EmbeddedPostgres, Watchdog
 from conveyor_cli.parent import PARENT_ENV
 
@@ -40,7 +40,7 @@ POSTMASTER_POLL = 0.5
 # Exit code of `conveyor runner start` for a refused configuration: a
 # restart cannot help.
 CONFIG_ERROR = 2
-RESTART_POLICY = RetryPolicy(first_delay=0.5, max_delay=30.0)
+RESTART_POLICY = RetryPolicy(base=0.5, cap=30.0, jitter=(0.8, 1.2))
 
 
 class SupervisorMetrics:

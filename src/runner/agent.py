@@ -15,6 +15,7 @@ import contextlib
 import logging
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -24,7 +25,7 @@ from conveyor.v1 import runner_service_pb2 as rs
 from runner.build_run import BuildRun
 from runner.cache import BuildCache
 from runner.config import RunnerSettings
-from runner.control_client import ControlClient, backoff_sleep
+from runner.control_client import RPC_RETRY, ControlClient
 from runner.launchers.base import Launcher
 from runner.metrics import RunnerMetrics
 
@@ -66,7 +67,9 @@ class Agent:
         self.heartbeat_seconds = 5.0
 
     async def run(self) -> None:
-        attempt = 0
+        # Reconnects start a little slower than an RPC's retries: a broken
+        # stream usually means the control plane is restarting.
+        backoff = replace(RPC_RETRY, base=0.2).backoff()
         while not self._stop.is_set():
             session = asyncio.create_task(self._session(), name="runner-session")
             stopper = asyncio.create_task(self._stop.wait())
@@ -82,13 +85,12 @@ class Agent:
                 break
             exc = session.exception()
             if exc is None:
-                attempt = 0
+                backoff.succeeded()
                 continue
             self.connected.clear()
             log.warning("control plane stream broke: %s; reconnecting", _short(exc))
             self.metrics.reconnects.inc()
-            await backoff_sleep(attempt, base=0.2)
-            attempt = min(attempt + 1, 10)
+            await backoff.wait()
         await self._finish()
 
     async def _session(self) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -21,7 +21,7 @@ from conveyor.v1 import types_pb2 as pb
 from conveyor.v1.types_pb2 import BuildStatus
 from runner.cache import BuildCache, scope_for
 from runner.cache_run import CacheRun, CacheTarget
-from runner.control_client import ControlClient, backoff_sleep, is_retryable
+from runner.control_client import RPC_RETRY, ControlClient
 from runner.launchers.base import (
     Job,
     JobResult,
@@ -127,16 +127,13 @@ class BuildRun:
         """Send reports in order; retry through outages; stop the job when
         the control plane says the build is closed."""
         while (request := await self._reports.get()) is not None:
-            began = time.monotonic()
-            attempt = 0
+            backoff = replace(RPC_RETRY, deadline=REPORT_PATIENCE).backoff()
             while True:
                 try:
                     await self.client.report(self.a.build_token, request)
                     break
                 except Exception as exc:
-                    if is_retryable(exc) and time.monotonic() - began < REPORT_PATIENCE:
-                        await backoff_sleep(attempt)
-                        attempt += 1
+                    if await backoff.wait(exc):
                         continue
                     log.warning("status report refused: %s", exc, extra=self.extra)
                     self._closed.set()

@@ -12,6 +12,7 @@ from pathlib import Path
 import grpc
 from grpc import aio
 
+from common.retry import RetryPolicy
 from conveyor.v1 import runner_service_pb2 as rs
 from conveyor.v1 import runner_service_pb2_grpc as rs_grpc
 
@@ -272,8 +273,6 @@ def _ready(channel: aio.Channel) -> bool:
     return channel.get_state(try_to_connect=False) == grpc.ChannelConnectivity.READY
 
 
-async def backoff_sleep(attempt: int, base: float = 0.1, cap: float = RETRY_CAP) -> None:
-    """Sleep an exponential backoff with full jitter; bounded by ``cap``."""
-    import random
-
-    await asyncio.sleep(random.uniform(0, min(cap, base * 2**attempt)))  # noqa: S311 (jitter)
+# Retries of an RPC the control plane did not take: from 0.1 s doubling up
+# to RETRY_CAP, full jitter so a fleet of runners does not retry in step.
+RPC_RETRY = RetryPolicy(base=0.1, cap=RETRY_CAP, retry_on=is_retryable)

@@ -14,8 +14,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import replace
 
-from runner.control_client import ControlClient, backoff_sleep, is_retryable
+from runner.control_client import RPC_RETRY, ControlClient, is_retryable
 from runner.metrics import RunnerMetrics
 
 log = logging.getLogger(__name__)
@@ -23,6 +24,7 @@ log = logging.getLogger(__name__)
 # Longest pause between two sends of a batch the control plane refused for
 # lack of disk space (s): a refusal lasts minutes, not milliseconds.
 REFUSED_RETRY_CAP = 5.0
+REFUSED_RETRY = replace(RPC_RETRY, cap=REFUSED_RETRY_CAP)
 
 
 def is_refused_for_space(exc: BaseException) -> bool:
@@ -157,8 +159,8 @@ class LogBatcher:
                             )  # fmt: skip
                         refused = True
                         self.metrics.log_batches_retried.inc()
-                        await backoff_sleep(attempt, cap=REFUSED_RETRY_CAP)
                         attempt += 1
+                        await asyncio.sleep(REFUSED_RETRY.delay(attempt))
                         continue
                     if not is_retryable(exc):
                         # The control plane closed this build (canceled,
@@ -169,8 +171,8 @@ class LogBatcher:
                         self.abandoned.set()
                         break
                     self.metrics.log_batches_retried.inc()
-                    await backoff_sleep(attempt)
                     attempt += 1
+                    await asyncio.sleep(RPC_RETRY.delay(attempt))
                     continue
                 if refused:
                     log.info(

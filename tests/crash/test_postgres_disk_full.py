@@ -21,7 +21,7 @@ import psycopg
 import pytest
 from prometheus_client import CollectorRegistry
 
-from control.forge.reporter import RetryPolicy
+from common.retry import RetryPolicy
 from control.storage.embedded import EmbeddedPostgres
 from conveyor_cli.supervisor import PostgresSupervisor, SupervisorMetrics
 
@@ -69,7 +69,7 @@ async def test_postgres_that_died_on_a_full_disk_comes_back_once_space_returns(
     server = EmbeddedPostgres(small_disk / "data")
     metrics = SupervisorMetrics(CollectorRegistry())
     supervisor = PostgresSupervisor(
-        server, metrics, policy=RetryPolicy(first_delay=0.2, max_delay=1.0)
+        server, metrics, policy=RetryPolicy(base=0.2, cap=1.0, jitter=(0.8, 1.2))
     )
     url = await supervisor.start()
     watch = asyncio.create_task(supervisor.watch())

@@ -7,12 +7,12 @@ from collections.abc import AsyncIterator
 
 import pytest_asyncio
 
-from control.forge.reporter import RetryPolicy
+from common.retry import RetryPolicy
 from tests.fakes.github import FakeGitHub
 from tests.fakes.gitlab import FakeGitLab
 from tests.helpers import ControlHandle
 
-FAST_RETRY = RetryPolicy(first_delay=0.05, max_delay=0.2, attempts=4, request_timeout=2.0)
+FAST_RETRY = RetryPolicy(base=0.05, cap=0.2, jitter=(0.8, 1.2), attempts=4)
 TOKEN = "ghp_test_token_0123456789"
 
 

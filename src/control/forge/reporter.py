@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
 
 import aiohttp
 
+from common.retry import RetryPolicy
 from control.builds.lifecycle import Lifecycle
 from control.domain.build import Build
 from control.domain.env import FORGE_TOKEN
@@ -51,28 +50,19 @@ TOKEN_NAME = FORGE_TOKEN
 CONTEXT_PREFIX = "conveyor"
 
 
-@dataclass(frozen=True)
-class RetryPolicy:
-    """Backoff of one status: ``attempts`` tries, waiting ``first_delay``
-    seconds, doubling up to ``max_delay`` (or the forge's Retry-After) with
-    ±20 % jitter; each request gets ``request_timeout`` seconds."""
-
-    first_delay: float = 1.0
-    max_delay: float = 60.0
-    attempts: int = 8
-    request_timeout: float = 10.0
-
-    def delay(self, attempt: int, retry_after: float | None = None) -> float:
-        base = min(self.max_delay, self.first_delay * 2.0 ** (attempt - 1))
-        if retry_after is not None:
-            base = min(self.max_delay, max(base, retry_after))
-        return base * random.uniform(0.8, 1.2)  # noqa: S311  # jitter, not crypto
+# Backoff of one status: 8 tries, from 1 s doubling up to a minute (or the
+# forge's Retry-After), ±20 % jitter so replicas do not retry in step.
+FORGE_RETRY = RetryPolicy(base=1.0, cap=60.0, jitter=(0.8, 1.2), attempts=8)
+# Seconds one request to a forge may take.
+REQUEST_TIMEOUT = 10.0
 
 
 class StatusReporter:
     """Owns the worker tasks and the HTTP session. ``start`` registers
     ``notify`` with the lifecycle; ``stop`` unregisters it, gives queued
-    statuses up to ``drain_seconds`` to go out, then cancels the workers."""
+    statuses up to ``drain_seconds`` to go out, then cancels the workers.
+    ``policy`` retries a status the forge did not take (default
+    ``FORGE_RETRY``); each request gets ``request_timeout`` seconds."""
 
     def __init__(
         self,
@@ -81,6 +71,7 @@ class StatusReporter:
         links: Links,
         policy: RetryPolicy | None = None,
         *,
+        request_timeout: float = REQUEST_TIMEOUT,
         clients: Mapping[str, CommitStatuses] | None = None,
         queue_size: int = 1000,
         workers: int = 4,
@@ -90,7 +81,8 @@ class StatusReporter:
         self.reports = ForgeReportStore(lifecycle.db)
         self.metrics = metrics
         self.links = links
-        self.policy = policy or RetryPolicy()
+        self.policy = policy or FORGE_RETRY
+        self.request_timeout = request_timeout
         self.clients: dict[str, CommitStatuses] = dict(clients or {})
         self.workers = workers
         self.forge_api_urls = frozenset(forge_api_urls)
@@ -105,7 +97,7 @@ class StatusReporter:
 
     async def start(self) -> None:
         self._session = aiohttp.ClientSession()
-        timeout = self.policy.request_timeout
+        timeout = self.request_timeout
         self.clients.setdefault("github", GitHubStatuses(self._session, timeout))
         self.clients.setdefault("gitlab", GitLabStatuses(self._session, timeout))
         self._tasks = [
@@ -239,9 +231,9 @@ class StatusReporter:
     ) -> None:
         forge = target.forge
         extra = {"build_id": build.id, "project_id": build.project_id}
-        attempt = 0
+        backoff = self.policy.backoff()
         while True:
-            attempt += 1
+            attempt = backoff.attempt + 1
             began = time.perf_counter()
             try:
                 await client.post(target, update)
@@ -255,7 +247,8 @@ class StatusReporter:
                 return
             except ForgeUnavailable as exc:
                 self._observe(forge, began, up=False)
-                if attempt >= self.policy.attempts:
+                delay = backoff.failed(exc, exc.retry_after)
+                if delay is None:
                     self.metrics.status_reports.labels(forge, "failed").inc()
                     await self._give_up(
                         build, forge, said, update, attempt, str(exc),
@@ -268,7 +261,6 @@ class StatusReporter:
                     build.id, forge, said, update.description,
                     delivered=False, attempts=attempt, error=str(exc),
                 )  # fmt: skip
-                delay = self.policy.delay(attempt, exc.retry_after)
                 log.info(
                     "%s did not take the commit status (%s); retry %d in %.1f s",
                     forge, exc, attempt, delay, extra=extra,
