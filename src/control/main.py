@@ -40,15 +40,20 @@ from control.metrics import ControlMetrics
 from control.retention import Retention
 from control.scheduler.loop import Scheduler
 from control.secrets import SecretBox
+from control.services.accounts import AccountService
 from control.services.builds import BuildService
+from control.services.env import EnvService
+from control.services.hooks import HookService
 from control.services.projects import ProjectService
 from control.services.registry import Services
 from control.services.runners import RunnerService
+from control.services.tokens import TokenService
 from control.storage.accounts import AccountStore
 from control.storage.audit import AuditLog
 from control.storage.builds import BuildStore
 from control.storage.db import Database
 from control.storage.env import EnvStore
+from control.storage.hooks import DeployHookStore
 from control.storage.logs import LogStore
 from control.storage.migrate import migrate
 from control.storage.notify import Notifier
@@ -159,8 +164,21 @@ class ControlPlane:
                 PushLog(self.db),
                 reader=self.reader,
             ),
-            projects=ProjectService(self.projects, self.builds, self.env, reader=self.reader),
+            projects=ProjectService(
+                self.projects,
+                self.builds,
+                self.env,
+                reader=self.reader,
+                db=self.db,
+                audit=self.audit,
+                max_run_timeout=s.lifecycle.max_run_timeout,
+                forge_api_urls=frozenset(s.forge_api_urls),
+            ),
             runners=RunnerService(self.runners),
+            env=EnvService(self.db, self.projects, self.env, self.audit),
+            tokens=TokenService(self.db, self.audit),
+            accounts=AccountService(self.db, self.audit),
+            hooks=HookService(self.db, self.projects, DeployHookStore(self.db), self.audit),
         )
         # Commit statuses to GitHub/GitLab: registered with the lifecycle
         # before anything can change a build.
@@ -216,18 +234,7 @@ class ControlPlane:
             runner_alive=s.lifecycle.runner_lost_after,
             global_capacity=s.global_capacity,
         )
-        config_servicer = ConfigServicer(
-            self.db,
-            self.projects,
-            self.builds,
-            self.lifecycle,
-            self.env,
-            self.audit,
-            s.lifecycle.max_run_timeout,
-            self.links,
-            forge_api_urls=s.forge_api_urls,
-            services=self.services,
-        )
+        config_servicer = ConfigServicer(self.services, self.links)
         config_service_pb2_grpc.add_ConfigServiceServicer_to_server(
             config_servicer,
             self.server,

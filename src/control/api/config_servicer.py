@@ -2,36 +2,25 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable
-from dataclasses import asdict, fields, replace
 from typing import Any
 
 from control.api import convert
 from control.api.access_servicer import AccessRpcs
-from control.api.edge import Ctx, account_of_caller, principal
+from control.api.edge import Ctx, principal
 from control.api.fields import required
 from control.api.fleet_servicer import FleetRpcs
 from control.api.forge_servicer import ForgeRpcs
-from control.builds.lifecycle import Lifecycle
 from control.domain import project as proj
 from control.domain.project import ProjectSettings
 from control.errors import InvalidArgument
 from control.forge.links import Links
 from control.services.builds import BuildFilter
 from control.services.registry import Services
-from control.storage.audit import AuditLog
-from control.storage.builds import BuildStore
-from control.storage.db import Database
-from control.storage.env import EnvStore
-from control.storage.projects import UPDATABLE, ProjectStore
+from control.storage.projects import UPDATABLE
 from conveyor.v1 import config_service_pb2 as cs
 from conveyor.v1 import config_service_pb2_grpc as cs_grpc
 from conveyor.v1 import types_pb2 as pb
-
-log = logging.getLogger(__name__)
-
-MAX_LIST = 500
 
 
 def settings_from(msg: cs.CreateProjectRequest) -> ProjectSettings:
@@ -65,65 +54,39 @@ def settings_from(msg: cs.CreateProjectRequest) -> ProjectSettings:
 
 
 class ConfigServicer(AccessRpcs, ForgeRpcs, FleetRpcs, cs_grpc.ConfigServiceServicer):
-    def __init__(
-        self,
-        db: Database,
-        projects: ProjectStore,
-        builds: BuildStore,
-        lifecycle: Lifecycle,
-        env: EnvStore,
-        audit: AuditLog,
-        max_run_timeout: int,
-        links: Links | None = None,
-        forge_api_urls: tuple[str, ...] = (),
-        *,
-        services: Services,
-    ) -> None:
+    """Each RPC validates the request, calls one method of ``services`` with
+    the caller, and converts the answer; ``links`` makes deploy hooks' URLs."""
+
+    def __init__(self, services: Services, links: Links | None = None) -> None:
         self.services = services
-        self.db = db
-        self.projects = projects
-        self.builds = builds
-        self.lifecycle = lifecycle
-        self.env = env
-        self.audit = audit
-        self.max_run_timeout = max_run_timeout
         self.links = links or Links()
-        self.forge_api_urls = frozenset(forge_api_urls)
 
     async def CreateProject(
         self, request: cs.CreateProjectRequest, context: Ctx
     ) -> cs.CreateProjectResponse:
-        settings = settings_from(request)
-        settings.validate(self.max_run_timeout, self.forge_api_urls)
-        account = account_of_caller()
-        await self.services.projects.check_repository(account, settings.repo_url)
-        project = await self.projects.create(account, settings)
-        await self.audit.record(
-            None, account, principal().name, "project.create", f"project {project.name}",
-            f"repo_url={project.repo_url} fork_secrets={_on_off(project.fork_secrets)}",
-        )  # fmt: skip
-        log.info("project created", extra={"project_id": project.id})
+        project = await self.services.projects.create(principal(), settings_from(request))
         return cs.CreateProjectResponse(project=convert.project_to_pb(project, with_secret=True))
 
     async def GetProject(
         self, request: cs.GetProjectRequest, context: Ctx
     ) -> cs.GetProjectResponse:
-        project = await self.projects.get(account_of_caller(), required("project", request.project))
+        project = await self.services.projects.get(
+            principal(), required("project", request.project)
+        )
         # The webhook secret signs pushes that deploy: a read never shows it.
         return cs.GetProjectResponse(project=convert.project_to_pb(project, with_secret=False))
 
     async def ListProjects(
         self, request: cs.ListProjectsRequest, context: Ctx
     ) -> cs.ListProjectsResponse:
-        projects = await self.projects.list_for(account_of_caller())
+        found = await self.services.projects.list_projects(principal())
         return cs.ListProjectsResponse(
-            projects=[convert.project_to_pb(p, with_secret=False) for p in projects]
+            projects=[convert.project_to_pb(p, with_secret=False) for p in found]
         )
 
     async def UpdateProject(
         self, request: cs.UpdateProjectRequest, context: Ctx
     ) -> cs.UpdateProjectResponse:
-        account = account_of_caller()
         ref = required("project", request.project)
         mask = _mask_of(request)
         named = "mask" if request.mask.paths else "update_mask"
@@ -132,50 +95,22 @@ class ConfigServicer(AccessRpcs, ForgeRpcs, FleetRpcs, cs_grpc.ConfigServiceServ
             raise InvalidArgument(named, f"cannot update {', '.join(unknown)}")
         if not mask:
             raise InvalidArgument(named, "name at least one field to change")
-        current = await self.projects.get(account, ref)
-        base = ProjectSettings(
-            **{f.name: getattr(current, f.name) for f in fields(ProjectSettings)}
-        )
         values = {m: _plain(getattr(request.values, m)) for m in mask}
-        updated = replace(base, **values)
-        updated.validate(self.max_run_timeout, self.forge_api_urls)
-        if "repo_url" in values:
-            await self.services.projects.check_repository(account, updated.repo_url)
-        changes = {k: v for k, v in asdict(updated).items() if k in values}
-        project = await self.projects.update(account, current.id, changes)
-        details = "changed=" + ",".join(sorted(changes))
-        if "fork_secrets" in changes:
-            details += f" fork_secrets={_on_off(project.fork_secrets)}"
-        await self.audit.record(
-            None, account, principal().name, "project.update", f"project {project.name}", details
-        )
+        project = await self.services.projects.update(principal(), ref, values)
         return cs.UpdateProjectResponse(project=convert.project_to_pb(project, with_secret=False))
 
     async def DeleteProject(
         self, request: cs.DeleteProjectRequest, context: Ctx
     ) -> cs.DeleteProjectResponse:
-        account = account_of_caller()
-        project = await self.projects.delete(account, required("project", request.project))
-        await self.audit.record(
-            None, account, principal().name, "project.delete", f"project {project.name}"
-        )
-        log.info("project deleted", extra={"project_id": project.id})
+        await self.services.projects.delete(principal(), required("project", request.project))
         return cs.DeleteProjectResponse()
 
     async def RotateWebhookSecret(
         self, request: cs.RotateWebhookSecretRequest, context: Ctx
     ) -> cs.RotateWebhookSecretResponse:
-        account = account_of_caller()
-        async with self.db.transaction() as conn:
-            current = await self.projects.get_in(
-                conn, account, required("project", request.project)
-            )
-            project = await self.projects.rotate_webhook_secret(conn, account, current.id)
-            await self.audit.record(
-                conn, account, principal().name, "project.rotate_webhook_secret",
-                f"project {project.name}",
-            )  # fmt: skip
-        log.info("webhook secret rotated", extra={"project_id": project.id})
+        project = await self.services.projects.rotate_webhook_secret(
+            principal(), required("project", request.project)
+        )
         return cs.RotateWebhookSecretResponse(
             project=convert.project_to_pb(project, with_secret=True)
         )
@@ -194,17 +129,9 @@ class ConfigServicer(AccessRpcs, ForgeRpcs, FleetRpcs, cs_grpc.ConfigServiceServ
     async def PurgeCache(
         self, request: cs.PurgeCacheRequest, context: Ctx
     ) -> cs.PurgeCacheResponse:
-        account = account_of_caller()
-        async with self.db.transaction() as conn:
-            project = await self.projects.get_in(
-                conn, account, required("project", request.project)
-            )
-            generation = await self.projects.purge_cache(conn, account, project.id)
-            await self.audit.record(
-                conn, account, principal().name, "cache.purge", f"project {project.name}",
-                f"generation={generation}",
-            )  # fmt: skip
-        log.info("build cache purged: generation %d", generation, extra={"project_id": project.id})
+        generation = await self.services.projects.purge_cache(
+            principal(), required("project", request.project)
+        )
         return cs.PurgeCacheResponse(generation=generation)
 
     async def ListBuilds(
@@ -247,10 +174,6 @@ class ConfigServicer(AccessRpcs, ForgeRpcs, FleetRpcs, cs_grpc.ConfigServiceServ
             principal(), required("build_id", request.build_id)
         )
         return cs.RetryBuildResponse(build=convert.build_to_pb(build))
-
-
-def _on_off(flag: bool) -> str:
-    return "on" if flag else "off"
 
 
 def _mask_of(request: cs.UpdateProjectRequest) -> list[str]:

@@ -11,6 +11,9 @@ from control.domain.build import Build, BuildStatus, Step, StepStatus
 from control.domain.cache import effective_lockfiles, effective_paths
 from control.domain.project import Project
 from control.domain.runner import RunnerInfo
+from control.storage.accounts import Account, TokenInfo
+from control.storage.audit import AuditEvent
+from control.storage.env import EnvVar
 from control.storage.hooks import DeployHook
 from control.storage.logs import StoredLine
 from control.storage.pushes import SkippedPush
@@ -175,4 +178,31 @@ def deploy_hook_to_pb(hook: DeployHook) -> cs.DeployHook:
     timestamp(hook.created_at, msg.created_at)
     timestamp(hook.last_used_at, msg.last_used_at)
     timestamp(hook.revoked_at, msg.revoked_at)
+    return msg
+
+
+def env_var_to_pb(var: EnvVar) -> cs.ProjectEnvVar:
+    msg = cs.ProjectEnvVar(name=var.name, value=var.value, secret=var.secret)
+    msg.updated_at.FromDatetime(var.updated_at)
+    return msg
+
+
+def token_to_pb(info: TokenInfo) -> cs.Token:
+    msg = cs.Token(id=info.id, name=info.name, scopes=list(info.scopes))
+    timestamp(info.created_at, msg.created_at)
+    timestamp(info.revoked_at, msg.revoked_at)
+    return msg
+
+
+def account_to_pb(account: Account) -> cs.Account:
+    msg = cs.Account(id=account.id, name=account.name, concurrency_limit=account.concurrency_limit)
+    timestamp(account.created_at, msg.created_at)
+    return msg
+
+
+def audit_event_to_pb(event: AuditEvent) -> cs.AuditEvent:
+    msg = cs.AuditEvent(
+        actor=event.actor, action=event.action, target=event.target, details=event.details
+    )
+    timestamp(event.at, msg.time)
     return msg

@@ -34,11 +34,18 @@ def may(caller: Principal, scope: str) -> bool:
     return caller.kind in ("user", "internal") and scope in granted(caller)
 
 
+def check(caller: Principal, scope: str) -> None:
+    """Raise ``PermissionDenied`` naming the scope unless ``caller`` holds
+    it; for actions of the installation ("system": accounts, key rotation)
+    that need no account of the caller's own."""
+    if not may(caller, scope):
+        raise PermissionDenied(f"this needs the {scope!r} scope")
+
+
 def require(caller: Principal, scope: str) -> str:
     """Return the caller's account id; raise ``PermissionDenied`` naming the
     scope when the caller lacks it or belongs to no account."""
-    if not may(caller, scope):
-        raise PermissionDenied(f"this needs the {scope!r} scope")
+    check(caller, scope)
     if caller.account_id is None:
         raise PermissionDenied("this token does not belong to an account")
     return caller.account_id

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from control.services.accounts import AccountService
 from control.services.builds import BuildService
+from control.services.env import EnvService
+from control.services.hooks import HookService
 from control.services.projects import ProjectService
 from control.services.runners import RunnerService
+from control.services.tokens import TokenService
 
 
 @dataclass(frozen=True)
@@ -16,3 +20,7 @@ class Services:
     builds: BuildService
     projects: ProjectService
     runners: RunnerService
+    env: EnvService
+    tokens: TokenService
+    accounts: AccountService
+    hooks: HookService

@@ -90,23 +90,23 @@ class EnvStore:
             out.append(EnvVar(name, secret, value, updated))
         return out
 
-    async def rotate(self) -> int:
-        """Re-encrypt every secret not under the current key; return how many."""
+    async def rotate(self, conn: Conn) -> int:
+        """Re-encrypt every secret not under the current key in the caller's
+        transaction (the rows stay locked until it ends); return how many."""
         count = 0
-        async with self.db.transaction() as conn:
-            cur = await conn.execute(
-                "SELECT project_id, name, key_id, nonce, ciphertext FROM project_env"
-                " WHERE secret AND key_id <> %s FOR UPDATE",
-                (self.box.current,),
+        cur = await conn.execute(
+            "SELECT project_id, name, key_id, nonce, ciphertext FROM project_env"
+            " WHERE secret AND key_id <> %s FOR UPDATE",
+            (self.box.current,),
+        )
+        for project_id, name, kid, nonce, ciphertext in await cur.fetchall():
+            context = _context(str(project_id), name)
+            plain = self.box.open(Sealed(kid, bytes(nonce), bytes(ciphertext)), context)
+            sealed = self.box.seal(plain, context)
+            await conn.execute(
+                "UPDATE project_env SET key_id = %s, nonce = %s, ciphertext = %s"
+                " WHERE project_id = %s AND name = %s",
+                (sealed.key_id, sealed.nonce, sealed.ciphertext, project_id, name),
             )
-            for project_id, name, kid, nonce, ciphertext in await cur.fetchall():
-                context = _context(str(project_id), name)
-                plain = self.box.open(Sealed(kid, bytes(nonce), bytes(ciphertext)), context)
-                sealed = self.box.seal(plain, context)
-                await conn.execute(
-                    "UPDATE project_env SET key_id = %s, nonce = %s, ciphertext = %s"
-                    " WHERE project_id = %s AND name = %s",
-                    (sealed.key_id, sealed.nonce, sealed.ciphertext, project_id, name),
-                )
-                count += 1
+            count += 1
         return count

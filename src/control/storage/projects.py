@@ -64,17 +64,18 @@ class ProjectStore:
     def __init__(self, db: Database) -> None:
         self.db = db
 
-    async def create(self, account_id: str, settings: ProjectSettings) -> Project:
-        """Insert a project; raises ``AlreadyExists`` for a taken name."""
+    async def create(self, conn: Conn, account_id: str, settings: ProjectSettings) -> Project:
+        """Insert a project in the caller's transaction; raises
+        ``AlreadyExists`` for a taken name (when the statement runs inside
+        ``Database.transaction``, which translates the unique violation)."""
         values = {k: _sql_value(v) for k, v in asdict(settings).items()}
-        async with self.db.connection() as conn:
-            cur = await conn.execute(
-                f"INSERT INTO projects (id, account_id, webhook_secret, {', '.join(values)})"
-                f" VALUES (%s, %s, %s, {', '.join(['%s'] * len(values))})"
-                f" RETURNING {_COLUMNS}",
-                (uuid.uuid4(), account_id, secrets.token_hex(24), *values.values()),
-            )
-            row = await cur.fetchone()
+        cur = await conn.execute(
+            f"INSERT INTO projects (id, account_id, webhook_secret, {', '.join(values)})"
+            f" VALUES (%s, %s, %s, {', '.join(['%s'] * len(values))})"
+            f" RETURNING {_COLUMNS}",
+            (uuid.uuid4(), account_id, secrets.token_hex(24), *values.values()),
+        )
+        row = await cur.fetchone()
         assert row is not None
         return _project(row)
 
@@ -127,19 +128,21 @@ class ProjectStore:
             )
             return [_project(r) for r in await cur.fetchall()]
 
-    async def update(self, account_id: str, ref: str, changes: dict[str, object]) -> Project:
-        """Apply validated ``changes`` (keys in ``UPDATABLE``)."""
-        async with self.db.transaction() as conn:
-            project = await self.get_in(conn, account_id, ref)
-            if not changes:
-                return project
-            assignments = ", ".join(f"{name} = %s" for name in changes)
-            cur = await conn.execute(
-                f"UPDATE projects SET {assignments}, updated_at = now() WHERE id = %s"
-                f" RETURNING {_COLUMNS}",
-                (*(_sql_value(v) for v in changes.values()), project.id),
-            )
-            row = await cur.fetchone()
+    async def update(
+        self, conn: Conn, account_id: str, ref: str, changes: dict[str, object]
+    ) -> Project:
+        """Apply validated ``changes`` (keys in ``UPDATABLE``) in the
+        caller's transaction. Raises ``NotFound``."""
+        project = await self.get_in(conn, account_id, ref)
+        if not changes:
+            return project
+        assignments = ", ".join(f"{name} = %s" for name in changes)
+        cur = await conn.execute(
+            f"UPDATE projects SET {assignments}, updated_at = now() WHERE id = %s"
+            f" RETURNING {_COLUMNS}",
+            (*(_sql_value(v) for v in changes.values()), project.id),
+        )
+        row = await cur.fetchone()
         assert row is not None
         return _project(row)
 
@@ -187,18 +190,20 @@ class ProjectStore:
             raise NotFound(f"project {project_id!r} not found")
         return _project(row)
 
-    async def delete(self, account_id: str, ref: str) -> Project:
-        async with self.db.transaction() as conn:
-            project = await self.get_in(conn, account_id, ref)
-            cur = await conn.execute(
-                "SELECT count(*) FROM builds WHERE project_id = %s"
-                " AND status IN ('initializing', 'running')",
-                (project.id,),
+    async def delete(self, conn: Conn, account_id: str, ref: str) -> Project:
+        """Delete the project (its builds, variables and hooks go with it)
+        in the caller's transaction and return it as it was. Raises
+        ``NotFound``, or ``FailedPrecondition`` while a build of it runs."""
+        project = await self.get_in(conn, account_id, ref)
+        cur = await conn.execute(
+            "SELECT count(*) FROM builds WHERE project_id = %s"
+            " AND status IN ('initializing', 'running')",
+            (project.id,),
+        )
+        row = await cur.fetchone()
+        if row and row[0]:
+            raise FailedPrecondition(
+                f"project {project.name!r} has {row[0]} running build(s); cancel them first"
             )
-            row = await cur.fetchone()
-            if row and row[0]:
-                raise FailedPrecondition(
-                    f"project {project.name!r} has {row[0]} running build(s); cancel them first"
-                )
-            await conn.execute("DELETE FROM projects WHERE id = %s", (project.id,))
+        await conn.execute("DELETE FROM projects WHERE id = %s", (project.id,))
         return project
