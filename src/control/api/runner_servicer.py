@@ -7,6 +7,7 @@ import logging
 import uuid
 from collections.abc import AsyncIterator
 
+from common.tasks import cancel_and_wait
 from control.api import convert
 from control.api.edge import BEARER, Ctx
 from control.builds.lifecycle import AssignmentData, Lifecycle, StepReport, now
@@ -137,11 +138,17 @@ class RunnerServicer(rs_grpc.RunnerServiceServicer):
             self.notifier.publish_local("conveyor_queue", None)
             while not reader.done():
                 waiter = asyncio.ensure_future(wake.wait())
-                await asyncio.wait(
-                    {waiter, reader}, timeout=DISPATCH_RECHECK, return_when=asyncio.FIRST_COMPLETED
-                )
-                waiter.cancel()
+                try:
+                    await asyncio.wait(
+                        {waiter, reader},
+                        timeout=DISPATCH_RECHECK,
+                        return_when=asyncio.FIRST_COMPLETED,
+                    )
+                finally:
+                    await cancel_and_wait(waiter)
                 if reader.done():
+                    if not reader.cancelled() and (exc := reader.exception()) is not None:
+                        log.warning("runner %s stream failed: %s", runner_id, exc)
                     break
                 wake.clear()
                 work = await self.lifecycle.dispatch(runner_id, session_id)
@@ -168,7 +175,7 @@ class RunnerServicer(rs_grpc.RunnerServiceServicer):
                     )
         finally:
             unsubscribe()
-            reader.cancel()
+            await cancel_and_wait(reader)
             self.metrics.runners_connected.dec()
             self.metrics.runner_capacity.dec(hello.capacity)
             self.metrics.runner_busy.dec(self._busy.pop(runner_id, 0))

@@ -24,6 +24,7 @@ import nomad
 import requests
 from nomad.api import exceptions as nomad_errors
 
+from common.tasks import cancel_and_wait
 from runner.errors import RunnerError
 from runner.launchers.base import JobResult, JobSpec, LaunchError, OutputLine
 from runner.launchers.nomad_job import (
@@ -509,11 +510,7 @@ class NomadJob:
         try:
             await asyncio.wait({answer, stopped}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            stopped.cancel()
-            if not answer.done():
-                answer.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await answer
+            await cancel_and_wait(stopped, answer)
         return answer.result() if not answer.cancelled() else None
 
     async def _follow(self, alloc_id: str, stream: LogStream) -> None:
