@@ -11,46 +11,14 @@ from control.api.edge import Ctx, principal
 from control.api.fields import required
 from control.api.fleet_servicer import FleetRpcs
 from control.api.forge_servicer import ForgeRpcs
-from control.domain import project as proj
-from control.domain.project import ProjectSettings
+from control.domain.project_fields import UPDATABLE
 from control.errors import InvalidArgument
 from control.forge.links import Links
 from control.services.builds import BuildFilter
 from control.services.registry import Services
-from control.storage.projects import UPDATABLE
 from conveyor.v1 import config_service_pb2 as cs
 from conveyor.v1 import config_service_pb2_grpc as cs_grpc
 from conveyor.v1 import types_pb2 as pb
-
-
-def settings_from(msg: cs.CreateProjectRequest) -> ProjectSettings:
-    return ProjectSettings(
-        name=msg.name,
-        repo_url=msg.repo_url,
-        production_branch=msg.production_branch or "main",
-        build_command=msg.build_command,
-        deploy_command=msg.deploy_command,
-        preview_command=msg.preview_command,
-        run_timeout_seconds=msg.run_timeout_seconds or proj.DEFAULT_RUN_TIMEOUT_SECONDS,
-        cancel_in_progress=msg.cancel_in_progress,
-        # Unset means the documented default: other branches build.
-        build_other_branches=(
-            msg.build_other_branches if msg.HasField("build_other_branches") else True
-        ),
-        root_directory=msg.root_directory,
-        branch_include=tuple(msg.branch_include),
-        branch_exclude=tuple(msg.branch_exclude),
-        watch_include=tuple(msg.watch_include),
-        watch_exclude=tuple(msg.watch_exclude),
-        forge=msg.forge,
-        forge_api_url=msg.forge_api_url,
-        forge_repo=msg.forge_repo,
-        network_isolated=msg.network_isolated,
-        cache_disabled=msg.cache_disabled,
-        cache_lockfiles=tuple(msg.cache_lockfiles),
-        cache_paths=tuple(msg.cache_paths),
-        fork_secrets=msg.fork_secrets,
-    )
 
 
 class ConfigServicer(AccessRpcs, ForgeRpcs, FleetRpcs, cs_grpc.ConfigServiceServicer):
@@ -64,7 +32,9 @@ class ConfigServicer(AccessRpcs, ForgeRpcs, FleetRpcs, cs_grpc.ConfigServiceServ
     async def CreateProject(
         self, request: cs.CreateProjectRequest, context: Ctx
     ) -> cs.CreateProjectResponse:
-        project = await self.services.projects.create(principal(), settings_from(request))
+        project = await self.services.projects.create(
+            principal(), convert.settings_from_pb(request)
+        )
         return cs.CreateProjectResponse(project=convert.project_to_pb(project, with_secret=True))
 
     async def GetProject(

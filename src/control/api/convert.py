@@ -3,13 +3,18 @@ control plane besides the servicers that touches generated stubs."""
 
 from __future__ import annotations
 
+from dataclasses import MISSING
+from dataclasses import fields as dataclass_fields
 from datetime import UTC, datetime
+from typing import Any
 
+from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from control.domain import project_fields
 from control.domain.build import Build, BuildStatus, Step, StepStatus
 from control.domain.cache import effective_lockfiles, effective_paths
-from control.domain.project import Project
+from control.domain.project import Project, ProjectSettings
 from control.domain.runner import RunnerInfo
 from control.storage.accounts import Account, TokenInfo
 from control.storage.audit import AuditEvent
@@ -62,39 +67,49 @@ def from_timestamp(value: Timestamp) -> datetime | None:
     return value.ToDatetime(tzinfo=UTC)
 
 
+# What clients see of the cache lists: the defaults when none were set,
+# as builds use them.
+_SHOWN = {"cache_lockfiles": effective_lockfiles, "cache_paths": effective_paths}
+
+
 def project_to_pb(project: Project, *, with_secret: bool) -> pb.Project:
-    msg = pb.Project(
-        id=project.id,
-        account_id=project.account_id,
-        name=project.name,
-        repo_url=project.repo_url,
-        production_branch=project.production_branch,
-        build_command=project.build_command,
-        deploy_command=project.deploy_command,
-        preview_command=project.preview_command,
-        webhook_secret=project.webhook_secret if with_secret else "",
-        run_timeout_seconds=project.run_timeout_seconds,
-        cancel_in_progress=project.cancel_in_progress,
-        build_other_branches=project.build_other_branches,
-        root_directory=project.root_directory,
-        branch_include=list(project.branch_include),
-        branch_exclude=list(project.branch_exclude),
-        watch_include=list(project.watch_include),
-        watch_exclude=list(project.watch_exclude),
-        forge=project.forge,
-        forge_api_url=project.forge_api_url,
-        forge_repo=project.forge_repo,
-        network_isolated=project.network_isolated,
-        cache_disabled=project.cache_disabled,
-        # Clients see what builds use: the defaults when none were set.
-        cache_lockfiles=list(effective_lockfiles(project.cache_lockfiles)),
-        cache_paths=list(effective_paths(project.cache_paths)),
-        cache_generation=project.cache_generation,
-        fork_secrets=project.fork_secrets,
-    )
-    timestamp(project.created_at, msg.created_at)
-    timestamp(project.updated_at, msg.updated_at)
+    """Every field of ``project_fields.FIELDS``; the webhook secret only
+    with ``with_secret`` (the answers of create and rotation)."""
+    msg = pb.Project()
+    for f in project_fields.FIELDS:
+        value = getattr(project, f.name)
+        if f.name == "webhook_secret" and not with_secret:
+            continue
+        if f.kind == "time":
+            timestamp(value, getattr(msg, f.name))
+        elif f.kind in ("globs", "list"):
+            getattr(msg, f.name).extend(_SHOWN.get(f.name, tuple)(value))
+        else:
+            setattr(msg, f.name, value)
     return msg
+
+
+def settings_from_pb(msg: cs.CreateProjectRequest) -> ProjectSettings:
+    """The settings of a create request: every settable field of
+    ``project_fields.FIELDS``, a field left unset (or, without presence,
+    at its zero value) taking ``ProjectSettings``' default."""
+    defaults = {
+        f.name: f.default for f in dataclass_fields(ProjectSettings) if f.default is not MISSING
+    }
+    # The generic type: HasField of the generated class takes literals only.
+    generic: Message = msg
+    values: dict[str, Any] = {}
+    for f in project_fields.FIELDS:
+        if not f.settable:
+            continue
+        value: Any = getattr(msg, f.name)
+        if f.kind in ("globs", "list"):
+            values[f.name] = tuple(value)
+        elif msg.DESCRIPTOR.fields_by_name[f.name].has_presence:
+            values[f.name] = value if generic.HasField(f.name) else defaults[f.name]
+        else:
+            values[f.name] = value or defaults.get(f.name, value)
+    return ProjectSettings(**values)
 
 
 def step_to_pb(step: Step) -> pb.Step:
