@@ -54,6 +54,20 @@ def test_only_control_client_talks_grpc_in_the_runner() -> None:
     assert talking == ["runner/control_client.py"]
 
 
+def test_only_control_client_sees_protobuf_in_the_runner() -> None:
+    """The runner speaks its own types (``runner/domain.py``); the wire's
+    generated messages are converted in ``control_client.py`` alone."""
+    seeing = sorted(
+        str(path.relative_to(SRC))
+        for path in (SRC / "runner").rglob("*.py")
+        if any(
+            n == "conveyor" or n.startswith(("conveyor.", "google.protobuf"))
+            for n in imports_of(path)
+        )
+    )
+    assert seeing == ["runner/control_client.py"]
+
+
 def test_the_runner_imports_nothing_of_the_control_plane() -> None:
     """A runner host installs the runner; what both sides need (log setup,
     retries) lives in ``common/``, which imports neither side."""

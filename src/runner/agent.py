@@ -11,6 +11,7 @@ retrying queues.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
 from collections.abc import AsyncIterator
@@ -20,12 +21,19 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from common.logging_setup import release
-from common.tasks import cancel_and_wait
-from conveyor.v1 import runner_service_pb2 as rs
 from runner.build_run import BuildRun
 from runner.cache import BuildCache
 from runner.config import RunnerSettings
 from runner.control_client import RPC_RETRY, ControlClient
+from runner.domain import (
+    Ack,
+    Assignment,
+    Cancel,
+    Heartbeat,
+    Hello,
+    Registered,
+    RunnerMessage,
+)
 from runner.launchers.base import Launcher
 from runner.metrics import RunnerMetrics
 
@@ -62,7 +70,7 @@ class Agent:
         self.draining = False
         self.connected = asyncio.Event()
         self._stop = asyncio.Event()
-        self._outbox: asyncio.Queue[rs.ConnectRequest] | None = None
+        self._outbox: asyncio.Queue[RunnerMessage] | None = None
         self.metrics.capacity.set(settings.capacity)
         self.heartbeat_seconds = 5.0
 
@@ -76,7 +84,11 @@ class Agent:
             try:
                 await asyncio.wait({session, stopper}, return_when=asyncio.FIRST_COMPLETED)
             finally:
-                await cancel_and_wait(stopper, session)
+                stopper.cancel()
+                if not session.done():
+                    session.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await session
             if self._stop.is_set():
                 break
             exc = session.exception()
@@ -90,70 +102,61 @@ class Agent:
         await self._finish()
 
     async def _session(self) -> None:
-        outbox: asyncio.Queue[rs.ConnectRequest] = asyncio.Queue()
+        outbox: asyncio.Queue[RunnerMessage] = asyncio.Queue()
         self._outbox = outbox
         outbox.put_nowait(
-            rs.ConnectRequest(
-                hello=rs.RunnerHello(
-                    runner_id=self.runner_id,
-                    name=self.settings.name,
-                    capacity=0 if self.draining else self.settings.capacity,
-                    labels=list(self.settings.labels),
-                    launcher=self.launcher.name,
-                    sandbox=sandbox_mode(self.launcher.name, sandboxed=self.sandboxed),
-                    version=release(),
-                    running_build_ids=list(self.runs),
-                )
+            Hello(
+                runner_id=self.runner_id,
+                name=self.settings.name,
+                capacity=0 if self.draining else self.settings.capacity,
+                labels=tuple(self.settings.labels),
+                launcher=self.launcher.name,
+                sandbox=sandbox_mode(self.launcher.name, sandboxed=self.sandboxed),
+                version=release(),
+                running_build_ids=tuple(self.runs),
             )
         )
 
-        async def requests() -> AsyncIterator[rs.ConnectRequest]:
+        async def requests() -> AsyncIterator[RunnerMessage]:
             while True:
                 yield await outbox.get()
 
         heartbeat = asyncio.create_task(self._heartbeat(outbox))
         try:
             async for message in self.client.connect(requests()):
-                kind = message.WhichOneof("kind")
-                if kind == "registered":
-                    self.heartbeat_seconds = float(message.registered.heartbeat_seconds or 5)
+                if isinstance(message, Registered):
+                    self.heartbeat_seconds = float(message.heartbeat_seconds or 5)
                     self.connected.set()
                     log.info("registered with the control plane as %s", self.runner_id)
-                elif kind == "assignment":
-                    self._take(message.assignment, outbox)
-                elif kind == "cancel":
-                    run = self.runs.get(message.cancel.build_id)
+                elif isinstance(message, Assignment):
+                    self._take(message, outbox)
+                elif isinstance(message, Cancel):
+                    run = self.runs.get(message.build_id)
                     if run is not None:
                         log.info(
-                            "stopping build: %s", message.cancel.reason,
+                            "stopping build: %s", message.reason,
                             extra={"build_id": run.build_id},
                         )  # fmt: skip
-                        await run.cancel(message.cancel.reason, message.cancel.grace_seconds or 10)
+                        await run.cancel(message.reason, message.grace_seconds or 10)
         finally:
             heartbeat.cancel()
             self._outbox = None
             self.connected.clear()
 
-    def _heartbeat_message(self) -> rs.ConnectRequest:
-        return rs.ConnectRequest(
-            heartbeat=rs.RunnerHeartbeat(busy=len(self.runs), draining=self.draining)
-        )
+    def _heartbeat_message(self) -> Heartbeat:
+        return Heartbeat(busy=len(self.runs), draining=self.draining)
 
-    async def _heartbeat(self, outbox: asyncio.Queue[rs.ConnectRequest]) -> None:
+    async def _heartbeat(self, outbox: asyncio.Queue[RunnerMessage]) -> None:
         while True:
             await asyncio.sleep(self.heartbeat_seconds)
             outbox.put_nowait(self._heartbeat_message())
 
-    def _take(self, assignment: rs.Assignment, outbox: asyncio.Queue[rs.ConnectRequest]) -> None:
+    def _take(self, assignment: Assignment, outbox: asyncio.Queue[RunnerMessage]) -> None:
         build_id = assignment.build_id
         if build_id in self.runs:
             return
         if self.draining or len(self.runs) >= self.settings.capacity:
-            outbox.put_nowait(
-                rs.ConnectRequest(
-                    ack=rs.AssignmentAck(build_id=build_id, accepted=False, reason="runner busy")
-                )
-            )
+            outbox.put_nowait(Ack(build_id, accepted=False, reason="runner busy"))
             return
         run = BuildRun(
             assignment, self.client, self.launcher, self.metrics, self.settings.limits,
@@ -164,7 +167,7 @@ class Agent:
         task = asyncio.create_task(run.run(), name=f"build-{build_id}")
         self.tasks[build_id] = task
         task.add_done_callback(lambda _t: self._done(build_id))
-        outbox.put_nowait(rs.ConnectRequest(ack=rs.AssignmentAck(build_id=build_id, accepted=True)))
+        outbox.put_nowait(Ack(build_id, accepted=True))
 
     def _done(self, build_id: str) -> None:
         self.runs.pop(build_id, None)

@@ -13,15 +13,18 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
-from google.protobuf.timestamp_pb2 import Timestamp
-
 from common.logging_setup import bind
-from conveyor.v1 import runner_service_pb2 as rs
-from conveyor.v1 import types_pb2 as pb
-from conveyor.v1.types_pb2 import BuildStatus
 from runner.cache import BuildCache, scope_for
 from runner.cache_run import CacheRun, CacheTarget
 from runner.control_client import RPC_RETRY, ControlClient
+from runner.domain import (
+    Assignment,
+    BuildStatus,
+    Outcome,
+    StatusReport,
+    StepStatus,
+    StepUpdate,
+)
 from runner.launchers.base import (
     Job,
     JobResult,
@@ -38,25 +41,12 @@ from runner.script import BuildScript, CachePlan
 
 log = logging.getLogger(__name__)
 
-_RESULT_LABEL: dict[BuildStatus.ValueType, str] = {
-    pb.BUILD_STATUS_SUCCEEDED: "succeeded",
-    pb.BUILD_STATUS_FAILED: "failed",
-    pb.BUILD_STATUS_CANCELED: "canceled",
-    pb.BUILD_STATUS_TIMED_OUT: "timed_out",
-    pb.BUILD_STATUS_ERRORED: "errored",
-}
 # Reports are retried this long through a control-plane outage.
 REPORT_PATIENCE = 600.0
 # A cache is stored only while this much of the run deadline is left.
 STORE_MARGIN = 10.0
 # The build's warning (`conveyor builds show`) when its runner has no sandbox.
 NO_SANDBOX_BUILD_WARNING = "build ran WITHOUT a sandbox (its runner runs with --sandbox none)"
-
-
-def _ts(at: datetime) -> Timestamp:
-    stamp = Timestamp()
-    stamp.FromDatetime(at)
-    return stamp
 
 
 @dataclass
@@ -71,7 +61,7 @@ class BuildRun:
 
     def __init__(
         self,
-        assignment: rs.Assignment,
+        assignment: Assignment,
         client: ControlClient,
         launcher: Launcher,
         metrics: RunnerMetrics,
@@ -95,7 +85,7 @@ class BuildRun:
         self.cancel_reason: str | None = None
         self.timed_out = False
         self.steps = ["clone", *assignment.step_names]
-        self._reports: asyncio.Queue[rs.ReportStatusRequest | None] = asyncio.Queue()
+        self._reports: asyncio.Queue[StatusReport | None] = asyncio.Queue()
         self._closed = asyncio.Event()
         self.received = time.perf_counter()
 
@@ -106,20 +96,20 @@ class BuildRun:
 
     def _report(
         self,
-        status: BuildStatus.ValueType = pb.BUILD_STATUS_UNSPECIFIED,
+        status: BuildStatus | None = None,
         *,
         reason: str = "",
-        steps: list[rs.StepUpdate] | None = None,
-        warnings: list[str] | None = None,
+        steps: tuple[StepUpdate, ...] = (),
+        warnings: tuple[str, ...] = (),
     ) -> None:
         self._reports.put_nowait(
-            rs.ReportStatusRequest(
+            StatusReport(
                 build_id=self.build_id,
+                at=datetime.now(UTC),
                 status=status,
                 reason=reason,
-                steps=steps or [],
-                at=_ts(datetime.now(UTC)),
-                warnings=warnings or [],
+                steps=steps,
+                warnings=warnings,
             )
         )
 
@@ -141,7 +131,7 @@ class BuildRun:
                         await self.job.stop(self.a.kill_grace_seconds or 10)
                     break
 
-    async def run(self) -> BuildStatus.ValueType:
+    async def run(self) -> BuildStatus:
         """Run the build to its end; return the final status reported.
 
         Run it as its own task: it tags that task's log context with the
@@ -151,27 +141,28 @@ class BuildRun:
         reporter = asyncio.create_task(self._report_loop())
         batcher = LogBatcher(self.client, self.build_id, self.a.build_token, self.metrics)
         try:
-            status, reason = await self._run(batcher)
+            outcome = await self._run(batcher)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             log.exception("build failed inside the runner", extra=self.extra)
-            status, reason = pb.BUILD_STATUS_ERRORED, f"runner error: {exc}"
+            outcome = Outcome(BuildStatus.ERRORED, f"runner error: {exc}")
         try:
             await asyncio.wait_for(batcher.close(), REPORT_PATIENCE)
         except TimeoutError:
             await batcher.abort()
-        self._report(status, reason=reason)
+        self._report(outcome.status, reason=outcome.reason)
         self._reports.put_nowait(None)
         await reporter
-        self.metrics.builds.labels(_RESULT_LABEL.get(status, "errored")).inc()
-        log.info("build finished: %s %s", _RESULT_LABEL.get(status), reason, extra=self.extra)
-        return status
+        # An outcome's status is a final one, whose value is its metric label.
+        self.metrics.builds.labels(outcome.status.value).inc()
+        log.info("build finished: %s %s", outcome.status.value, outcome.reason, extra=self.extra)
+        return outcome.status
 
-    async def _run(self, batcher: LogBatcher) -> tuple[BuildStatus.ValueType, str]:
+    async def _run(self, batcher: LogBatcher) -> Outcome:
         a = self.a
-        warnings = [] if self.sandboxed else [NO_SANDBOX_BUILD_WARNING]
-        self._report(pb.BUILD_STATUS_INITIALIZING, warnings=warnings)
+        warnings = () if self.sandboxed else (NO_SANDBOX_BUILD_WARNING,)
+        self._report(BuildStatus.INITIALIZING, warnings=warnings)
         secrets = {e.name: e.value for e in a.env if e.secret}
         masker = Masker(secrets.values())
         cache_run = await self._cache_run(batcher)
@@ -180,7 +171,7 @@ class BuildRun:
         except LaunchError as exc:
             self.metrics.launcher_errors.labels(self.launcher.name).inc()
             await batcher.add("system", f"could not start the build: {exc}")
-            return pb.BUILD_STATUS_ERRORED, str(exc)
+            return Outcome(BuildStatus.ERRORED, str(exc))
         finally:
             if cache_run is not None:
                 cache_run.close()
@@ -191,7 +182,7 @@ class BuildRun:
         masker: Masker,
         secrets: dict[str, str],
         cache_run: CacheRun | None,
-    ) -> tuple[BuildStatus.ValueType, str]:
+    ) -> Outcome:
         """Launch the job, follow it to its end, store its cache. Raises
         ``LaunchError``; the caller closes ``cache_run``."""
         a = self.a
@@ -239,7 +230,7 @@ class BuildRun:
         self.metrics.launch_seconds.observe(time.perf_counter() - self.received)
         if self.cancel_reason is not None:
             await self.job.stop(a.kill_grace_seconds or 10)
-        self._report(pb.BUILD_STATUS_RUNNING)
+        self._report(BuildStatus.RUNNING)
         # The control plane's run deadline counts from here (about).
         deadline = time.monotonic() + (a.run_timeout_seconds or 1200)
         watchdog = asyncio.create_task(self._wall_clock())
@@ -253,7 +244,7 @@ class BuildRun:
             # Storing must not run the build into its deadline: it would
             # end timed out after its deploy succeeded.
             budget = deadline - time.monotonic() - STORE_MARGIN
-            await cache_run.finish(final[0] == pb.BUILD_STATUS_SUCCEEDED, budget)
+            await cache_run.finish(final.status is BuildStatus.SUCCEEDED, budget)
         return final
 
     async def _cache_run(self, batcher: LogBatcher) -> CacheRun | None:
@@ -317,10 +308,9 @@ class BuildRun:
                     if marker.kind == "begin":
                         current = StepState(name, time.monotonic())
                         await batcher.add("system", f"── step {name} ──")
-                        self._report(steps=[rs.StepUpdate(
-                            index=marker.index, name=name,
-                            status=pb.STEP_STATUS_RUNNING, at=_ts(now),
-                        )])  # fmt: skip
+                        self._report(
+                            steps=(StepUpdate(marker.index, name, StepStatus.RUNNING, now),)
+                        )
                     else:
                         code = marker.exit_code if marker.exit_code is not None else -1
                         took = time.monotonic() - current.started if current else 0.0
@@ -329,11 +319,11 @@ class BuildRun:
                         )
                         if code != 0:
                             failed = name
-                        self._report(steps=[rs.StepUpdate(
-                            index=marker.index, name=name,
-                            status=pb.STEP_STATUS_SUCCEEDED if code == 0 else pb.STEP_STATUS_FAILED,
-                            exit_code=code, has_exit_code=True, at=_ts(now),
-                        )])  # fmt: skip
+                        self._report(steps=(StepUpdate(
+                            marker.index, name,
+                            StepStatus.SUCCEEDED if code == 0 else StepStatus.FAILED,
+                            now, exit_code=code,
+                        ),))  # fmt: skip
                         current = None
                     continue
             if out.stream == "control":
@@ -343,19 +333,17 @@ class BuildRun:
                 await batcher.flush()
         return failed
 
-    def _final(
-        self, result: JobResult, failed_step: str | None
-    ) -> tuple[BuildStatus.ValueType, str]:
+    def _final(self, result: JobResult, failed_step: str | None) -> Outcome:
         if self.timed_out:
-            return pb.BUILD_STATUS_TIMED_OUT, f"run deadline of {self.a.run_timeout_seconds} s"
+            return Outcome(BuildStatus.TIMED_OUT, f"run deadline of {self.a.run_timeout_seconds} s")
         if self.cancel_reason is not None:
-            return pb.BUILD_STATUS_CANCELED, self.cancel_reason
+            return Outcome(BuildStatus.CANCELED, self.cancel_reason)
         if result.error:
-            return pb.BUILD_STATUS_ERRORED, result.error
+            return Outcome(BuildStatus.ERRORED, result.error)
         if result.exit_code == 0:
-            return pb.BUILD_STATUS_SUCCEEDED, ""
+            return Outcome(BuildStatus.SUCCEEDED)
         where = f" in step {failed_step}" if failed_step else ""
-        return pb.BUILD_STATUS_FAILED, f"exit_code={result.exit_code}{where}"
+        return Outcome(BuildStatus.FAILED, f"exit_code={result.exit_code}{where}")
 
     async def _wall_clock(self) -> None:
         """Backstop for the control plane's run deadline, in case it is away."""

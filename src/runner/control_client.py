@@ -1,4 +1,8 @@
-"""The only runner module that talks gRPC to the control plane."""
+"""The only runner module that talks gRPC to the control plane.
+
+It is also the only one that sees generated protobuf: callers pass and get
+the runner's domain types (``runner.domain``), converted here both ways.
+"""
 
 from __future__ import annotations
 
@@ -7,14 +11,32 @@ import logging
 import re
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
 from grpc import aio
 
 from common.retry import RetryPolicy
 from conveyor.v1 import runner_service_pb2 as rs
 from conveyor.v1 import runner_service_pb2_grpc as rs_grpc
+from conveyor.v1 import types_pb2 as pb
+from runner.domain import (
+    Assignment,
+    BuildStatus,
+    Cancel,
+    ControlMessage,
+    EnvVar,
+    Heartbeat,
+    Hello,
+    Registered,
+    RunnerMessage,
+    StatusReport,
+    StepStatus,
+    StepUpdate,
+)
+from runner.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -46,15 +68,16 @@ def is_retryable(exc: BaseException) -> bool:
 
 def split_addresses(text: str) -> tuple[str, ...]:
     """The control-plane addresses in ``text``: ``HOST:PORT`` entries
-    separated by commas (IPv6 hosts in brackets). Raises ``ValueError``
-    naming the entry that is not one; an empty ``text`` gives ``()``."""
+    separated by commas (IPv6 hosts in brackets). Raises ``ConfigError`` (a
+    ``ValueError``) naming the entry that is not one; an empty ``text``
+    gives ``()``."""
     addresses = tuple(part.strip() for part in text.split(",") if part.strip())
     for address in addresses:
         match = _HOST_PORT.fullmatch(address)
         if match is None or not 0 < int(match.group(1)) < 65536:
-            raise ValueError(f"{address!r} is not HOST:PORT")
+            raise ConfigError(f"{address!r} is not HOST:PORT")
     if len(set(addresses)) != len(addresses):
-        raise ValueError("an address is listed twice")
+        raise ConfigError("an address is listed twice")
     return addresses
 
 
@@ -83,7 +106,7 @@ class ControlClient:
     (commas or newlines; a Nomad or Consul template keeps it current). It is
     read again whenever the replica in use stops answering, so the runner
     follows replicas that moved; while it lists none, ``address`` is used.
-    Raises ``ValueError`` when there is no address at all.
+    Raises ``ConfigError`` (a ``ValueError``) when there is no address at all.
     """
 
     def __init__(
@@ -114,7 +137,7 @@ class ControlClient:
         addresses = split_addresses(address) if isinstance(address, str) else tuple(address)
         addresses = self._listed() or addresses
         if not addresses:
-            raise ValueError("the control-plane address is required (--control)")
+            raise ConfigError("the control-plane address is required (--control)")
         self._endpoints = [self._open(target) for target in addresses]
         self._active = 0
         self._switching = asyncio.Lock()
@@ -218,9 +241,10 @@ class ControlClient:
             return self._endpoints[chosen]
 
     async def connect(
-        self, requests: AsyncIterator[rs.ConnectRequest]
-    ) -> AsyncGenerator[rs.ConnectResponse, None]:
-        """Open the runner stream and yield what the control plane sends;
+        self, messages: AsyncIterator[RunnerMessage]
+    ) -> AsyncGenerator[ControlMessage, None]:
+        """Open the runner stream, send ``messages`` on it and yield what the
+        control plane sends (a kind this runner does not know is skipped);
         raises ``AioRpcError`` when it breaks (or, with several addresses,
         when no replica answers within ``PROBE_SECONDS``).
 
@@ -228,35 +252,40 @@ class ControlClient:
         (wait_for_ready) instead of failing at once, so a restarted control
         plane is reached as soon as the channel's reconnect sees it.
         """
+
+        async def requests() -> AsyncIterator[rs.ConnectRequest]:
+            async for message in messages:
+                yield runner_message_to_pb(message)
+
         endpoint = await self._endpoint()
         call = endpoint.stub.Connect(
-            requests,
+            requests(),
             metadata=(("authorization", f"Bearer {self.token}"),),
             wait_for_ready=self._wait_for_ready,
         )
         try:
-            async for message in call:
-                yield message
+            async for response in call:
+                message = control_message_from_pb(response)
+                if message is not None:
+                    yield message
         finally:
             call.cancel()
 
-    async def report(self, token: str, request: rs.ReportStatusRequest) -> rs.ReportStatusResponse:
+    async def report(self, token: str, report: StatusReport) -> None:
         """Raises ``AioRpcError``; DEADLINE_EXCEEDED after ``RPC_TIMEOUT``
         seconds of waiting for an unreachable control plane (retryable)."""
         endpoint = await self._endpoint()
-        return await endpoint.stub.ReportStatus(
-            request,
+        await endpoint.stub.ReportStatus(
+            report_to_pb(report),
             metadata=(("authorization", f"Bearer {token}"),),
             timeout=RPC_TIMEOUT,
             wait_for_ready=self._wait_for_ready,
         )
 
-    async def append(
-        self, token: str, build_id: str, seq: int, packed: bytes, final: bool
-    ) -> rs.AppendLogsResponse:
+    async def append(self, token: str, build_id: str, seq: int, packed: bytes, final: bool) -> None:
         """Send one log batch; raises ``AioRpcError`` as ``report`` does."""
         endpoint = await self._endpoint()
-        return await endpoint.stub.AppendLogs(
+        await endpoint.stub.AppendLogs(
             rs.AppendLogsRequest(build_id=build_id, seq=seq, packed=packed, final=final),
             metadata=(("authorization", f"Bearer {token}"),),
             timeout=RPC_TIMEOUT,
@@ -267,6 +296,120 @@ class ControlClient:
         for endpoint in self._endpoints:
             await endpoint.channel.close(None)
         await asyncio.gather(*self._closing, return_exceptions=True)
+
+
+# The statuses the runner reports, on the wire (tests/test_drift.py checks
+# them against the proto).
+BUILD_STATUS_TO_PB: dict[BuildStatus, pb.BuildStatus.ValueType] = {
+    BuildStatus.INITIALIZING: pb.BUILD_STATUS_INITIALIZING,
+    BuildStatus.RUNNING: pb.BUILD_STATUS_RUNNING,
+    BuildStatus.SUCCEEDED: pb.BUILD_STATUS_SUCCEEDED,
+    BuildStatus.FAILED: pb.BUILD_STATUS_FAILED,
+    BuildStatus.CANCELED: pb.BUILD_STATUS_CANCELED,
+    BuildStatus.TIMED_OUT: pb.BUILD_STATUS_TIMED_OUT,
+    BuildStatus.ERRORED: pb.BUILD_STATUS_ERRORED,
+}
+STEP_STATUS_TO_PB: dict[StepStatus, pb.StepStatus.ValueType] = {
+    StepStatus.RUNNING: pb.STEP_STATUS_RUNNING,
+    StepStatus.SUCCEEDED: pb.STEP_STATUS_SUCCEEDED,
+    StepStatus.FAILED: pb.STEP_STATUS_FAILED,
+}
+
+
+def assignment_from_pb(message: rs.Assignment) -> Assignment:
+    return Assignment(
+        build_id=message.build_id,
+        build_token=message.build_token,
+        project_id=message.project_id,
+        project_name=message.project_name,
+        repo_url=message.repo_url,
+        branch=message.branch,
+        commit_sha=message.commit_sha,
+        root_directory=message.root_directory,
+        step_names=tuple(message.step_names),
+        step_commands=tuple(message.step_commands),
+        env=tuple(EnvVar(e.name, e.value, e.secret) for e in message.env),
+        run_timeout_seconds=message.run_timeout_seconds,
+        kill_grace_seconds=message.kill_grace_seconds,
+        network_isolated=message.network_isolated,
+        cache_lockfiles=tuple(message.cache_lockfiles),
+        cache_paths=tuple(message.cache_paths),
+        production_branch=message.production_branch,
+        cache_generation=message.cache_generation,
+        production=message.production,
+        pull_request=message.pull_request,
+    )
+
+
+def control_message_from_pb(message: rs.ConnectResponse) -> ControlMessage | None:
+    """What the control plane said, or None for a kind this runner does not
+    know (a newer control plane's): the runner goes on without it."""
+    kind = message.WhichOneof("kind")
+    if kind == "registered":
+        return Registered(message.registered.runner_id, message.registered.heartbeat_seconds)
+    if kind == "assignment":
+        return assignment_from_pb(message.assignment)
+    if kind == "cancel":
+        cancel = message.cancel
+        return Cancel(cancel.build_id, cancel.reason, cancel.grace_seconds)
+    return None
+
+
+def runner_message_to_pb(message: RunnerMessage) -> rs.ConnectRequest:
+    if isinstance(message, Hello):
+        return rs.ConnectRequest(
+            hello=rs.RunnerHello(
+                runner_id=message.runner_id,
+                name=message.name,
+                capacity=message.capacity,
+                labels=list(message.labels),
+                launcher=message.launcher,
+                sandbox=message.sandbox,
+                version=message.version,
+                running_build_ids=list(message.running_build_ids),
+            )
+        )
+    if isinstance(message, Heartbeat):
+        return rs.ConnectRequest(
+            heartbeat=rs.RunnerHeartbeat(busy=message.busy, draining=message.draining)
+        )
+    return rs.ConnectRequest(
+        ack=rs.AssignmentAck(
+            build_id=message.build_id, accepted=message.accepted, reason=message.reason
+        )
+    )
+
+
+def report_to_pb(report: StatusReport) -> rs.ReportStatusRequest:
+    return rs.ReportStatusRequest(
+        build_id=report.build_id,
+        status=(
+            BUILD_STATUS_TO_PB[report.status]
+            if report.status is not None
+            else pb.BUILD_STATUS_UNSPECIFIED
+        ),
+        reason=report.reason,
+        steps=[_step_to_pb(step) for step in report.steps],
+        at=_timestamp(report.at),
+        warnings=list(report.warnings),
+    )
+
+
+def _step_to_pb(step: StepUpdate) -> rs.StepUpdate:
+    return rs.StepUpdate(
+        index=step.index,
+        name=step.name,
+        status=STEP_STATUS_TO_PB[step.status],
+        exit_code=step.exit_code or 0,
+        has_exit_code=step.exit_code is not None,
+        at=_timestamp(step.at),
+    )
+
+
+def _timestamp(at: datetime) -> Timestamp:
+    stamp = Timestamp()
+    stamp.FromDatetime(at)
+    return stamp
 
 
 def _ready(channel: aio.Channel) -> bool:

@@ -14,10 +14,10 @@ import grpc
 import pytest
 from grpc import aio
 
-from conveyor.v1 import runner_service_pb2 as rs
 from runner import control_client
 from runner.config import RunnerSettings
 from runner.control_client import ControlClient, split_addresses
+from runner.domain import Hello, Registered, RunnerMessage
 from tests.crash.processes import free_port
 from tests.helpers import ControlHandle
 
@@ -68,8 +68,11 @@ async def test_runner_start_refuses_a_bad_address_in_one_sentence() -> None:
     )
 
 
-async def _hello() -> AsyncIterator[rs.ConnectRequest]:
-    yield rs.ConnectRequest(hello=rs.RunnerHello(runner_id=str(uuid.uuid4()), name="t", capacity=1))
+async def _hello() -> AsyncIterator[RunnerMessage]:
+    yield Hello(
+        runner_id=str(uuid.uuid4()), name="t", capacity=1, labels=(), launcher="local",
+        sandbox="bubblewrap", version="test",
+    )  # fmt: skip
     await asyncio.Event().wait()  # keep the stream open
 
 
@@ -80,7 +83,7 @@ async def test_the_client_moves_past_an_address_nobody_serves(control: ControlHa
         began = time.monotonic()
         stream = client.connect(_hello())
         first = await asyncio.wait_for(anext(stream), 10)
-        assert first.WhichOneof("kind") == "registered"
+        assert isinstance(first, Registered)
         assert client.address == control.plane.grpc_address
         # Far below the RPC deadline a wait_for_ready call on the dead
         # address would have spent.
@@ -136,7 +139,7 @@ async def test_the_client_reads_the_file_again_when_its_replica_is_gone(
         listed.write_text(f"{control.plane.grpc_address}\n")
         stream = client.connect(_hello())
         first = await asyncio.wait_for(anext(stream), 10)
-        assert first.WhichOneof("kind") == "registered"
+        assert isinstance(first, Registered)
         assert client.addresses == (control.plane.grpc_address,)
         await stream.aclose()
     finally:
