@@ -7,9 +7,12 @@ import secrets
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
+
+from psycopg.rows import class_row, kwargs_row
 
 from control.errors import NotFound
-from control.storage.db import Conn, Database
+from control.storage.db import Conn, Database, fetch_value
 from control.storage.ids import expand, is_prefix, is_uuid
 
 # "system" is held only by the bootstrap admin token: it creates accounts and
@@ -29,6 +32,15 @@ class Principal:
     build_id: str | None = None
 
 
+def _principal(*, scopes: list[str], **columns: Any) -> Principal:
+    return Principal(scopes=frozenset(scopes), **columns)
+
+
+# Rows of a token's ``id AS token_id, account_id, name, kind, scopes``
+# (ids as text) become Principals.
+_PRINCIPAL = kwargs_row(_principal)
+
+
 def hash_token(token: str) -> bytes:
     return hashlib.sha256(token.encode()).digest()
 
@@ -44,14 +56,14 @@ class AccountStore:
     async def ensure_account(self, name: str) -> str:
         """Return the id of account ``name``, creating it if needed."""
         async with self.db.transaction() as conn:
-            cur = await conn.execute(
+            await conn.execute(
                 "INSERT INTO accounts (id, name) VALUES (%s, %s) ON CONFLICT (name) DO NOTHING",
                 (uuid.uuid4(), name),
             )
-            cur = await conn.execute("SELECT id FROM accounts WHERE name = %s", (name,))
-            row = await cur.fetchone()
-            assert row is not None
-            return str(row[0])
+            account_id: str = await fetch_value(
+                conn, "SELECT id::text FROM accounts WHERE name = %s", (name,)
+            )
+            return account_id
 
     async def add_token(
         self,
@@ -76,31 +88,22 @@ class AccountStore:
     async def authenticate(self, token: str) -> Principal | None:
         """Return the principal of a live user or runner token, else None."""
         async with self.db.connection() as conn:
-            cur = await conn.execute(
-                "SELECT id, account_id, name, kind, scopes FROM api_tokens"
-                " WHERE token_hash = %s AND revoked_at IS NULL",
+            cur = conn.cursor(row_factory=_PRINCIPAL)
+            await cur.execute(
+                "SELECT id::text AS token_id, account_id::text, name, kind, scopes"
+                " FROM api_tokens WHERE token_hash = %s AND revoked_at IS NULL",
                 (hash_token(token),),
             )
-            row = await cur.fetchone()
-        if row is None:
-            return None
-        return Principal(
-            kind=row[3],
-            account_id=str(row[1]) if row[1] else None,
-            token_id=str(row[0]),
-            name=row[2],
-            scopes=frozenset(row[4]),
-        )
+            return await cur.fetchone()
 
     async def concurrency_limit(self, account_id: str) -> int:
         async with self.db.connection() as conn:
-            cur = await conn.execute(
-                "SELECT concurrency_limit FROM accounts WHERE id = %s", (account_id,)
+            limit: int | None = await fetch_value(
+                conn, "SELECT concurrency_limit FROM accounts WHERE id = %s", (account_id,)
             )
-            row = await cur.fetchone()
-        if row is None:
+        if limit is None:
             raise NotFound("account not found")
-        return int(row[0])
+        return limit
 
 
 @dataclass(frozen=True)
@@ -120,14 +123,23 @@ class Account:
     created_at: datetime
 
 
+def _token_info(*, scopes: list[str], **columns: Any) -> TokenInfo:
+    return TokenInfo(scopes=tuple(scopes), **columns)
+
+
+_TOKEN_INFO = kwargs_row(_token_info)
+_INFO_COLUMNS = "id::text, name, scopes, created_at, revoked_at"
+
+
 async def list_tokens(db: Database, account_id: str) -> list[TokenInfo]:
     async with db.connection() as conn:
-        cur = await conn.execute(
-            "SELECT id, name, scopes, created_at, revoked_at FROM api_tokens"
+        cur = conn.cursor(row_factory=_TOKEN_INFO)
+        await cur.execute(
+            f"SELECT {_INFO_COLUMNS} FROM api_tokens"
             " WHERE account_id = %s AND kind = 'user' ORDER BY created_at",
             (account_id,),
         )
-        return [TokenInfo(str(r[0]), r[1], tuple(r[2]), r[3], r[4]) for r in await cur.fetchall()]
+        return await cur.fetchall()
 
 
 async def revoke_token(conn: Conn, account_id: str, token_id: str) -> TokenInfo:
@@ -141,27 +153,29 @@ async def revoke_token(conn: Conn, account_id: str, token_id: str) -> TokenInfo:
         )  # fmt: skip
     if not is_uuid(token_id):
         raise NotFound(f"token {token_id!r} not found")
-    cur = await conn.execute(
+    cur = conn.cursor(row_factory=_TOKEN_INFO)
+    await cur.execute(
         "UPDATE api_tokens SET revoked_at = coalesce(revoked_at, now())"
         " WHERE id = %s AND account_id = %s AND kind = 'user'"
-        " RETURNING id, name, scopes, created_at, revoked_at",
+        f" RETURNING {_INFO_COLUMNS}",
         (token_id, account_id),
     )
-    row = await cur.fetchone()
-    if row is None:
+    revoked = await cur.fetchone()
+    if revoked is None:
         raise NotFound(f"token {token_id!r} not found")
-    return TokenInfo(str(row[0]), row[1], tuple(row[2]), row[3], row[4])
+    return revoked
 
 
 async def create_account(conn: Conn, name: str, concurrency_limit: int) -> Account:
-    cur = await conn.execute(
+    cur = conn.cursor(row_factory=class_row(Account))
+    await cur.execute(
         "INSERT INTO accounts (id, name, concurrency_limit) VALUES (%s, %s, %s)"
-        " RETURNING id, name, concurrency_limit, created_at",
+        " RETURNING id::text, name, concurrency_limit, created_at",
         (uuid.uuid4(), name, concurrency_limit),
     )
-    row = await cur.fetchone()
-    assert row is not None
-    return Account(str(row[0]), row[1], row[2], row[3])
+    account = await cur.fetchone()
+    assert account is not None  # INSERT ... RETURNING returns the row or raises
+    return account
 
 
 async def insert_token(

@@ -9,7 +9,7 @@ handler then checks the token against the build the request names
 from __future__ import annotations
 
 from control.storage.accounts import hash_token
-from control.storage.db import Database
+from control.storage.db import Database, fetch_value
 
 
 async def is_live(db: Database, token: str) -> bool:
@@ -18,8 +18,7 @@ async def is_live(db: Database, token: str) -> bool:
     index lookup (``builds_live_token``). Raises ``Unavailable`` when the
     database is down."""
     async with db.connection() as conn:
-        cur = await conn.execute(
-            "SELECT EXISTS (SELECT 1 FROM builds WHERE token_hash = %s)", (hash_token(token),)
+        live: bool = await fetch_value(
+            conn, "SELECT EXISTS (SELECT 1 FROM builds WHERE token_hash = %s)", (hash_token(token),)
         )
-        row = await cur.fetchone()
-    return bool(row and row[0])
+    return live

@@ -10,7 +10,8 @@ from typing import Any
 
 import psycopg
 from psycopg import errors as pg_errors
-from psycopg.rows import TupleRow
+from psycopg.abc import Params, QueryNoTemplate
+from psycopg.rows import TupleRow, scalar_row
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from control.errors import AlreadyExists, InvalidArgument, NotFound, Unavailable
@@ -158,6 +159,24 @@ class Database:
 
     def stats(self) -> dict[str, int]:
         return self.pool.get_stats()
+
+
+async def fetch_value(conn: Conn, query: QueryNoTemplate, params: Params | None = None) -> Any:
+    """The first column of the first row ``query`` returns; None when it
+    returns no row (or a NULL). For a query of one value: a count, an
+    EXISTS, one column of one row."""
+    cur = conn.cursor(row_factory=scalar_row)
+    await cur.execute(query, params)
+    return await cur.fetchone()
+
+
+async def fetch_column(
+    conn: Conn, query: QueryNoTemplate, params: Params | None = None
+) -> list[Any]:
+    """The first column of every row ``query`` returns, in order."""
+    cur = conn.cursor(row_factory=scalar_row)
+    await cur.execute(query, params)
+    return await cur.fetchall()
 
 
 @asynccontextmanager

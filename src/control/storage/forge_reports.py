@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from control.storage.db import Database
+from psycopg.rows import class_row
+
+from control.storage.db import Database, fetch_value
 
 
 @dataclass(frozen=True)
@@ -29,13 +31,13 @@ class ForgeReportStore:
 
     async def get(self, build_id: str) -> StatusReport | None:
         async with self.db.connection() as conn:
-            cur = await conn.execute(
-                "SELECT build_id, forge, state, description, delivered_at, attempts, last_error"
-                " FROM forge_status_reports WHERE build_id = %s",
+            cur = conn.cursor(row_factory=class_row(StatusReport))
+            await cur.execute(
+                "SELECT build_id::text, forge, state, description, delivered_at, attempts,"
+                " last_error FROM forge_status_reports WHERE build_id = %s",
                 (build_id,),
             )
-            row = await cur.fetchone()
-        return StatusReport(str(row[0]), *row[1:]) if row else None
+            return await cur.fetchone()
 
     async def save(
         self,
@@ -65,11 +67,11 @@ class ForgeReportStore:
         """True when the build's project has a newer build of the same
         commit: that build owns the commit's status from then on."""
         async with self.db.connection() as conn:
-            cur = await conn.execute(
+            newer: bool = await fetch_value(
+                conn,
                 "SELECT EXISTS (SELECT 1 FROM builds n JOIN builds b"
                 " ON n.project_id = b.project_id AND n.commit_sha = b.commit_sha"
                 " WHERE b.id = %s AND n.id <> b.id AND n.created_at > b.created_at)",
                 (build_id,),
             )
-            row = await cur.fetchone()
-        return bool(row and row[0])
+        return newer

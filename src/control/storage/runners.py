@@ -2,16 +2,30 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from psycopg.rows import class_row
 
 from control.domain.runner import AccountQueue, RunnerInfo
-from control.storage.db import Conn, Database
+from control.storage.db import Conn, Database, fetch_column, fetch_value
 
 # A build holds a slot from assignment until it is final.
 _BUSY = (
     "(SELECT count(*) FROM builds b WHERE b.runner_id = r.id"
     " AND b.status IN ('queued', 'initializing', 'running'))"
 )
+
+
+@dataclass(frozen=True)
+class _Free:
+    runner_id: str
+    slots: int
+
+
+@dataclass(frozen=True)
+class _Slots:
+    capacity: int
+    busy: int
 
 
 class RunnerStore:
@@ -51,9 +65,10 @@ class RunnerStore:
         which the runner, gone from it, never acknowledges (the startup
         deadline then recovers it); a row lock here would make every start
         wait for dispatches."""
-        cur = await conn.execute("SELECT session_id FROM runners WHERE id = %s", (runner_id,))
-        row = await cur.fetchone()
-        return str(row[0]) if row and row[0] else None
+        session: str | None = await fetch_value(
+            conn, "SELECT session_id::text FROM runners WHERE id = %s", (runner_id,)
+        )
+        return session
 
     async def heartbeat(self, runner_id: str, *, draining: bool = False) -> None:
         """The runner is alive; a draining runner gets no new builds (its
@@ -78,43 +93,49 @@ class RunnerStore:
         """Lock every live runner with a free slot (in id order, so two
         callers never deadlock) and return its free slots, counted after the
         locks were granted. The caller assigns in the same transaction."""
-        cur = await conn.execute(
+        ids = await fetch_column(
+            conn,
             "SELECT r.id FROM runners r WHERE r.connected"
             " AND r.last_seen_at > now() - make_interval(secs => %s)"
             " ORDER BY r.id FOR UPDATE OF r",
             (alive_seconds,),
         )
-        ids = [row[0] for row in await cur.fetchall()]
         if not ids:
             return {}
         # A new statement: it sees assignments committed while we waited.
-        cur = await conn.execute(
-            f"SELECT r.id, r.capacity - {_BUSY} FROM runners r WHERE r.id = ANY(%s)", (ids,)
+        cur = conn.cursor(row_factory=class_row(_Free))
+        await cur.execute(
+            f"SELECT r.id::text AS runner_id, (r.capacity - {_BUSY})::int AS slots"
+            " FROM runners r WHERE r.id = ANY(%s)",
+            (ids,),
         )
-        return {str(r[0]): int(r[1]) for r in await cur.fetchall() if r[1] > 0}
+        return {r.runner_id: r.slots for r in await cur.fetchall() if r.slots > 0}
 
     async def free_slots(self, conn: Conn, alive_seconds: float) -> tuple[int, int]:
         """Return (capacity, busy) summed over live runners."""
-        cur = await conn.execute(
-            f"SELECT coalesce(sum(r.capacity), 0), coalesce(sum({_BUSY}), 0) FROM runners r"
+        cur = conn.cursor(row_factory=class_row(_Slots))
+        await cur.execute(
+            f"SELECT coalesce(sum(r.capacity), 0)::int AS capacity,"
+            f" coalesce(sum({_BUSY}), 0)::int AS busy FROM runners r"
             f" WHERE r.connected AND r.last_seen_at > now() - make_interval(secs => %s)",
             (alive_seconds,),
         )
-        row = await cur.fetchone()
-        assert row is not None
-        return int(row[0]), int(row[1])
+        slots = await cur.fetchone()
+        assert slots is not None  # an aggregate without GROUP BY returns one row
+        return slots.capacity, slots.busy
 
     async def lost(self, conn: Conn, lost_after_seconds: float) -> list[str]:
         """Lock and return runners silent for longer than the bound that still
         hold builds. None while the database server itself has been up for
         less than the bound: heartbeats could not land while it was down."""
-        cur = await conn.execute(
-            f"SELECT r.id FROM runners r WHERE r.last_seen_at < now() - make_interval(secs => %s)"
+        return await fetch_column(
+            conn,
+            f"SELECT r.id::text FROM runners r"
+            f" WHERE r.last_seen_at < now() - make_interval(secs => %s)"
             f" AND pg_postmaster_start_time() < now() - make_interval(secs => %s)"
             f" AND {_BUSY} > 0 FOR UPDATE OF r SKIP LOCKED",
             (lost_after_seconds, lost_after_seconds),
         )
-        return [str(r[0]) for r in await cur.fetchall()]
 
     async def disconnect(self, conn: Conn, runner_id: str) -> None:
         """Mark a lost runner disconnected (its row stays: the id is kept)."""

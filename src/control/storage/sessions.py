@@ -10,6 +10,9 @@ from __future__ import annotations
 import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
+
+from psycopg.rows import kwargs_row
 
 from control.storage.accounts import Principal, hash_token
 from control.storage.db import Database
@@ -23,6 +26,12 @@ class WebSession:
     principal: Principal
     csrf_token: str
     expires_at: datetime
+
+
+def _session(
+    *, csrf_token: str, expires_at: datetime, scopes: list[str], **token: Any
+) -> WebSession:
+    return WebSession(Principal(scopes=frozenset(scopes), **token), csrf_token, expires_at)
 
 
 class SessionStore:
@@ -55,23 +64,15 @@ class SessionStore:
         """The live session with this cookie value, or None (unknown,
         expired, or its token revoked)."""
         async with self.db.connection() as conn:
-            cur = await conn.execute(
-                "SELECT t.id, t.account_id, t.name, t.scopes, s.csrf_token, s.expires_at"
+            cur = conn.cursor(row_factory=kwargs_row(_session))
+            await cur.execute(
+                "SELECT t.id::text AS token_id, t.account_id::text, t.name, 'user' AS kind,"
+                " t.scopes, s.csrf_token, s.expires_at"
                 " FROM web_sessions s JOIN api_tokens t ON t.id = s.token_id"
                 " WHERE s.id_hash = %s AND s.expires_at > now() AND t.revoked_at IS NULL",
                 (hash_token(session_id),),
             )
-            row = await cur.fetchone()
-        if row is None:
-            return None
-        principal = Principal(
-            kind="user",
-            account_id=str(row[1]),
-            token_id=str(row[0]),
-            name=row[2],
-            scopes=frozenset(row[3]),
-        )
-        return WebSession(principal, row[4], row[5])
+            return await cur.fetchone()
 
     async def close(self, session_id: str) -> None:
         """End a session (sign out); unknown ids are ignored."""
