@@ -2,52 +2,25 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from urllib.parse import urlparse
 
-from control.errors import InvalidArgument
+from common.settings import ConfigError, choice, integer, listed, number, size
 from control.secrets import keys_from_env
 
-
-def _int(env: Mapping[str, str], name: str, default: int) -> int:
-    raw = env.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        return int(raw)
-    except ValueError:
-        raise InvalidArgument(name, f"must be an integer, not {raw!r}") from None
-
-
-def _log_format(env: Mapping[str, str]) -> str:
-    raw = env.get("CONVEYOR_LOG_FORMAT") or "json"
-    if raw not in ("json", "text"):
-        raise InvalidArgument("CONVEYOR_LOG_FORMAT", f"must be json or text, not {raw!r}")
-    return raw
-
-
-def _float(env: Mapping[str, str], name: str, default: float) -> float:
-    raw = env.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        return float(raw)
-    except ValueError:
-        raise InvalidArgument(name, f"must be a number, not {raw!r}") from None
+LOG_FORMATS = ("json", "text")
 
 
 def _forge_api_urls(env: Mapping[str, str]) -> tuple[str, ...]:
     """``CONVEYOR_FORGE_API_URLS``: the API bases of self-hosted forges
     (comma-separated) that projects may name; the forge token is sent
     there."""
-    raw = env.get("CONVEYOR_FORGE_API_URLS", "")
-    urls = tuple(u.strip().rstrip("/") for u in raw.split(",") if u.strip())
+    urls = tuple(u.rstrip("/") for u in listed(env, "CONVEYOR_FORGE_API_URLS"))
     for url in urls:
         parsed = urlparse(url)
         if parsed.scheme not in ("https", "http") or not parsed.netloc or " " in url:
-            raise InvalidArgument(
+            raise ConfigError(
                 "CONVEYOR_FORGE_API_URLS", f"{url!r} is not an http(s) URL such as"
                 " https://git.example.com/api/v4",
             )  # fmt: skip
@@ -101,12 +74,12 @@ _RETENTION_VARS = (
 def _retention(env: Mapping[str, str]) -> RetentionSettings:
     values: dict[str, int] = {}
     for key, name, default in _RETENTION_VARS:
-        values[key] = _int(env, name, default)
+        values[key] = integer(env, name, default)
         if values[key] < 0:
-            raise InvalidArgument(name, f"must be 0 or more, not {values[key]}")
-    interval = _float(env, "CONVEYOR_RETENTION_INTERVAL_SECONDS", 3600.0)
+            raise ConfigError(name, f"must be 0 or more, not {values[key]}")
+    interval = number(env, "CONVEYOR_RETENTION_INTERVAL_SECONDS", 3600.0)
     if interval <= 0:
-        raise InvalidArgument("CONVEYOR_RETENTION_INTERVAL_SECONDS", "must be more than 0")
+        raise ConfigError("CONVEYOR_RETENTION_INTERVAL_SECONDS", "must be more than 0")
     return RetentionSettings(
         build_days=values["build_days"],
         keep_per_branch=values["keep_per_branch"],
@@ -141,46 +114,21 @@ class RepositorySettings:
 
 
 def _repositories(env: Mapping[str, str]) -> RepositorySettings:
-    local = env.get("CONVEYOR_LOCAL_REPOSITORIES") or "deny"
-    if local not in LOCAL_REPOSITORY_MODES:
-        raise InvalidArgument(
-            "CONVEYOR_LOCAL_REPOSITORIES", f"must be allow or deny, not {local!r}"
-        )
-    timeout = _float(env, "CONVEYOR_LS_REMOTE_TIMEOUT_SECONDS", 10.0)
+    local = choice(env, "CONVEYOR_LOCAL_REPOSITORIES", "deny", LOCAL_REPOSITORY_MODES)
+    timeout = number(env, "CONVEYOR_LS_REMOTE_TIMEOUT_SECONDS", 10.0)
     if not 0 < timeout <= 300:
-        raise InvalidArgument("CONVEYOR_LS_REMOTE_TIMEOUT_SECONDS", "must be between 0 and 300")
-    concurrency = _int(env, "CONVEYOR_LS_REMOTE_CONCURRENCY", 8)
-    per_account = _int(env, "CONVEYOR_LS_REMOTE_PER_ACCOUNT", 2)
+        raise ConfigError("CONVEYOR_LS_REMOTE_TIMEOUT_SECONDS", "must be between 0 and 300")
+    concurrency = integer(env, "CONVEYOR_LS_REMOTE_CONCURRENCY", 8)
+    per_account = integer(env, "CONVEYOR_LS_REMOTE_PER_ACCOUNT", 2)
     for name, value in (
         ("CONVEYOR_LS_REMOTE_CONCURRENCY", concurrency),
         ("CONVEYOR_LS_REMOTE_PER_ACCOUNT", per_account),
     ):
         if value < 1:
-            raise InvalidArgument(name, f"must be 1 or more, not {value}")
+            raise ConfigError(name, f"must be 1 or more, not {value}")
     return RepositorySettings(
         local=local, timeout=timeout, concurrency=concurrency, per_account=per_account
     )
-
-
-_UNITS = {"": 1, "b": 1, "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4,
-          "kb": 1000, "mb": 1000**2, "gb": 1000**3, "tb": 1000**4}  # fmt: skip
-
-
-_SIZE = re.compile(r"(\d{1,19}) ?([A-Za-z]*)")
-
-
-def _size(env: Mapping[str, str], name: str, default: int) -> int:
-    """A size in bytes: a whole number with an optional unit (``512MiB``,
-    ``2GiB``, ``10GB``); raises ``InvalidArgument`` naming ``name``."""
-    raw = (env.get(name) or "").strip()
-    if not raw:
-        return default
-    match = _SIZE.fullmatch(raw)
-    if match is None or match[2].lower() not in _UNITS:
-        raise InvalidArgument(
-            name, f"must be a size such as 512MiB, 2GiB or 1073741824, not {raw!r}"
-        )
-    return int(match[1]) * _UNITS[match[2].lower()]
 
 
 @dataclass(frozen=True)
@@ -203,18 +151,16 @@ class DiskSettings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> DiskSettings:
-        """Raises ``InvalidArgument`` naming a malformed variable."""
-        interval = _float(env, "CONVEYOR_DISK_CHECK_SECONDS", 2.0)
+        """Raises ``ConfigError`` naming a malformed variable."""
+        interval = number(env, "CONVEYOR_DISK_CHECK_SECONDS", 2.0)
         if not 0 < interval <= 300:
-            raise InvalidArgument(
-                "CONVEYOR_DISK_CHECK_SECONDS", "must be more than 0 and at most 300"
-            )
+            raise ConfigError("CONVEYOR_DISK_CHECK_SECONDS", "must be more than 0 and at most 300")
         return cls(
             path=env.get("CONVEYOR_DISK_PATH", ""),
-            budget_bytes=_size(env, "CONVEYOR_DATABASE_DISK_BUDGET", 0),
-            min_free_bytes=_size(env, "CONVEYOR_DISK_MIN_FREE", 1024**3),
+            budget_bytes=size(env, "CONVEYOR_DATABASE_DISK_BUDGET", 0),
+            min_free_bytes=size(env, "CONVEYOR_DISK_MIN_FREE", 1024**3),
             interval=interval,
-            account_log_quota_bytes=_size(env, "CONVEYOR_ACCOUNT_LOG_QUOTA", 0),
+            account_log_quota_bytes=size(env, "CONVEYOR_ACCOUNT_LOG_QUOTA", 0),
         )
 
 
@@ -250,13 +196,13 @@ class Settings:
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
         """Build settings from ``CONVEYOR_*`` variables; raises
-        ``InvalidArgument`` naming a malformed variable."""
+        ``ConfigError`` naming a malformed variable."""
         lifecycle = LifecycleSettings(
-            startup_deadline=_float(env, "CONVEYOR_STARTUP_DEADLINE_SECONDS", 60.0),
-            max_run_timeout=_int(env, "CONVEYOR_MAX_RUN_TIMEOUT_SECONDS", 6 * 3600),
-            kill_grace=_int(env, "CONVEYOR_KILL_GRACE_SECONDS", 10),
-            runner_lost_after=_float(env, "CONVEYOR_RUNNER_LOST_SECONDS", 30.0),
-            heartbeat_interval=_float(env, "CONVEYOR_HEARTBEAT_SECONDS", 5.0),
+            startup_deadline=number(env, "CONVEYOR_STARTUP_DEADLINE_SECONDS", 60.0),
+            max_run_timeout=integer(env, "CONVEYOR_MAX_RUN_TIMEOUT_SECONDS", 6 * 3600),
+            kill_grace=integer(env, "CONVEYOR_KILL_GRACE_SECONDS", 10),
+            runner_lost_after=number(env, "CONVEYOR_RUNNER_LOST_SECONDS", 30.0),
+            heartbeat_interval=number(env, "CONVEYOR_HEARTBEAT_SECONDS", 5.0),
         )
         return cls(
             database_url=env.get("CONVEYOR_DATABASE_URL", ""),
@@ -265,13 +211,13 @@ class Settings:
             public_url=env.get("CONVEYOR_PUBLIC_URL", ""),
             admin_token=env.get("CONVEYOR_ADMIN_TOKEN", ""),
             runner_token=env.get("CONVEYOR_RUNNER_TOKEN", ""),
-            default_concurrency=_int(env, "CONVEYOR_DEFAULT_CONCURRENCY", 6),
-            global_capacity=_int(env, "CONVEYOR_GLOBAL_CAPACITY", 0),
+            default_concurrency=integer(env, "CONVEYOR_DEFAULT_CONCURRENCY", 6),
+            global_capacity=integer(env, "CONVEYOR_GLOBAL_CAPACITY", 0),
             tls_cert=env.get("CONVEYOR_TLS_CERT", ""),
             tls_key=env.get("CONVEYOR_TLS_KEY", ""),
             tls_ca=env.get("CONVEYOR_TLS_CA", ""),
             secret_keys=keys_from_env(env),
-            log_format=_log_format(env),
+            log_format=choice(env, "CONVEYOR_LOG_FORMAT", "json", LOG_FORMATS),
             lifecycle=lifecycle,
             forge_api_urls=_forge_api_urls(env),
             retention=_retention(env),

@@ -21,7 +21,8 @@ from pathlib import Path
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from control.errors import FailedPrecondition, InvalidArgument
+from common.settings import ConfigError
+from control.errors import FailedPrecondition
 
 NONCE_BYTES = 12
 
@@ -37,7 +38,7 @@ def new_key_text() -> str:
 def parse_keys(text: str, source: str) -> tuple[bytes, ...]:
     """Parse a comma-separated list of base64 32-byte keys.
 
-    Raises ``InvalidArgument(source, ...)`` for a malformed key (never
+    Raises ``ConfigError(source, ...)`` for a malformed key (never
     echoing the key itself)."""
     keys = []
     for index, part in enumerate(p.strip() for p in text.split(",")):
@@ -46,9 +47,9 @@ def parse_keys(text: str, source: str) -> tuple[bytes, ...]:
         try:
             key = base64.b64decode(part, validate=True)
         except (binascii.Error, ValueError):
-            raise InvalidArgument(source, f"key #{index + 1} is not base64") from None
+            raise ConfigError(source, f"key #{index + 1} is not base64") from None
         if len(key) != 32:
-            raise InvalidArgument(source, f"key #{index + 1} must be 32 bytes, not {len(key)}")
+            raise ConfigError(source, f"key #{index + 1} must be 32 bytes, not {len(key)}")
         keys.append(key)
     return tuple(keys)
 
@@ -61,9 +62,7 @@ def keys_from_env(env: Mapping[str, str]) -> tuple[bytes, ...]:
         try:
             text = path.read_text()
         except OSError as exc:
-            raise InvalidArgument(
-                "CONVEYOR_SECRET_KEY_FILE", f"cannot read {path}: {exc}"
-            ) from None
+            raise ConfigError("CONVEYOR_SECRET_KEY_FILE", f"cannot read {path}: {exc}") from None
         return parse_keys(text, "CONVEYOR_SECRET_KEY_FILE")
     return ()
 

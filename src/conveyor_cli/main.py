@@ -431,13 +431,13 @@ def _up(args: argparse.Namespace) -> int:
 
 def _control_serve(args: argparse.Namespace) -> int:
     from common.logging_setup import configure
+    from common.settings import ConfigError
     from control.config import Settings
-    from control.errors import InvalidArgument
     from control.main import ControlPlane
 
     try:
         settings = Settings.from_env(os.environ)
-    except InvalidArgument as exc:
+    except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     changes: dict[str, object] = {}

@@ -7,12 +7,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from common.settings import ConfigError, choice, integer, listed, number
 from runner.cache import BuildCache, CachePolicy, LocalDirCache, S3Cache
 from runner.control_client import split_addresses
 from runner.launchers.base import Limits
 
 CACHE_BACKENDS = ("dir", "s3", "off")
 SANDBOXES = ("bubblewrap", "none")
+BUILD_NETWORKS = ("own", "host")
 
 
 @dataclass(frozen=True)
@@ -57,12 +59,12 @@ class RunnerSettings:
 
     def open_cache(self, env: Mapping[str, str]) -> BuildCache | None:
         """The build cache these settings name, or None when it is off.
-        Raises ``ValueError`` naming a missing S3 setting."""
+        Raises ``ConfigError`` naming a missing S3 setting."""
         if self.cache == "off":
             return None
         if self.cache == "s3":
             if not env.get("CONVEYOR_CACHE_S3_BUCKET"):
-                raise ValueError("CONVEYOR_CACHE=s3 needs CONVEYOR_CACHE_S3_BUCKET")
+                raise ConfigError("CONVEYOR_CACHE_S3_BUCKET", "is required with CONVEYOR_CACHE=s3")
             return BuildCache(S3Cache.from_env(env), self.cache_policy)
         self.cache_root.mkdir(mode=0o700, parents=True, exist_ok=True)
         store = LocalDirCache(self.cache_root)
@@ -72,7 +74,8 @@ class RunnerSettings:
     @classmethod
     def from_env(cls, env: Mapping[str, str], **overrides: object) -> RunnerSettings:
         """Build settings from ``CONVEYOR_*`` variables, then ``overrides``
-        (command-line flags). Raises ``ValueError`` naming a bad variable."""
+        (command-line flags). Raises ``ConfigError`` naming a bad variable
+        (or the flag that overrides it)."""
         values: dict[str, object] = {
             "control_addr": env.get("CONVEYOR_CONTROL_ADDR", ""),
             "token": env.get("CONVEYOR_RUNNER_TOKEN", ""),
@@ -81,50 +84,44 @@ class RunnerSettings:
             "metrics_addr": env.get("CONVEYOR_RUNNER_METRICS_ADDR", ""),
         }
         if env.get("CONVEYOR_RUNNER_CAPACITY"):
-            try:
-                values["capacity"] = int(env["CONVEYOR_RUNNER_CAPACITY"])
-            except ValueError:
-                raise ValueError("CONVEYOR_RUNNER_CAPACITY must be an integer") from None
+            values["capacity"] = integer(env, "CONVEYOR_RUNNER_CAPACITY", 0)
         if env.get("CONVEYOR_CONTROL_ADDR_FILE"):
             values["control_addr_file"] = Path(env["CONVEYOR_CONTROL_ADDR_FILE"])
         if env.get("CONVEYOR_WORK_DIR"):
             values["work_dir"] = Path(env["CONVEYOR_WORK_DIR"])
         values.update(_cache_values(env))
-        network = env.get("CONVEYOR_BUILD_NETWORK", "own")
-        if network not in ("own", "host"):
-            raise ValueError("CONVEYOR_BUILD_NETWORK must be own or host")
-        values["build_network"] = network
-        sandbox = env.get("CONVEYOR_SANDBOX", "bubblewrap")
-        if sandbox not in SANDBOXES:
-            raise ValueError("CONVEYOR_SANDBOX must be bubblewrap or none")
-        values["sandbox"] = sandbox
+        values["build_network"] = choice(env, "CONVEYOR_BUILD_NETWORK", "own", BUILD_NETWORKS)
+        values["sandbox"] = choice(env, "CONVEYOR_SANDBOX", "bubblewrap", SANDBOXES)
         if env.get("CONVEYOR_RUNNER_LABELS"):
-            values["labels"] = tuple(
-                x.strip() for x in env["CONVEYOR_RUNNER_LABELS"].split(",") if x.strip()
-            )
+            values["labels"] = listed(env, "CONVEYOR_RUNNER_LABELS")
         values.update({k: v for k, v in overrides.items() if v not in (None, "", ())})
         settings = cls(**values)  # type: ignore[arg-type]
         try:
             addresses = split_addresses(settings.control_addr)
         except ValueError as exc:
-            raise ValueError(f"CONVEYOR_CONTROL_ADDR (--control): {exc}") from None
+            raise ConfigError("CONVEYOR_CONTROL_ADDR (--control)", str(exc)) from None
         if settings.control_addr_file is not None:
             try:
                 text = settings.control_addr_file.read_text(encoding="utf-8")
                 addresses += split_addresses(text.replace("\n", ","))
             except (OSError, UnicodeDecodeError, ValueError) as exc:
-                raise ValueError(
-                    f"CONVEYOR_CONTROL_ADDR_FILE ({settings.control_addr_file}): {exc}"
+                raise ConfigError(
+                    f"CONVEYOR_CONTROL_ADDR_FILE ({settings.control_addr_file})", str(exc)
                 ) from None
         if not addresses:
-            raise ValueError(
+            raise ConfigError(
+                "CONVEYOR_CONTROL_ADDR",
                 "the control-plane address is required"
-                " (--control, CONVEYOR_CONTROL_ADDR or CONVEYOR_CONTROL_ADDR_FILE)"
+                " (--control, CONVEYOR_CONTROL_ADDR or CONVEYOR_CONTROL_ADDR_FILE)",
             )
         if not settings.token:
-            raise ValueError("a runner token is required (--token)")
+            raise ConfigError(
+                "CONVEYOR_RUNNER_TOKEN", "a runner token is required (--token or this variable)"
+            )
         if not 0 < settings.capacity <= 1000:
-            raise ValueError("capacity must be between 1 and 1000")
+            raise ConfigError(
+                "CONVEYOR_RUNNER_CAPACITY", "capacity must be between 1 and 1000 (--capacity)"
+            )
         return settings
 
 
@@ -132,12 +129,9 @@ def _cache_values(env: Mapping[str, str]) -> dict[str, object]:
     """CONVEYOR_CACHE, CONVEYOR_CACHE_DIR and the limits in
     CONVEYOR_CACHE_MAX_ENTRY_MB, CONVEYOR_CACHE_MAX_PROJECT_MB,
     CONVEYOR_CACHE_MAX_TOTAL_MB and CONVEYOR_CACHE_MAX_AGE_DAYS. Raises
-    ``ValueError`` naming a bad one."""
+    ``ConfigError`` naming a bad one."""
     values: dict[str, object] = {}
-    kind = env.get("CONVEYOR_CACHE", "dir")
-    if kind not in CACHE_BACKENDS:
-        raise ValueError(f"CONVEYOR_CACHE must be one of {', '.join(CACHE_BACKENDS)}")
-    values["cache"] = kind
+    values["cache"] = choice(env, "CONVEYOR_CACHE", "dir", CACHE_BACKENDS)
     if env.get("CONVEYOR_CACHE_DIR"):
         values["cache_dir"] = Path(env["CONVEYOR_CACHE_DIR"])
     defaults = CachePolicy()
@@ -148,16 +142,12 @@ def _cache_values(env: Mapping[str, str]) -> dict[str, object]:
         ("CONVEYOR_CACHE_MAX_TOTAL_MB", "max_total_bytes", 1024 * 1024),
         ("CONVEYOR_CACHE_MAX_AGE_DAYS", "max_age_days", 1),
     ):
-        raw = env.get(name)
-        if not raw:
+        if not env.get(name):
             continue
-        try:
-            number = float(raw)
-        except ValueError:
-            raise ValueError(f"{name} must be a number") from None
-        if number <= 0:
-            raise ValueError(f"{name} must be positive")
-        limits[attr] = number * scale
+        value = number(env, name, 0.0)
+        if value <= 0:
+            raise ConfigError(name, f"must be positive, not {value:g}")
+        limits[attr] = value * scale
     values["cache_policy"] = CachePolicy(
         max_entry_bytes=int(limits.get("max_entry_bytes", defaults.max_entry_bytes)),
         max_project_bytes=int(limits.get("max_project_bytes", defaults.max_project_bytes)),

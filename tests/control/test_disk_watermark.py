@@ -21,8 +21,8 @@ import pytest
 import pytest_asyncio
 from prometheus_client import CollectorRegistry
 
+from common.settings import ConfigError
 from control.config import DiskSettings, Settings
-from control.errors import InvalidArgument
 from control.logs.admission import DatabaseBudgetProbe, LogAdmission, quota_marker
 from control.main import ControlPlane
 from control.metrics import ControlMetrics
@@ -269,9 +269,9 @@ async def test_an_external_database_is_measured_against_its_budget(database_url:
     ],
 )
 def test_bad_disk_settings_name_the_variable(name: str, value: str) -> None:
-    with pytest.raises(InvalidArgument) as error:
+    with pytest.raises(ConfigError) as error:
         Settings.from_env({name: value})
-    assert error.value.field == name
+    assert error.value.name == name
 
 
 def test_disk_sizes_take_units() -> None:

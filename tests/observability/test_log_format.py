@@ -23,8 +23,8 @@ from common.logging_setup import (
     bind,
     release,
 )
+from common.settings import ConfigError
 from control.config import Settings
-from control.errors import InvalidArgument
 from conveyor.v1 import types_pb2 as pb
 from tests.helpers import REPO_ROOT, Api, ControlHandle, RunnerProcess, git
 
@@ -133,7 +133,7 @@ def test_release_outside_a_checkout_is_the_package_version(tmp_path: Path) -> No
 
 
 def test_an_unknown_log_format_is_a_clear_error() -> None:
-    with pytest.raises(InvalidArgument) as err:
+    with pytest.raises(ConfigError) as err:
         Settings.from_env({"CONVEYOR_LOG_FORMAT": "xml"})
     assert str(err.value) == "CONVEYOR_LOG_FORMAT: must be json or text, not 'xml'"
     assert Settings.from_env({"CONVEYOR_LOG_FORMAT": "text"}).log_format == "text"

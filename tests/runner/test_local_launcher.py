@@ -112,7 +112,7 @@ def test_the_sandbox_setting_takes_bubblewrap_or_none() -> None:
     assert RunnerSettings.from_env(base).sandbox == "bubblewrap"
     assert RunnerSettings.from_env({**base, "CONVEYOR_SANDBOX": "none"}).sandbox == "none"
     assert RunnerSettings.from_env(base, sandbox="none").sandbox == "none"
-    with pytest.raises(ValueError, match="CONVEYOR_SANDBOX must be bubblewrap or none"):
+    with pytest.raises(ValueError, match="CONVEYOR_SANDBOX: must be bubblewrap or none"):
         RunnerSettings.from_env({**base, "CONVEYOR_SANDBOX": "off"})
 
 

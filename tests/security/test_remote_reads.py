@@ -27,6 +27,7 @@ import psutil
 import pytest
 from grpc import aio
 
+from common.settings import ConfigError
 from control.config import RepositorySettings
 from control.errors import InvalidArgument, Unavailable
 from control.forge.remote import IPAddress, RemoteReader
@@ -143,9 +144,9 @@ def test_the_local_repository_setting_is_read_from_the_environment() -> None:
         ("CONVEYOR_LS_REMOTE_CONCURRENCY", "0"),
         ("CONVEYOR_LS_REMOTE_PER_ACCOUNT", "many"),
     ):
-        with pytest.raises(InvalidArgument) as caught:
+        with pytest.raises(ConfigError) as caught:
             Settings.from_env({name: value})
-        assert caught.value.field == name
+        assert caught.value.name == name
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,8 @@ import pytest
 from grpc import aio
 from psycopg import sql
 
-from control.errors import FailedPrecondition, InvalidArgument
+from common.settings import ConfigError
+from control.errors import FailedPrecondition
 from control.secrets import SecretBox, key_id, parse_keys
 from conveyor.v1 import config_service_pb2 as cs
 from conveyor.v1 import types_pb2 as pb
@@ -170,11 +171,11 @@ def test_key_parsing_names_the_variable_and_never_echoes_the_key() -> None:
     good = base64.b64encode(os.urandom(32)).decode()
     assert parse_keys(f"{good}, {good}", "K") == (base64.b64decode(good),) * 2
     short = base64.b64encode(b"tooshort").decode()
-    with pytest.raises(InvalidArgument) as err:
+    with pytest.raises(ConfigError) as err:
         parse_keys(short, "CONVEYOR_SECRET_KEY")
-    assert err.value.field == "CONVEYOR_SECRET_KEY"
+    assert err.value.name == "CONVEYOR_SECRET_KEY"
     assert short not in str(err.value)
-    with pytest.raises(InvalidArgument, match="not base64"):
+    with pytest.raises(ConfigError, match="not base64"):
         parse_keys("!!!", "CONVEYOR_SECRET_KEY")
 
 

@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from common.settings import ConfigError, choice, flag, listed, number
 from runner.launchers.base import JobResult, JobSpec, LaunchError
 
 Driver = Literal["docker", "exec", "raw_exec"]
@@ -94,15 +95,11 @@ class NomadSettings:
         NOMAD_CLIENT_CERT, NOMAD_CLIENT_KEY, NOMAD_SKIP_VERIFY and Conveyor's
         CONVEYOR_NOMAD_{DRIVER,IMAGE,SHELL,DATACENTERS,KILL_TIMEOUT,STARTUP_TIMEOUT}.
 
-        Raises ``ValueError`` naming the variable that holds a bad value.
+        Raises ``ConfigError`` naming the variable that holds a bad value.
         """
         default = cls()
-        driver = env.get("CONVEYOR_NOMAD_DRIVER", default.driver)
-        if driver not in DRIVERS:
-            raise ValueError(f"CONVEYOR_NOMAD_DRIVER must be one of {', '.join(DRIVERS)}")
-        datacenters = tuple(
-            dc.strip() for dc in env.get("CONVEYOR_NOMAD_DATACENTERS", "").split(",") if dc.strip()
-        )
+        driver = choice(env, "CONVEYOR_NOMAD_DRIVER", default.driver, DRIVERS)
+        datacenters = listed(env, "CONVEYOR_NOMAD_DATACENTERS")
         kill_timeout_seconds = _seconds(env, "CONVEYOR_NOMAD_KILL_TIMEOUT")
         startup_timeout_seconds = _seconds(env, "CONVEYOR_NOMAD_STARTUP_TIMEOUT")
         return cls(
@@ -113,7 +110,7 @@ class NomadSettings:
             ca_cert=env.get("NOMAD_CACERT") or None,
             client_cert=env.get("NOMAD_CLIENT_CERT") or None,
             client_key=env.get("NOMAD_CLIENT_KEY") or None,
-            skip_verify=env.get("NOMAD_SKIP_VERIFY", "").lower() in ("1", "true", "yes"),
+            skip_verify=flag(env, "NOMAD_SKIP_VERIFY"),
             driver=driver,
             image=env.get("CONVEYOR_NOMAD_IMAGE") or default.image,
             shell_path=env.get("CONVEYOR_NOMAD_SHELL") or default.shell_path,
@@ -133,16 +130,12 @@ class NomadSettings:
 
 def _seconds(env: Mapping[str, str], name: str) -> float | None:
     """A non-negative number of seconds from ``env[name]``, or None when unset.
-    Raises ``ValueError`` naming the variable."""
-    text = env.get(name, "")
-    if not text:
+    Raises ``ConfigError`` naming the variable."""
+    if not env.get(name, "").strip():
         return None
-    try:
-        seconds = float(text)
-    except ValueError:
-        raise ValueError(f"{name} must be a number of seconds") from None
+    seconds = number(env, name, 0.0)
     if seconds < 0:
-        raise ValueError(f"{name} must not be negative")
+        raise ConfigError(name, f"must not be negative, not {seconds:g}")
     return seconds
 
 
