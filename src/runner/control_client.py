@@ -19,6 +19,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from grpc import aio
 
 from common.retry import RetryPolicy
+from common.settings import ConfigError
 from conveyor.v1 import runner_service_pb2 as rs
 from conveyor.v1 import runner_service_pb2_grpc as rs_grpc
 from conveyor.v1 import types_pb2 as pb
@@ -36,7 +37,6 @@ from runner.domain import (
     StepStatus,
     StepUpdate,
 )
-from runner.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -68,16 +68,17 @@ def is_retryable(exc: BaseException) -> bool:
 
 def split_addresses(text: str) -> tuple[str, ...]:
     """The control-plane addresses in ``text``: ``HOST:PORT`` entries
-    separated by commas (IPv6 hosts in brackets). Raises ``ConfigError`` (a
-    ``ValueError``) naming the entry that is not one; an empty ``text``
-    gives ``()``."""
+    separated by commas (IPv6 hosts in brackets). Raises ``ValueError``
+    naming the entry that is not one (the caller knows which setting held
+    ``text`` and raises ``ConfigError`` naming it); an empty ``text`` gives
+    ``()``."""
     addresses = tuple(part.strip() for part in text.split(",") if part.strip())
     for address in addresses:
         match = _HOST_PORT.fullmatch(address)
         if match is None or not 0 < int(match.group(1)) < 65536:
-            raise ConfigError(f"{address!r} is not HOST:PORT")
+            raise ValueError(f"{address!r} is not HOST:PORT")
     if len(set(addresses)) != len(addresses):
-        raise ConfigError("an address is listed twice")
+        raise ValueError("an address is listed twice")
     return addresses
 
 
@@ -106,7 +107,8 @@ class ControlClient:
     (commas or newlines; a Nomad or Consul template keeps it current). It is
     read again whenever the replica in use stops answering, so the runner
     follows replicas that moved; while it lists none, ``address`` is used.
-    Raises ``ConfigError`` (a ``ValueError``) when there is no address at all.
+    Raises ``ValueError`` for an address that is not ``HOST:PORT`` and
+    ``ConfigError`` (a ``ValueError``) when there is no address at all.
     """
 
     def __init__(
@@ -137,7 +139,7 @@ class ControlClient:
         addresses = split_addresses(address) if isinstance(address, str) else tuple(address)
         addresses = self._listed() or addresses
         if not addresses:
-            raise ConfigError("the control-plane address is required (--control)")
+            raise ConfigError("--control", "the control-plane address is required")
         self._endpoints = [self._open(target) for target in addresses]
         self._active = 0
         self._switching = asyncio.Lock()

@@ -6,7 +6,9 @@ people as they are (the operator's terminal, a build's log), so they say
 what was wrong and what to do, and never contain a secret.
 
 Some classes also derive from the built-in they replaced (``ValueError``),
-so code that caught the built-in keeps working unchanged.
+so code that caught the built-in keeps working unchanged. A setting that
+cannot be used is ``common.settings.ConfigError``, the one configuration
+error of both the runner and the control plane.
 """
 
 from __future__ import annotations
@@ -14,10 +16,6 @@ from __future__ import annotations
 
 class RunnerError(Exception):
     """Base of every error the runner raises on purpose."""
-
-
-class ConfigError(RunnerError, ValueError):
-    """A setting the operator gave is wrong; the message names it."""
 
 
 class LaunchError(RunnerError):
