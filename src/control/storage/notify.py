@@ -9,13 +9,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 from collections import defaultdict
 from collections.abc import Callable
 
 import psycopg
 
+from common.retry import RetryPolicy
+
 log = logging.getLogger(__name__)
+
+# Reconnecting the LISTEN connection: from 0.1 s doubling up to 5 s, plus up
+# to half again so replicas do not reconnect in step. No limit: notifications
+# are only wake-ups, and every waiter also polls.
+RECONNECT = RetryPolicy(base=0.1, cap=5.0, jitter=(1.0, 1.5))
 
 CHANNELS = ("conveyor_queue", "conveyor_runner", "conveyor_logs", "conveyor_build")
 Callback = Callable[[str | None], None]
@@ -65,14 +71,14 @@ class Notifier:
                 pass
 
     async def _run(self) -> None:
-        backoff = 0.1
+        backoff = RECONNECT.backoff()
         while True:
             try:
                 async with await psycopg.AsyncConnection.connect(self.url, autocommit=True) as conn:
                     for channel in CHANNELS:
                         await conn.execute(f"LISTEN {channel}")
                     self.connected.set()
-                    backoff = 0.1
+                    backoff.succeeded()
                     self._wake_all()
                     async for note in conn.notifies():
                         self.publish_local(note.channel, note.payload)
@@ -80,10 +86,11 @@ class Notifier:
                 raise
             except (psycopg.Error, OSError) as exc:
                 self.connected.clear()
-                log.warning("LISTEN connection lost (%s); reconnecting in %.1fs", exc, backoff)
+                # Never None: RECONNECT has no limit.
+                delay = backoff.failed(exc) or RECONNECT.cap
+                log.warning("LISTEN connection lost (%s); reconnecting in %.1fs", exc, delay)
                 self._wake_all()
-                await asyncio.sleep(backoff + random.uniform(0, backoff / 2))  # noqa: S311 (jitter)
-                backoff = min(backoff * 2, 5.0)
+                await asyncio.sleep(delay)
 
     def _wake_all(self) -> None:
         for channel in CHANNELS:

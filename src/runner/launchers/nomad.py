@@ -17,6 +17,7 @@ import logging
 import ssl
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import replace
 from typing import Any, Literal, TypeVar, cast
 
 import aiohttp
@@ -24,6 +25,7 @@ import nomad
 import requests
 from nomad.api import exceptions as nomad_errors
 
+from common.retry import RetryPolicy
 from common.tasks import cancel_and_wait
 from runner.errors import RunnerError
 from runner.launchers.base import JobResult, JobSpec, LaunchError, OutputLine
@@ -59,6 +61,12 @@ LogStream = Literal["stdout", "stderr"]
 
 _QUEUED_LINES = 10_000
 _FINAL_READ_ATTEMPTS = 5
+# A request that failed in transit is tried again soon (Nomad is usually
+# back within seconds); how long to keep trying is the settings'
+# ``unreachable_seconds``.
+_TRANSIENT_RETRY = RetryPolicy(base=0.05, cap=2.0, jitter=(1.0, 1.0))
+# A pending evaluation is read again after 20 ms, then less often, up to 1 s.
+_EVALUATION_POLL = RetryPolicy(base=0.02, cap=1.0, jitter=(1.0, 1.0))
 
 
 class NomadUnavailable(RunnerError):
@@ -416,7 +424,7 @@ class NomadJob:
         if not self._eval_id:
             return None
         patience = _Patience(self._settings.unreachable_seconds)
-        delay = 0.02
+        polls = 0
         while True:
             try:
                 response = await self._launcher.call(
@@ -439,8 +447,8 @@ class NomadJob:
             patience.ok()
             if evaluation.get("Status") not in ("pending", None):
                 return evaluation
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 1.0)
+            polls += 1
+            await asyncio.sleep(_EVALUATION_POLL.delay(polls))
 
     async def _await_allocation(self) -> str | None:
         """The ID of the job's allocation, or None when the job was stopped
@@ -731,23 +739,17 @@ class _Patience:
     without a success, then raises ``NomadUnavailable``."""
 
     def __init__(self, limit: float) -> None:
-        self._limit = limit
-        self._since: float | None = None
-        self._delay = 0.05
+        self._backoff = replace(_TRANSIENT_RETRY, deadline=limit).backoff()
 
     async def failed(self, exc: BaseException) -> None:
-        now = time.monotonic()
-        if self._since is None:
-            self._since = now
-        if now - self._since >= self._limit:
+        delay = self._backoff.failed(exc)
+        if delay is None:
             raise NomadUnavailable(_describe(exc)) from exc
         log.debug("Nomad request failed, retrying: %s", _describe(exc))
-        await asyncio.sleep(self._delay)
-        self._delay = min(self._delay * 2, 2.0)
+        await asyncio.sleep(delay)
 
     def ok(self) -> None:
-        self._since = None
-        self._delay = 0.05
+        self._backoff.succeeded()
 
 
 def _describe(exc: BaseException) -> str:
