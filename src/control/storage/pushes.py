@@ -8,7 +8,9 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from control.storage.db import Conn, Database
+from psycopg.rows import class_row
+
+from control.storage.db import Conn, Database, fetch_column, fetch_value
 
 # Skipped pushes kept per project: enough to explain a busy day, bounded so
 # a noisy repository cannot grow the table without end.
@@ -75,13 +77,13 @@ class PushLog:
     ) -> str | None:
         """The build a delivery the project recorded queued or was answered
         with, if any."""
-        cur = await conn.execute(
-            "SELECT build_id FROM webhook_deliveries WHERE provider = %s"
+        build_id: str | None = await fetch_value(
+            conn,
+            "SELECT build_id::text FROM webhook_deliveries WHERE provider = %s"
             " AND delivery_id IN (%s, %s) AND project_id = %s AND build_id IS NOT NULL",
             (provider, delivery_id, f"{project_id}:{delivery_id}", project_id),
         )
-        row = await cur.fetchone()
-        return str(row[0]) if row else None
+        return build_id
 
     async def set_delivery_build(
         self, conn: Conn, provider: str, delivery_id: str, project_id: str, build_id: str
@@ -108,14 +110,14 @@ class PushLog:
             "SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))",
             (f"push:{project_id}:{branch}:{commit_sha}",),
         )
-        cur = await conn.execute(
-            "SELECT id FROM builds WHERE project_id = %s AND branch = %s AND commit_sha = %s"
-            " AND trigger = 'push' AND created_at > clock_timestamp() - %s"
+        build_id: str | None = await fetch_value(
+            conn,
+            "SELECT id::text FROM builds WHERE project_id = %s AND branch = %s"
+            " AND commit_sha = %s AND trigger = 'push' AND created_at > clock_timestamp() - %s"
             " ORDER BY created_at DESC LIMIT 1",
             (project_id, branch, commit_sha, window),
         )
-        row = await cur.fetchone()
-        return str(row[0]) if row else None
+        return build_id
 
     async def record_skip(
         self,
@@ -164,7 +166,8 @@ class PushLog:
     ) -> list[SkippedPush]:
         """The account's newest skipped pushes (of one project, or all)."""
         sql = (
-            "SELECT s.id, s.project_id, p.name, s.provider, s.event, s.ref, s.branch,"
+            "SELECT s.id::text, s.project_id::text, p.name AS project_name, s.provider, s.event,"
+            " s.ref, s.branch,"
             " s.commit_sha, s.reason, s.delivery_id, s.received_at"
             " FROM skipped_pushes s JOIN projects p ON p.id = s.project_id"
             " WHERE s.account_id = %s"
@@ -176,8 +179,9 @@ class PushLog:
         sql += " ORDER BY s.received_at DESC LIMIT %s"
         params.append(limit)
         async with self.db.connection() as conn:
-            cur = await conn.execute(sql, params)
-            return [SkippedPush(str(r[0]), str(r[1]), *r[2:]) for r in await cur.fetchall()]
+            cur = conn.cursor(row_factory=class_row(SkippedPush))
+            await cur.execute(sql, params)
+            return await cur.fetchall()
 
     async def record_pull_request_build(
         self, conn: Conn, build_id: str, project_id: str, number: int, *, fork: bool
@@ -194,18 +198,17 @@ class PushLog:
 
     async def is_fork_build(self, conn: Conn, build_id: str) -> bool:
         """Whether ``build_id`` builds a pull request from another repository."""
-        cur = await conn.execute(
-            "SELECT fork FROM pull_request_builds WHERE build_id = %s", (build_id,)
+        fork: bool | None = await fetch_value(
+            conn, "SELECT fork FROM pull_request_builds WHERE build_id = %s", (build_id,)
         )
-        row = await cur.fetchone()
-        return bool(row and row[0])
+        return bool(fork)
 
     async def open_pull_request_builds(self, conn: Conn, project_id: str, number: int) -> list[str]:
         """Builds of request ``number`` that are queued or running."""
-        cur = await conn.execute(
-            "SELECT b.id FROM pull_request_builds r JOIN builds b ON b.id = r.build_id"
+        return await fetch_column(
+            conn,
+            "SELECT b.id::text FROM pull_request_builds r JOIN builds b ON b.id = r.build_id"
             " WHERE r.project_id = %s AND r.number = %s"
             " AND b.status IN ('queued', 'initializing', 'running') ORDER BY b.created_at",
             (project_id, number),
         )
-        return [str(r[0]) for r in await cur.fetchall()]
