@@ -11,7 +11,6 @@ retrying queues.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import uuid
 from collections.abc import AsyncIterator
@@ -21,6 +20,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from common.logging_setup import release
+from common.tasks import cancel_and_wait
 from runner.build_run import BuildRun
 from runner.cache import BuildCache
 from runner.config import RunnerSettings
@@ -84,11 +84,7 @@ class Agent:
             try:
                 await asyncio.wait({session, stopper}, return_when=asyncio.FIRST_COMPLETED)
             finally:
-                stopper.cancel()
-                if not session.done():
-                    session.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await session
+                await cancel_and_wait(stopper, session)
             if self._stop.is_set():
                 break
             exc = session.exception()
