@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import NamedTuple
+
+from psycopg.rows import class_row
 
 from control.errors import FailedPrecondition, InvalidArgument, NotFound
-from control.storage.db import Conn, Database
+from control.storage.db import Conn, Database, fetch_value
 
 STREAM_CODES = {"stdout": "o", "stderr": "e", "system": "s"}
 STREAM_NAMES = {v: k for k, v in STREAM_CODES.items()}
@@ -38,6 +41,24 @@ class StoredLine:
     time_ms: int
     stream: str
     text: str
+
+
+@dataclass(frozen=True)
+class _LogState:
+    """A build's log as its row counts it."""
+
+    log_lines: int
+    last_seq: int
+    log_bytes: int
+    log_closed: bool
+
+
+class _Chunk(NamedTuple):
+    """A stored chunk: packed records numbered from ``first_line``. A tuple,
+    as ``read_packed`` hands them out."""
+
+    first_line: int
+    data: str
 
 
 @dataclass(frozen=True)
@@ -135,15 +156,17 @@ class LogStore:
             text = text.replace("\0", "\ufffd")
         size = len(text.encode()) + LINE_OVERHEAD * count if count else 0
         async with self.db.transaction() as conn:
-            cur = await conn.execute(
+            cur = conn.cursor(row_factory=class_row(_LogState))
+            await cur.execute(
                 "SELECT log_lines, last_seq, log_bytes, log_closed FROM builds"
                 " WHERE id = %s FOR UPDATE",
                 (build_id,),
             )
-            row = await cur.fetchone()
-            if row is None:
+            state = await cur.fetchone()
+            if state is None:
                 raise NotFound(f"build {build_id!r} not found")
-            last_line, last_seq, log_bytes, closed = int(row[0]), int(row[1]), int(row[2]), row[3]
+            last_line, last_seq, log_bytes = state.log_lines, state.last_seq, state.log_bytes
+            closed = state.log_closed
             if seq <= last_seq:
                 return AppendResult(last_line, duplicate=True)
             if seq != last_seq + 1:
@@ -222,7 +245,7 @@ class LogStore:
         lines) as (first line number, packed records), the first one cut to
         start right after ``after``. No per-line work for whole chunks."""
         async with self.db.connection() as conn:
-            chunks = await self._chunks(conn, build_id, after, limit)
+            chunks: list[tuple[int, str]] = list(await self._chunks(conn, build_id, after, limit))
         if chunks and chunks[0][0] <= after:
             first_line, data = chunks[0]
             records = data.split("\n")[after + 1 - first_line :]
@@ -232,49 +255,49 @@ class LogStore:
                 chunks.pop(0)
         return chunks
 
-    async def _chunks(
-        self, conn: Conn, build_id: str, after: int, limit: int
-    ) -> list[tuple[int, str]]:
+    async def _chunks(self, conn: Conn, build_id: str, after: int, limit: int) -> list[_Chunk]:
         # Only chunks that start within the next ``limit`` lines: a long log
         # is read page by page, never whole.
-        cur = await conn.execute(
+        cur = conn.cursor(row_factory=class_row(_Chunk))
+        await cur.execute(
             "SELECT first_line, data FROM log_chunks WHERE build_id = %s"
             " AND first_line + line_count > %s AND first_line <= %s ORDER BY first_line",
             (build_id, after + 1, after + limit),
         )
-        return [(int(r[0]), r[1]) for r in await cur.fetchall()]
+        return await cur.fetchall()
 
     async def last_line(self, build_id: str) -> int:
         async with self.db.connection() as conn:
-            cur = await conn.execute("SELECT log_lines FROM builds WHERE id = %s", (build_id,))
-            row = await cur.fetchone()
-        if row is None:
+            lines: int | None = await fetch_value(
+                conn, "SELECT log_lines FROM builds WHERE id = %s", (build_id,)
+            )
+        if lines is None:
             raise NotFound(f"build {build_id!r} not found")
-        return int(row[0])
+        return lines
 
     async def account_of(self, build_id: str) -> str:
         """The account that owns a build, "" for an unknown build."""
         async with self.db.connection() as conn:
-            cur = await conn.execute("SELECT account_id FROM builds WHERE id = %s", (build_id,))
-            row = await cur.fetchone()
-        return str(row[0]) if row else ""
+            account_id: str | None = await fetch_value(
+                conn, "SELECT account_id::text FROM builds WHERE id = %s", (build_id,)
+            )
+        return account_id or ""
 
     async def account_log_bytes(self, account_id: str) -> int:
         """Log bytes the account's builds keep stored (the quota's measure:
         text plus ``LINE_OVERHEAD`` per line, as ``builds.log_bytes``)."""
         async with self.db.connection() as conn:
             # builds_project makes this one index scan per project.
-            cur = await conn.execute(
-                "SELECT coalesce(sum(b.log_bytes), 0) FROM projects p"
+            stored: int = await fetch_value(
+                conn,
+                "SELECT coalesce(sum(b.log_bytes), 0)::bigint FROM projects p"
                 " JOIN builds b ON b.project_id = p.id WHERE p.account_id = %s",
                 (account_id,),
             )
-            row = await cur.fetchone()
-        return int(row[0]) if row else 0
+        return stored
 
     async def database_size(self) -> int:
         """``pg_database_size`` of the current database, in bytes."""
         async with self.db.connection() as conn:
-            cur = await conn.execute("SELECT pg_database_size(current_database())")
-            row = await cur.fetchone()
-        return int(row[0]) if row else 0
+            size: int = await fetch_value(conn, "SELECT pg_database_size(current_database())")
+        return size

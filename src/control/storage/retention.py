@@ -17,11 +17,11 @@ import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-import psycopg
-from psycopg.rows import TupleRow
+from psycopg.abc import Params, QueryNoTemplate
+from psycopg.rows import class_row
 
 from control.domain.build import FINAL_STATES
-from control.storage.db import Conn
+from control.storage.db import Conn, fetch_value
 
 # The session-level advisory lock that makes one replica at a time collect
 # (migrate.py uses 0x0C0FFEE).
@@ -44,12 +44,12 @@ WITH win AS (
     ORDER BY created_at, id LIMIT %(window)s
 )
 SELECT b.id::text, b.created_at,
-    {_MAY_GO} AND coalesce(b.finished_at, b.created_at) < %(cutoff)s
+    ({_MAY_GO} AND coalesce(b.finished_at, b.created_at) < %(cutoff)s
     AND (%(keep)s = 0 OR EXISTS (
         SELECT 1 FROM builds n
         WHERE n.project_id = b.project_id AND n.branch = b.branch
           AND (n.created_at, n.id) > (b.created_at, b.id)
-        OFFSET greatest(%(keep)s - 1, 0) LIMIT 1))
+        OFFSET greatest(%(keep)s - 1, 0) LIMIT 1))) AS may_go
 FROM win b ORDER BY b.created_at, b.id
 """
 
@@ -62,7 +62,7 @@ WITH gone AS (
     -- The text as stored (compressed or not) plus the row's header and keys.
     RETURNING pg_column_size(c.data) + 40 AS size
 )
-SELECT count(*), coalesce(sum(size), 0) FROM gone
+SELECT count(*) AS rows, coalesce(sum(size), 0) AS bytes FROM gone
 """
 
 _BUILDS_SQL = f"""
@@ -70,7 +70,7 @@ WITH gone AS (
     DELETE FROM builds b WHERE b.id = ANY(%(ids)s::uuid[]) AND {_MAY_GO}
     RETURNING pg_column_size(b.*) AS size
 )
-SELECT count(*), coalesce(sum(size), 0) FROM gone
+SELECT count(*) AS rows, coalesce(sum(size), 0) AS bytes FROM gone
 """
 
 # Table, its key columns, its time column: rows older than the cutoff go,
@@ -99,13 +99,27 @@ class Window:
     next_start: tuple[datetime, str] | None
 
 
+@dataclass(frozen=True)
+class _Candidate:
+    """A build of the walk's window; ``may_go``: it may be deleted."""
+
+    id: str
+    created_at: datetime
+    may_go: bool
+
+
+@dataclass(frozen=True)
+class _TableSize:
+    name: str
+    bytes: int
+
+
 async def try_lock(conn: Conn) -> bool:
     """Take the collection lock for this session; False when another
     session holds it. The caller releases it with ``unlock`` (or by closing
     the connection)."""
-    cur = await conn.execute("SELECT pg_try_advisory_lock(%s)", (LOCK_KEY,))
-    row = await cur.fetchone()
-    return bool(row and row[0])
+    locked: bool = await fetch_value(conn, "SELECT pg_try_advisory_lock(%s)", (LOCK_KEY,))
+    return locked
 
 
 async def unlock(conn: Conn) -> None:
@@ -121,10 +135,7 @@ async def bound_session(conn: Conn, statement_ms: int, lock_ms: int) -> None:
 
 
 async def database_now(conn: Conn) -> datetime:
-    cur = await conn.execute("SELECT now()")
-    row = await cur.fetchone()
-    assert row is not None
-    now: datetime = row[0]
+    now: datetime = await fetch_value(conn, "SELECT now()")
     return now
 
 
@@ -133,28 +144,27 @@ async def old_builds(
 ) -> Window:
     """Look at the next ``window`` builds created before ``cutoff`` after
     ``start`` (in (created_at, id) order) and return those that may go."""
-    cur = await conn.execute(
+    cur = conn.cursor(row_factory=class_row(_Candidate))
+    await cur.execute(
         _WINDOW_SQL,
         {"cutoff": cutoff, "at": start[0], "id": start[1], "window": window, "keep": keep},
     )
-    rows = await cur.fetchall()
-    deletable = [str(row[0]) for row in rows if row[2]]
-    last = (rows[-1][1], str(rows[-1][0])) if len(rows) == window else None
+    builds = await cur.fetchall()
+    deletable = [b.id for b in builds if b.may_go]
+    last = (builds[-1].created_at, builds[-1].id) if len(builds) == window else None
     return Window(deletable, last)
 
 
 async def delete_log_chunks(conn: Conn, build_ids: list[str], limit: int) -> Deleted:
     """Delete up to ``limit`` log chunks of those of ``build_ids`` that may
     still go; fewer than ``limit`` rows means none is left."""
-    cur = await conn.execute(_CHUNKS_SQL, {"ids": build_ids, "limit": limit})
-    return await _deleted(cur)
+    return await _deleted(conn, _CHUNKS_SQL, {"ids": build_ids, "limit": limit})
 
 
 async def delete_builds(conn: Conn, build_ids: list[str]) -> Deleted:
     """Delete the builds of ``build_ids`` that may still go, with their
     steps, alarms and remaining chunks (ON DELETE CASCADE)."""
-    cur = await conn.execute(_BUILDS_SQL, {"ids": build_ids})
-    return await _deleted(cur)
+    return await _deleted(conn, _BUILDS_SQL, {"ids": build_ids})
 
 
 async def delete_older(conn: Conn, table: str, cutoff: datetime, limit: int) -> Deleted:
@@ -162,25 +172,31 @@ async def delete_older(conn: Conn, table: str, cutoff: datetime, limit: int) -> 
     (``webhook_deliveries``, ``skipped_pushes`` or ``audit_log``) from
     before ``cutoff``; fewer than ``limit`` means none is left."""
     key, at = _BY_AGE[table]
-    cur = await conn.execute(
+    return await _deleted(
+        conn,
         f"WITH gone AS (DELETE FROM {table} t WHERE ({key}) IN ("
         f" SELECT {key} FROM {table} WHERE {at} < %s ORDER BY {at} LIMIT %s)"
         " RETURNING pg_column_size(t.*) AS size)"
-        " SELECT count(*), coalesce(sum(size), 0) FROM gone",
+        " SELECT count(*) AS rows, coalesce(sum(size), 0) AS bytes FROM gone",
         (cutoff, limit),
     )
-    return await _deleted(cur)
 
 
 async def table_bytes(conn: Conn) -> dict[str, int]:
     """On-disk size of each table in ``TABLES``, indexes and TOAST included."""
-    cur = await conn.execute(
-        "SELECT t, pg_total_relation_size(to_regclass(t)) FROM unnest(%s::text[]) t",
+    cur = conn.cursor(row_factory=class_row(_TableSize))
+    await cur.execute(
+        "SELECT t AS name, coalesce(pg_total_relation_size(to_regclass(t)), 0) AS bytes"
+        " FROM unnest(%s::text[]) t",
         (list(TABLES),),
     )
-    return {str(name): int(size or 0) for name, size in await cur.fetchall()}
+    return {t.name: t.bytes for t in await cur.fetchall()}
 
 
-async def _deleted(cur: psycopg.AsyncCursor[TupleRow]) -> Deleted:
-    row = await cur.fetchone()
-    return Deleted(int(row[0]), int(row[1])) if row else Deleted()
+async def _deleted(conn: Conn, query: QueryNoTemplate, params: Params) -> Deleted:
+    """Run a ``WITH gone AS (DELETE ...) SELECT count(*) AS rows, ... AS
+    bytes`` statement; an aggregate returns its one row even when nothing
+    went."""
+    cur = conn.cursor(row_factory=class_row(Deleted))
+    await cur.execute(query, params)
+    return await cur.fetchone() or Deleted()

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from control.storage.db import Conn
+from psycopg.rows import class_row
+
+from control.storage.db import Conn, fetch_value
 
 # Initializing and running builds always have a runner, so these predicates
 # match the partial index builds_runner; waiting builds use builds_queued.
@@ -19,9 +21,17 @@ _ACTIVE_SQL = (
     " WHERE runner_id IS NOT NULL AND status IN ('initializing', 'running')"
 )
 _WAITING_SQL = (
-    "SELECT account_id::text, count(*), extract(epoch FROM now() - min(created_at))::float8"
+    "SELECT account_id::text, count(*) AS waiting,"
+    " extract(epoch FROM now() - min(created_at))::float8 AS oldest_seconds"
     " FROM builds WHERE status = 'queued' AND runner_id IS NULL GROUP BY account_id"
 )
+
+
+@dataclass(frozen=True)
+class _Waiting:
+    account_id: str
+    waiting: int
+    oldest_seconds: float
 
 
 @dataclass(frozen=True)
@@ -39,13 +49,12 @@ class BuildCounts:
 async def build_counts(conn: Conn) -> BuildCounts:
     """Read the counts; two index scans. Raises psycopg errors unchanged
     (callers use ``Database.connection()``, which translates them)."""
-    cur = await conn.execute(_ACTIVE_SQL)
-    row = await cur.fetchone()
-    active = int(row[0]) if row else 0
-    cur = await conn.execute(_WAITING_SQL)
-    waiting: dict[str, int] = {}
-    oldest = 0.0
-    for account_id, count, age in await cur.fetchall():
-        waiting[str(account_id)] = int(count)
-        oldest = max(oldest, float(age))
-    return BuildCounts(active=active, waiting=waiting, oldest_waiting_seconds=oldest)
+    active: int = await fetch_value(conn, _ACTIVE_SQL)
+    cur = conn.cursor(row_factory=class_row(_Waiting))
+    await cur.execute(_WAITING_SQL)
+    accounts = await cur.fetchall()
+    return BuildCounts(
+        active=active,
+        waiting={a.account_id: a.waiting for a in accounts},
+        oldest_waiting_seconds=max((a.oldest_seconds for a in accounts), default=0.0),
+    )
