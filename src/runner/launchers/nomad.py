@@ -1,12 +1,10 @@
 """NomadLauncher: every build is one Nomad batch job (see docs/nomad.md).
 
-python-nomad, synchronous and so run in threads, registers and deregisters the
-job, reads its evaluation, signals its allocation and keeps the build's secrets
-in a Nomad Variable. Two things python-nomad cannot do go through aiohttp to
-the same API: blocking queries on the allocation (``?index=N&wait=..`` and the
-``X-Nomad-Index`` header) and following task logs through
-``/v1/client/fs/logs``, a stream of JSON frames that a broken stream resumes
-at the bytes already received (``nomad_logs``).
+Nomad is reached through one client (``nomad_client``): python-nomad
+registers and deregisters the job, reads its evaluation and keeps the build's
+secrets in a Nomad Variable; blocking queries on the allocation and the task
+logs (a stream of JSON frames that a broken stream resumes at the bytes
+already received, ``nomad_logs``) go beside it on aiohttp.
 """
 
 from __future__ import annotations
@@ -14,21 +12,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import ssl
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import replace
-from typing import Any, Literal, TypeVar, cast
-
-import aiohttp
-import nomad
-import requests
-from nomad.api import exceptions as nomad_errors
+from typing import Any, TypeVar
 
 from common.retry import RetryPolicy
 from common.tasks import cancel_and_wait
 from runner.errors import RunnerError
 from runner.launchers.base import JobResult, JobSpec, LaunchError, OutputLine
+from runner.launchers.nomad_client import LogStream, NomadApiError, NomadClient, NomadNotFound
 from runner.launchers.nomad_job import (
     TASK,
     EventCursor,
@@ -57,7 +50,6 @@ __all__ = ["NomadJob", "NomadLauncher", "NomadSettings", "NomadUnavailable"]
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-LogStream = Literal["stdout", "stderr"]
 
 _QUEUED_LINES = 10_000
 _FINAL_READ_ATTEMPTS = 5
@@ -74,19 +66,11 @@ class NomadUnavailable(RunnerError):
     ``unreachable_seconds``."""
 
 
-class _NotFound(Exception):
-    """Nomad answered 404."""
-
-
-class _ApiError(Exception):
-    """Nomad answered with an error status other than 404."""
-
-    def __init__(self, status: int, text: str) -> None:
-        super().__init__(f"HTTP {status}: {text.strip()[:300]}")
-        self.status = status
-
-
-_TRANSIENT = (aiohttp.ClientError, TimeoutError, _ApiError, LogStreamError, OSError)
+# Failures worth another try while ``unreachable_seconds`` last.
+_TRANSIENT = (NomadApiError, LogStreamError)
+# Answers to reading the evaluation that no retry can change (bad request,
+# a token without the capability).
+_REFUSED = frozenset({400, 403})
 
 
 class NomadLauncher:
@@ -104,23 +88,7 @@ class NomadLauncher:
     def __init__(self, settings: NomadSettings, *, metrics: RunnerMetrics | None = None) -> None:
         self._settings = settings
         self._metrics = metrics
-        self._session = requests.Session()
-        client_cert: tuple[str, str] | str | tuple[()] = ()
-        if settings.client_cert and settings.client_key:
-            client_cert = (settings.client_cert, settings.client_key)
-        elif settings.client_cert:
-            client_cert = settings.client_cert
-        self._client: Any = nomad.Nomad(
-            address=settings.address,
-            token=settings.token,
-            namespace=settings.namespace,
-            region=settings.region,
-            timeout=max(1, round(settings.request_timeout_seconds)),
-            verify=settings.ca_cert or not settings.skip_verify,
-            cert=client_cert,
-            session=self._session,
-        )
-        self._api = _Api(settings)
+        self._nomad = NomadClient(settings)
         self._jobs: set[NomadJob] = set()
         self._undo: set[asyncio.Task[None]] = set()
         self._closed = False
@@ -162,35 +130,24 @@ class NomadLauncher:
             [job.task for job in jobs] + list(self._undo),
             self._settings.kill_timeout_seconds + self._settings.request_timeout_seconds,
         )
-        await self._api.close()
-        self._session.close()
+        await self._nomad.close()
 
     async def _submit(
         self, job: dict[str, Any], var_path: str | None, secret_env: Mapping[str, str]
     ) -> str:
         if var_path is not None:
-            payload: dict[str, Any] = {"Path": var_path, "Items": dict(secret_env)}
-            if self._settings.namespace:
-                payload["Namespace"] = self._settings.namespace
             try:
-                await self.call(
-                    self._client.variable.create_variable,
-                    var_path,
-                    payload,
-                    namespace=self._settings.namespace,
-                )
-            except nomad_errors.BaseNomadException as exc:
+                await self._nomad.create_variable(var_path, secret_env)
+            except NomadApiError as exc:
                 self.count_error()
-                raise LaunchError(f"Nomad refused the build's secrets: {_describe(exc)}") from None
+                raise LaunchError(f"Nomad refused the build's secrets: {exc}") from None
         try:
-            answer = await self.call(self._client.jobs.register_job, {"Job": job})
-        except nomad_errors.BaseNomadException as exc:
+            answer = await self._nomad.register_job(job)
+        except NomadApiError as exc:
             self.count_error()
             if var_path is not None:
                 await self.delete_variable(var_path)
-            raise LaunchError(
-                f"could not register Nomad job {job['ID']}: {_describe(exc)}"
-            ) from None
+            raise LaunchError(f"could not register Nomad job {job['ID']}: {exc}") from None
         if answer.get("Warnings"):
             log.warning("Nomad accepted job %s with warnings: %s", job["ID"], answer["Warnings"])
         return str(answer.get("EvalID") or "")
@@ -211,44 +168,33 @@ class NomadLauncher:
         return self._settings
 
     @property
-    def client(self) -> Any:
-        """The python-nomad client; call it through ``call``."""
-        return self._client
-
-    @property
-    def api(self) -> _Api:
-        return self._api
+    def nomad(self) -> NomadClient:
+        return self._nomad
 
     @property
     def metrics(self) -> RunnerMetrics | None:
         return self._metrics
 
-    async def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        """Run a python-nomad call in a thread; it raises python-nomad's errors."""
-        return await asyncio.to_thread(fn, *args, **kwargs)
-
     async def deregister(self, nomad_job_id: str) -> None:
         """Stop and purge a job; never raises (Nomad's KillTimeout still applies
         to a job whose deregistration failed once it is retried or GC'd)."""
         try:
-            await self.call(self._client.job.deregister_job, nomad_job_id, purge=True)
-        except nomad_errors.URLNotFoundNomadException:
+            await self._nomad.deregister_job(nomad_job_id)
+        except NomadNotFound:
             pass
-        except nomad_errors.BaseNomadException as exc:
+        except NomadApiError as exc:
             self.count_error()
-            log.warning("could not deregister Nomad job %s: %s", nomad_job_id, _describe(exc))
+            log.warning("could not deregister Nomad job %s: %s", nomad_job_id, exc)
 
     async def delete_variable(self, var_path: str) -> None:
         """Delete a secrets Variable; never raises."""
         try:
-            await self.call(
-                self._client.variable.delete_variable, var_path, namespace=self._settings.namespace
-            )
-        except nomad_errors.URLNotFoundNomadException:
+            await self._nomad.delete_variable(var_path)
+        except NomadNotFound:
             pass
-        except nomad_errors.BaseNomadException as exc:
+        except NomadApiError as exc:
             self.count_error()
-            log.warning("could not delete Nomad variable %s: %s", var_path, _describe(exc))
+            log.warning("could not delete Nomad variable %s: %s", var_path, exc)
 
     def count_error(self) -> None:
         if self._metrics is not None:
@@ -322,13 +268,8 @@ class NomadJob:
         if self._alloc_id is None or grace_seconds >= self._settings.kill_timeout_seconds:
             return
         try:
-            await self._launcher.call(
-                self._launcher.client.client.allocation.signal_allocation,
-                self._alloc_id,
-                "SIGKILL",
-                TASK,
-            )
-        except nomad_errors.BaseNomadException as exc:
+            await self._launcher.nomad.signal_allocation(self._alloc_id, "SIGKILL", TASK)
+        except NomadApiError as exc:
             # Usually the task died meanwhile; otherwise KillTimeout still holds.
             log.info("could not SIGKILL %s: %s", self.job_id, _describe(exc))
 
@@ -427,21 +368,12 @@ class NomadJob:
         polls = 0
         while True:
             try:
-                response = await self._launcher.call(
-                    self._launcher.client.evaluation.request,
-                    self._eval_id,
-                    method="get",
-                    params=self._launcher.api.scope(),
-                )
-                evaluation = cast(Mapping[str, Any], response.json())
-            except nomad_errors.URLNotFoundNomadException:
+                evaluation = await self._launcher.nomad.read_evaluation(self._eval_id)
+            except NomadNotFound:
                 return None
-            except (
-                nomad_errors.BadRequestNomadException,
-                nomad_errors.URLNotAuthorizedNomadException,
-            ) as exc:
-                raise NomadUnavailable(_describe(exc)) from None
-            except (nomad_errors.BaseNomadException, ValueError) as exc:
+            except NomadApiError as exc:
+                if exc.status in _REFUSED:
+                    raise NomadUnavailable(str(exc)) from None
                 await patience.failed(exc)
                 continue
             patience.ok()
@@ -460,15 +392,15 @@ class NomadJob:
             stopping = self._stop_requested.is_set()
             try:
                 if stopping:
-                    allocs, new_index = await self._launcher.api.blocking_get(path, 0)
+                    allocs, new_index = await self._launcher.nomad.blocking_get(path, 0)
                 else:
                     answer = await self._unless_stopped(
-                        self._launcher.api.blocking_get(path, index)
+                        self._launcher.nomad.blocking_get(path, index)
                     )
                     if answer is None:
                         continue
                     allocs, new_index = answer
-            except _NotFound:
+            except NomadNotFound:
                 allocs, new_index = [], index
             except _TRANSIENT as exc:
                 await patience.failed(exc)
@@ -488,8 +420,8 @@ class NomadJob:
         events = EventCursor()
         while True:
             try:
-                alloc, new_index = await self._launcher.api.blocking_get(path, index)
-            except _NotFound:
+                alloc, new_index = await self._launcher.nomad.blocking_get(path, index)
+            except NomadNotFound:
                 if self._stop_requested.is_set():
                     return JobResult(None, killed=True)
                 return JobResult(None, error=f"allocation {alloc_id} disappeared from Nomad")
@@ -538,7 +470,7 @@ class NomadJob:
             try:
                 await self._read_log(alloc_id, stream, cursor, lines, follow=not final)
                 patience.ok()
-            except (*_TRANSIENT, _NotFound) as exc:
+            except _TRANSIENT as exc:
                 if cursor.received > received:
                     # A stream that broke after delivering something is worth
                     # resuming at once, however often it breaks.
@@ -570,10 +502,10 @@ class NomadJob:
         one, and the bytes counted would resume past unread output. Without
         a listing (the token lacks ``read-fs``, Nomad is busy) the count stands."""
         try:
-            listing = await self._launcher.api.blocking_get(
+            listing = await self._launcher.nomad.blocking_get(
                 f"/v1/client/fs/ls/{alloc_id}", 0, {"path": "alloc/logs"}
             )
-        except (*_TRANSIENT, _NotFound) as exc:
+        except _TRANSIENT as exc:
             log.debug("could not list the logs of %s: %s", self.job_id, _describe(exc))
             return
         if cursor.rebase(listing[0]):
@@ -595,7 +527,7 @@ class NomadJob:
     ) -> None:
         drain = self._settings.log_drain_seconds
         frames = FrameDecoder()
-        async with self._launcher.api.logs(alloc_id, stream, cursor.position, follow) as content:
+        async with self._launcher.nomad.logs(alloc_id, stream, cursor.position, follow) as content:
             last_data = time.monotonic()
             while True:
                 if follow:
@@ -641,99 +573,6 @@ class NomadJob:
         self._queue.put_nowait(None)
 
 
-class _Api:
-    """The aiohttp half of the client: blocking queries and log streams."""
-
-    def __init__(self, settings: NomadSettings) -> None:
-        self._settings = settings
-        self._session: aiohttp.ClientSession | None = None
-
-    def scope(self) -> dict[str, str]:
-        """Query parameters every request carries."""
-        params = {}
-        if self._settings.namespace:
-            params["namespace"] = self._settings.namespace
-        if self._settings.region:
-            params["region"] = self._settings.region
-        return params
-
-    async def blocking_get(
-        self, path: str, index: int, query: Mapping[str, str] | None = None
-    ) -> tuple[Any, int]:
-        """GET ``path`` with ``query``; with ``index`` > 0, Nomad holds the
-        answer until its index passes ``index`` or the wait ends. Returns the
-        body and the new ``X-Nomad-Index``. Raises ``_NotFound``,
-        ``_ApiError``, aiohttp errors."""
-        wait = self._settings.blocking_wait_seconds
-        params = self.scope() | dict(query or {})
-        if index > 0:
-            params.update(index=str(index), wait=f"{round(wait * 1000)}ms")
-        # Nomad adds up to wait/16 of jitter to a blocking query.
-        timeout = aiohttp.ClientTimeout(
-            total=wait * 17 / 16 + self._settings.request_timeout_seconds
-        )
-        async with self._http().get(self._url(path), params=params, timeout=timeout) as response:
-            await _check(response)
-            body = await response.json(content_type=None)
-            return body, int(response.headers.get("X-Nomad-Index") or 0)
-
-    @contextlib.asynccontextmanager
-    async def logs(
-        self, alloc_id: str, stream: LogStream, offset: int, follow: bool
-    ) -> AsyncIterator[aiohttp.StreamReader]:
-        """Open ``/v1/client/fs/logs`` for the build task at a byte ``offset``
-        counted from the start of the first log file."""
-        params = self.scope()
-        params.update(
-            task=TASK,
-            type=stream,
-            follow=str(follow).lower(),
-            offset=str(offset),
-            origin="start",
-        )
-        timeout = aiohttp.ClientTimeout(
-            total=None, sock_connect=self._settings.request_timeout_seconds
-        )
-        url = self._url(f"/v1/client/fs/logs/{alloc_id}")
-        async with self._http().get(url, params=params, timeout=timeout) as response:
-            await _check(response)
-            yield response.content
-
-    async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
-
-    def _url(self, path: str) -> str:
-        return self._settings.address.rstrip("/") + path
-
-    def _http(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            headers = {"X-Nomad-Token": self._settings.token} if self._settings.token else {}
-            connector = aiohttp.TCPConnector(ssl=self._ssl_context())
-            self._session = aiohttp.ClientSession(headers=headers, connector=connector)
-        return self._session
-
-    def _ssl_context(self) -> ssl.SSLContext | bool:
-        settings = self._settings
-        if not settings.address.startswith("https:"):
-            return True
-        context = ssl.create_default_context(cafile=settings.ca_cert)
-        if settings.client_cert:
-            context.load_cert_chain(settings.client_cert, settings.client_key)
-        if settings.skip_verify:
-            context.check_hostname = False
-            context.verify_mode = ssl.CERT_NONE
-        return context
-
-
-async def _check(response: aiohttp.ClientResponse) -> None:
-    if response.status == 404:
-        raise _NotFound(await response.text())
-    if response.status >= 400:
-        raise _ApiError(response.status, await response.text())
-
-
 class _Patience:
     """Retries transient errors with backoff until ``limit`` seconds pass
     without a success, then raises ``NomadUnavailable``."""
@@ -753,11 +592,7 @@ class _Patience:
 
 
 def _describe(exc: BaseException) -> str:
-    response = getattr(exc, "nomad_resp", None)
-    if isinstance(response, requests.Response):
-        text = response.text.strip()[:300]
-        return f"HTTP {response.status_code}: {text}" if text else f"HTTP {response.status_code}"
-    return str(response if response is not None else exc) or type(exc).__name__
+    return str(exc) or type(exc).__name__
 
 
 async def _settle(tasks: list[asyncio.Task[Any]], seconds: float) -> None:
