@@ -13,7 +13,7 @@ import re
 import uuid
 
 from control.errors import InvalidArgument, NotFound
-from control.storage.db import Conn
+from control.storage.db import Conn, fetch_column
 
 # Six hex digits: 16.7 million values, so a short id stays unique in an
 # account with thousands of builds; shorter ones would match too much.
@@ -72,13 +72,14 @@ async def expand(
     # the primary key, so the lookup uses its index.
     low = str(uuid.UUID(digits.ljust(32, "0")))
     high = str(uuid.UUID(digits.ljust(32, "f")))
-    cur = await conn.execute(
+    ids: list[str] = await fetch_column(
+        conn,
         f"SELECT id::text FROM {table} WHERE id BETWEEN %s AND %s AND ({scope})"
         f" ORDER BY id LIMIT %s",
         (low, high, *params, MAX_CANDIDATES + 1),
     )
     # Dashes in the prefix must sit where the UUID has them.
-    found = [str(r[0]) for r in await cur.fetchall() if str(r[0]).startswith(ref.lower())]
+    found = [i for i in ids if i.startswith(ref.lower())]
     if not found:
         raise NotFound(f"{kind} {ref!r} not found")
     if len(found) == 1:

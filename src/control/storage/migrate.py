@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from importlib import resources
 
-from control.storage.db import Conn
+from control.storage.db import Conn, fetch_column, fetch_value
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +37,7 @@ async def migrate(conn: Conn) -> list[str]:
             "CREATE TABLE IF NOT EXISTS schema_migrations ("
             " version text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
         )
-        cur = await conn.execute("SELECT version FROM schema_migrations")
-        done = {row[0] for row in await cur.fetchall()}
+        done = set(await fetch_column(conn, "SELECT version FROM schema_migrations"))
         for version, sql in migration_files():
             if version in done:
                 continue
@@ -51,10 +50,7 @@ async def migrate(conn: Conn) -> list[str]:
 
 async def pending(conn: Conn) -> list[str]:
     """Return the versions not yet applied (for /readyz)."""
-    cur = await conn.execute("SELECT to_regclass('schema_migrations') IS NOT NULL")
-    row = await cur.fetchone()
-    if not row or not row[0]:
+    if not await fetch_value(conn, "SELECT to_regclass('schema_migrations') IS NOT NULL"):
         return [v for v, _ in migration_files()]
-    cur = await conn.execute("SELECT version FROM schema_migrations")
-    done = {r[0] for r in await cur.fetchall()}
+    done = set(await fetch_column(conn, "SELECT version FROM schema_migrations"))
     return [v for v, _ in migration_files() if v not in done]
