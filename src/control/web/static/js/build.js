@@ -76,19 +76,55 @@ function cleanNode(node) {
 
 // Log text is untrusted: ansi_up escapes it, and only the spans and links it
 // makes are rebuilt from its output, element by element.
-function colored(text) {
-  if (!text.includes("\x1b")) return document.createTextNode(text);
+function ansiHtml(text) {
   // ansi_up escapes every quote of the text, so each ` style="` in its
   // output is its own; renamed, the parser never applies (or reports) it.
   const html = ansi.ansi_to_html(text).replace(/ style="([^"]*)"/g, ' data-ansi-style="$1"');
   ansi.ansi_to_html("\x1b[0m"); // each line starts uncoloured
-  const doc = parser.parseFromString(`<body>${html}</body>`, "text/html");
+  return html;
+}
+
+function cleaned(container) {
   const out = document.createDocumentFragment();
-  for (const node of doc.body.childNodes) out.append(cleanNode(node));
+  for (const node of container.childNodes) out.append(cleanNode(node));
   return out;
 }
 
-function lineNode([number, stream, text]) {
+// The bodies of ``lines``' rows: plain text stays a text node; the coloured
+// lines of a batch go through one parse, each in its own <div>, since a
+// parse costs far more than the few nodes it makes (one parse per line was
+// most of the script time of a page's 1,000 coloured lines). ansi_up's
+// output is balanced (every span and link closed, all text escaped), so the
+// parse yields one <div> per line; if it ever did not, each line is parsed
+// on its own rather than mixing lines.
+function bodies(lines) {
+  const out = new Array(lines.length);
+  const coloured = [];
+  const html = [];
+  lines.forEach(([, , text], i) => {
+    if (text.includes("\x1b")) {
+      coloured.push(i);
+      html.push(ansiHtml(text));
+    } else {
+      out[i] = document.createTextNode(text);
+    }
+  });
+  if (!coloured.length) return out;
+  const joined = html.map((h) => `<div>${h}</div>`).join("");
+  const body = parser.parseFromString(`<body>${joined}</body>`, "text/html").body;
+  if (body.childElementCount === coloured.length && body.childNodes.length === coloured.length) {
+    coloured.forEach((i, k) => {
+      out[i] = cleaned(body.children[k]);
+    });
+  } else {
+    coloured.forEach((i, k) => {
+      out[i] = cleaned(parser.parseFromString(`<body>${html[k]}</body>`, "text/html").body);
+    });
+  }
+  return out;
+}
+
+function lineNode([number, stream], body) {
   const row = document.createElement("div");
   row.className = stream === "e" ? "line stderr" : stream === "s" ? "line system" : "line";
   row.id = `L${number}`;
@@ -96,16 +132,17 @@ function lineNode([number, stream, text]) {
   anchor.className = "ln";
   anchor.href = `#L${number}`;
   anchor.textContent = number;
-  const body = document.createElement("span");
-  body.className = "lt";
-  body.append(colored(text));
-  row.append(anchor, body);
+  const text = document.createElement("span");
+  text.className = "lt";
+  text.append(body);
+  row.append(anchor, text);
   return row;
 }
 
 function fragmentOf(lines) {
   const frag = document.createDocumentFragment();
-  for (const line of lines) frag.append(lineNode(line));
+  const texts = bodies(lines);
+  lines.forEach((line, i) => frag.append(lineNode(line, texts[i])));
   return frag;
 }
 
@@ -130,11 +167,29 @@ function atBottom() {
   return view.scrollTop + view.clientHeight >= view.scrollHeight - 8;
 }
 
-function toBottom() {
+function toBottomNow() {
   view.scrollTop = view.scrollHeight;
 }
 
+// Following the end, the scroll waits for the next frame: reading
+// scrollHeight right after appending lines lays them all out there and
+// then, and the frame lays them out again if anything changes after; in
+// the frame it is the one layout the frame does anyway, and messages that
+// arrive within one frame share it.
+let scrollQueued = false;
+function toBottom() {
+  if (scrollQueued) return;
+  scrollQueued = true;
+  requestAnimationFrame(() => {
+    scrollQueued = false;
+    if (state.follow) toBottomNow();
+  });
+}
+
 view.addEventListener("scroll", () => {
+  // A scroll before a queued follow lands (lines trimmed off the top move
+  // the view) is not the reader leaving the end.
+  if (scrollQueued) return;
   const follow = atBottom() && state.last === state.total;
   if (follow !== state.follow) {
     state.follow = follow;
@@ -149,7 +204,7 @@ followBtn.addEventListener("click", async () => {
   }
   state.follow = true;
   history.replaceState(null, "", location.pathname);
-  toBottom();
+  toBottomNow();
   showCount();
 });
 
@@ -321,7 +376,10 @@ async function start() {
   view.append(fragmentOf(data.lines));
   showCount();
   const wanted = wantedLine();
-  if (!wanted || !(await reveal(wanted))) toBottom();
+  // At once, not in the next frame: the page's first frame then shows the
+  // end (with off-screen lines skipping layout, this layout is of the few
+  // lines in view).
+  if (!wanted || !(await reveal(wanted))) toBottomNow();
   showCount();
   follow();
 }
