@@ -5,6 +5,7 @@ runners page, and rows that update without a reload."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from playwright.async_api import expect
@@ -50,6 +51,17 @@ async def test_project_pages_and_runners(
         github_headers(project.webhook_secret, body),
     )
     assert status == 200
+    # A tag push with no tag rule is skipped too, and the page names it as
+    # a tag, not as a branch called "refs/tags/...".
+    tag_push = json.loads(github_push("main", "b" * 40))
+    tag_push["ref"] = "refs/tags/v1.2.0"
+    body = json.dumps(tag_push).encode()
+    status, _ = await post_webhook(
+        f"{control.http_url}/webhooks/github/{project.id}",
+        body,
+        github_headers(project.webhook_secret, body),
+    )
+    assert status == 200
     # 26 builds of main (one more than a page) and one of a feature branch;
     # the runner takes the first few, the rest wait in the queue.
     main_builds = [(await writer_api.trigger("web")).id for _ in range(26)]
@@ -81,6 +93,9 @@ async def test_project_pages_and_runners(
     await expect(page.locator("text=fast")).to_have_count(1)
     assert SECRET_VALUE not in await page.content()
     await expect(page.locator("text=skipped: [skip ci] in the commit message")).to_have_count(1)
+    tag_row = page.locator("tr", has=page.locator("code", has_text="bbbbbbb"))
+    await expect(tag_row.locator("td").nth(2)).to_have_text("tag v1.2.0")
+    await expect(tag_row.locator(".branch")).to_have_count(0)
     await dashboard.screenshot("project.png", full_page=True)
 
     # The next page holds the oldest build; filters are applied by the server.
