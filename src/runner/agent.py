@@ -135,7 +135,7 @@ class Agent:
                         )  # fmt: skip
                         await run.cancel(message.reason, message.grace_seconds or 10)
         finally:
-            heartbeat.cancel()
+            await cancel_and_wait(heartbeat)
             self._outbox = None
             self.connected.clear()
 

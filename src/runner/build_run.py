@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from common.logging_setup import bind
+from common.tasks import cancel_and_wait
 from runner.cache import BuildCache, scope_for
 from runner.cache_run import CacheRun, CacheTarget
 from runner.control_client import RPC_RETRY, ControlClient
@@ -238,7 +239,7 @@ class BuildRun:
             failed_step = await self._follow(self.job, script, masker, batcher, cache_run)
             result = await self.job.wait()
         finally:
-            watchdog.cancel()
+            await cancel_and_wait(watchdog)
         final = self._final(result, failed_step)
         if cache_run is not None:
             # Storing must not run the build into its deadline: it would

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from common.tasks import cancel_and_wait
 from runner.cache import BuildCache, Found, human_size
 from runner.metrics import RunnerMetrics
 from runner.pipes import close_fd
@@ -253,12 +254,13 @@ class CacheRun:
         whole, within ``budget`` seconds; then release the pipes and the
         staging file. Never raises (but for cancellation)."""
         try:
-            if self._restore is not None and not self._restore.done():
-                self._restore.cancel()
+            if self._restore is not None:
+                await cancel_and_wait(self._restore)
             if self._receive is not None:
                 await self._save(succeeded, min(budget, STORE_TIMEOUT))
         finally:
             self.close()
+            await cancel_and_wait(*(t for t in (self._restore, self._receive) if t is not None))
 
     async def _save(self, succeeded: bool, budget: float) -> None:
         assert self._receive is not None
