@@ -473,6 +473,7 @@ def _runner_start(args: argparse.Namespace) -> int:
     from prometheus_client import CollectorRegistry
 
     from common.logging_setup import configure
+    from common.tasks import cancel_and_wait
     from conveyor_cli.parent import die_with_parent
     from runner.agent import Agent, serve_metrics
     from runner.errors import WorkDirInUse
@@ -538,6 +539,8 @@ def _runner_start(args: argparse.Namespace) -> int:
         try:
             await agent.run()
         finally:
+            # The agent has stopped: a drain still waiting has nothing left to wait for.
+            await cancel_and_wait(*drains)
             if http is not None:
                 await http.cleanup()
 

@@ -51,6 +51,7 @@ from dataclasses import dataclass
 
 import psutil
 
+from common.tasks import cancel_and_wait
 from runner.errors import NetworkError
 from runner.pipes import close_fd, data_fd
 
@@ -389,13 +390,13 @@ class UserNetwork:
             ready = b""
             raise
         finally:
-            exited.cancel()
             if ready != b"1":
                 # Also on cancellation: slirp4netns must not outlive the
                 # launch. The read ends with its pipe.
                 await asyncio.shield(self.close())
                 await asyncio.wait({reading}, timeout=_START_TIMEOUT)
             os.close(ready_read)
+            await cancel_and_wait(exited)
         if ready != b"1":
             why = (
                 f"it exited with {proc.returncode}"
