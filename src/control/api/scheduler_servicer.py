@@ -23,23 +23,16 @@ class SchedulerServicer(ss_grpc.SchedulerServiceServicer):
         """Queue depth of the caller's account; only the control plane's own
         credential sees every account (a tenant's admin is still a tenant)."""
         only = None if principal().kind == "internal" else account_of_caller()
+        runners = self.scheduler.runners
+        queues = await runners.queues(only)
         async with self.db.connection() as conn:
-            cur = await conn.execute(
-                "SELECT a.id, a.concurrency_limit,"
-                " count(*) FILTER (WHERE b.status = 'queued' AND b.runner_id IS NULL),"
-                " count(*) FILTER (WHERE b.status IN ('initializing', 'running')"
-                "   OR (b.status = 'queued' AND b.runner_id IS NOT NULL))"
-                " FROM accounts a LEFT JOIN builds b ON b.account_id = a.id"
-                " AND b.status IN ('queued', 'initializing', 'running')"
-                " WHERE %s::uuid IS NULL OR a.id = %s::uuid GROUP BY a.id ORDER BY a.id",
-                (only, only),
-            )
-            rows = await cur.fetchall()
-            capacity, busy = await self.scheduler.runners.free_slots(conn, self.runner_alive)
+            capacity, busy = await runners.free_slots(conn, self.runner_alive)
         return ss.GetQueueResponse(
             accounts=[
-                ss.AccountQueue(account_id=str(r[0]), limit=r[1], queued=r[2], active=r[3])
-                for r in rows
+                ss.AccountQueue(
+                    account_id=q.account_id, limit=q.limit, queued=q.queued, active=q.active
+                )
+                for q in queues
             ],
             free_slots=max(capacity - busy, 0),
         )

@@ -15,40 +15,17 @@ from collections.abc import Awaitable, Callable
 
 from control.metrics import ControlMetrics
 from control.scheduler.policy import AccountQueue, QueuedBuild, pick
+from control.storage import queue
 from control.storage.db import Conn, Database
 from control.storage.notify import Notifier
 from control.storage.runners import RunnerStore
 
 log = logging.getLogger(__name__)
 
-_LEADER_KEY = 0x5C4ED  # advisory lock key of the scheduling pass
 # BuildManager.StartBuild for a batch: returns the ids it started.
 StartFn = Callable[[list[str]], Awaitable[set[str]]]
 # Builds per StartBuild call (the RPC's own bound is 1,000).
 START_BATCH = 500
-
-# A build holds a slot from the moment a runner is picked for it until it is
-# final; initializing and running builds always have a runner, so this
-# predicate matches the partial index builds_runner.
-_ACTIVE_SQL = (
-    "SELECT account_id, count(*) FROM builds WHERE runner_id IS NOT NULL"
-    " AND status IN ('queued', 'initializing', 'running') GROUP BY account_id"
-)
-# Accounts with waiting builds: their limit and their first ``limit``
-# waiting builds, oldest first (more can never start in one pass). The
-# queue-depth gauges are read at scrape time (control.storage.stats).
-_QUEUES_SQL = (
-    "SELECT a.id, a.concurrency_limit, q.ids, q.times FROM ("
-    "  SELECT DISTINCT account_id FROM builds"
-    "  WHERE status = 'queued' AND runner_id IS NULL) w"
-    " JOIN accounts a ON a.id = w.account_id"
-    " CROSS JOIN LATERAL ("
-    "  SELECT array_agg(s.id::text ORDER BY s.created_at, s.id) AS ids,"
-    "         array_agg(s.created_at ORDER BY s.created_at, s.id) AS times FROM ("
-    "    SELECT id, created_at FROM builds b WHERE b.account_id = a.id"
-    "    AND b.status = 'queued' AND b.runner_id IS NULL"
-    "    ORDER BY created_at, id LIMIT a.concurrency_limit) s) q"
-)
 
 
 class Scheduler:
@@ -124,14 +101,12 @@ class Scheduler:
         """Start what may start; return how many builds were started.
         Returns 0 at once when another replica's pass holds the lock."""
         async with self.db.transaction() as conn:
-            cur = await conn.execute("SELECT pg_try_advisory_xact_lock(%s)", (_LEADER_KEY,))
-            row = await cur.fetchone()
-            if not row or not row[0]:
+            if not await queue.lead(conn):
                 return 0
             queues, free = await self._read(conn)
             chosen = pick(queues, free)
-            for queue in queues:
-                if queue.active >= queue.limit:
+            for account in queues:
+                if account.active >= account.limit:
                     self.metrics.scheduler_decisions.labels("account_limit").inc()
             if not chosen:
                 if queues and free <= 0:
@@ -149,20 +124,19 @@ class Scheduler:
         """The waiting accounts and the number of free slots."""
         capacity, busy = await self.runners.free_slots(conn, self.runner_alive)
         free = capacity - busy
-        cur = await conn.execute(_ACTIVE_SQL)
-        active = {str(r[0]): int(r[1]) for r in await cur.fetchall()}
+        active = await queue.active(conn)
         if self.global_capacity:
             free = min(free, self.global_capacity - sum(active.values()))
-        cur = await conn.execute(_QUEUES_SQL)
-        rows = await cur.fetchall()
         queues = [
             AccountQueue(
-                account_id=str(r[0]),
-                limit=int(r[1]),
-                active=active.get(str(r[0]), 0),
-                queued=tuple(QueuedBuild(b, t) for b, t in zip(r[2], r[3], strict=True)),
+                account_id=w.account_id,
+                limit=w.limit,
+                active=active.get(w.account_id, 0),
+                queued=tuple(
+                    QueuedBuild(b, t) for b, t in zip(w.build_ids, w.queued_at, strict=True)
+                ),
             )
-            for r in rows
+            for w in await queue.waiting(conn)
         ]
         return queues, max(free, 0)
 
