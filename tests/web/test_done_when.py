@@ -20,6 +20,7 @@ from pathlib import Path
 from playwright.async_api import Browser, expect
 
 from tests.helpers import git, open_up
+from tests.web.conftest import SCREENSHOTS
 
 # The demo build of a fresh data directory, made slow enough to be watched:
 # `up` keeps a demo repository that already exists, so this script is what
@@ -127,6 +128,8 @@ async def test_scripts_up_sign_in_click_into_the_demo_build_and_watch_it_live(
         seen = await log.locator(".line").count()
         await expect(log.locator(f"#L{seen + 5}")).to_contain_text("demo tick")
         assert follows, "the page did not follow the log over SSE"
+        if os.environ.get("CONVEYOR_SCREENSHOTS"):  # the README's "demo build" picture
+            await page.screenshot(path=str(SCREENSHOTS / "build.png"))
 
         # The admin session may cancel; the page shows the end without a reload.
         await page.click("#cancel")
