@@ -91,6 +91,14 @@ def make_demo_repo(path: Path) -> str:
             p = Path(root, name)
             p.chmod(p.stat().st_mode | 0o044)
     path.chmod(0o755)
+    # ... and pass every folder above it (search only: o+x lets no one list
+    # them), as the runner does for its work directory: a data directory
+    # under a 0700 home would otherwise hide the demo from the build user.
+    if os.geteuid() == 0:
+        for parent in path.parents:
+            mode = parent.stat().st_mode
+            if not mode & 0o001:
+                parent.chmod(mode | 0o001)
     return str(path)
 
 
@@ -399,7 +407,21 @@ def _token_hint(data_dir: Path, state: dict[str, str]) -> str:
 
 
 async def _demo(plane: ControlPlane, data_dir: Path, token: str) -> None:
-    """Create the demo project and follow its first build's log."""
+    """Create the demo project and follow its first build's log; say so
+    when that fails (Conveyor itself stays up)."""
+    from grpc import aio
+
+    try:
+        await _run_demo(plane, data_dir, token)
+    except aio.AioRpcError as exc:
+        print(f"demo: not run: {exc.details()}\n", flush=True)
+        log.warning("demo not run: %s", exc.details())
+    except (OSError, subprocess.CalledProcessError) as exc:
+        print(f"demo: not run: could not create its repository: {exc}\n", flush=True)
+        log.warning("demo not run: %s", exc)
+
+
+async def _run_demo(plane: ControlPlane, data_dir: Path, token: str) -> None:
     from grpc import aio
 
     repo = await asyncio.to_thread(make_demo_repo, data_dir / "demo-repo")

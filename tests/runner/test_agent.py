@@ -185,7 +185,7 @@ async def test_a_log_over_its_limit_ends_with_a_marker_and_the_build_still_finis
     assert "refused" not in runner.log()
 
 
-@pytest.mark.timing  # cancel p50 0.3 s: a SIGTERM'd sleep stops in ~50 ms here
+@pytest.mark.timing  # cancel p50 under 0.5 s
 async def test_cancel_latency_of_builds_that_stop_on_sigterm(
     api: Api, runner: RunnerProcess, repo: Path
 ) -> None:
@@ -209,5 +209,7 @@ async def test_cancel_latency_of_builds_that_stop_on_sigterm(
     p50 = statistics.median(took)
     print(f"cancel latency over {len(took)} cancels: p50 {p50 * 1000:.0f} ms,"
           f" max {max(took) * 1000:.0f} ms")  # fmt: skip
-    assert p50 < 0.3, f"cancel p50 {p50:.3f} s"
+    # A SIGTERM'd sleep stops in well under 0.1 s on an idle machine; the
+    # bound leaves room for a loaded one (CI's 2 cores run other tests).
+    assert p50 < 0.5, f"cancel p50 {p50:.3f} s"
     assert max(took) < 2.0

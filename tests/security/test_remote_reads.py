@@ -313,7 +313,9 @@ async def test_a_silent_listener_times_out_and_leaves_no_process() -> None:
             await reader.branch_head("acme", f"git://127.0.0.1:{listener.port}/x", "main")
         took = time.monotonic() - began
     assert str(caught.value) == "repo_url: the repository did not answer within 1 s"
-    assert listener.connections == 1
+    # The read reached the listener (git may connect once more before the
+    # timeout ends it).
+    assert listener.connections >= 1
     assert 0.9 <= took < 3.0
     assert git_processes() == []
 
