@@ -1,7 +1,9 @@
 """Builds, their steps and alarms: every SQL statement about them.
 
-Only ``control.builds.lifecycle`` calls the writing methods here; it checks
-each transition with the pure ``check_transition`` first.
+Only ``control.builds`` calls the writing methods here, and a status only
+through ``Transitions.move``, which checks the move with the pure
+``check_transition`` first. A ``Build`` read here carries its dispatch and
+stop request, so the lifecycle decides on the row it locked.
 """
 
 from __future__ import annotations
