@@ -22,9 +22,9 @@ from control.api.edge import Authenticator, EdgeInterceptor
 from control.errors import NotFound
 from control.metrics import ControlMetrics
 from conveyor.v1 import build_manager_pb2 as bm
-from conveyor.v1 import types_pb2 as pb
 from runner.build_run import BuildRun
-from runner.control_client import ControlClient
+from runner.control_client import ControlClient, assignment_from_pb
+from runner.domain import BuildStatus
 from runner.launchers.base import Limits
 from runner.launchers.local import LocalLauncher
 from runner.metrics import RunnerMetrics
@@ -165,7 +165,14 @@ async def test_every_runner_line_inside_a_build_carries_its_ids(
     assert assignment.build_id == build.id
     launcher = LocalLauncher(tmp_path / "workspaces")
     client = ControlClient(control.plane.grpc_address, control.runner_token)
-    run = BuildRun(assignment, client, launcher, RunnerMetrics(CollectorRegistry()), Limits(), True)
+    run = BuildRun(
+        assignment_from_pb(assignment),
+        client,
+        launcher,
+        RunnerMetrics(CollectorRegistry()),
+        Limits(),
+        True,
+    )
     try:
         with captured("runner") as logs:
             status = await asyncio.create_task(run.run())
@@ -173,7 +180,7 @@ async def test_every_runner_line_inside_a_build_carries_its_ids(
     finally:
         await launcher.close()
         await client.close()
-    assert status == pb.BUILD_STATUS_SUCCEEDED
+    assert status == BuildStatus.SUCCEEDED
     inside = [ln for ln in logs.lines if ln["message"] != "after the build, outside its task"]
     # The launcher's own lines name no build; the context supplies it.
     assert any(ln["logger"].startswith("runner.launchers") for ln in inside), inside
