@@ -173,7 +173,7 @@ async def test_startup_deadline_errors_a_build_no_runner_started(
         assignment = await silent.next_assignment()
         done = await api.wait_status(build.id, timeout=10)
         assert done.status == pb.BUILD_STATUS_ERRORED
-        assert done.status_reason == "startup deadline"
+        assert done.status_reason == "startup deadline of 1 s"
         stop = await asyncio.wait_for(silent.cancels.get(), 5)
         assert stop.build_id == assignment.build_id
     finally:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from control.builds.deadlines import run_deadline_reason
+from control.builds.deadlines import run_deadline_reason, startup_deadline_reason
 from control.builds.transitions import DEFAULT_RUN_TIMEOUT, Transitions, now
 from control.domain.build import BuildStatus, is_allowed
 from control.metrics import ControlMetrics
@@ -34,15 +34,20 @@ class Alarms:
                     continue
                 log.info("%s deadline fired", kind, extra={"build_id": build.id})
                 if kind == "startup" and build.status == BuildStatus.QUEUED:
-                    await self.transitions.move(
-                        conn, build, BuildStatus.ERRORED, "startup deadline", now()
+                    # Late against the alarm's own time: after an outage the
+                    # reason says so (issue 16).
+                    settings = self.transitions.settings
+                    at = now()
+                    reason = startup_deadline_reason(
+                        settings.startup_deadline,
+                        (at - alarm.fire_at).total_seconds(),
+                        settings.alarm_poll,
                     )
+                    await self.transitions.move(conn, build, BuildStatus.ERRORED, reason, at)
                     ended += 1
                     if build.runner_id:
                         # The runner may have the job after all: it must go.
-                        await self.assignments.request_stop(
-                            conn, build.id, None, "startup deadline"
-                        )
+                        await self.assignments.request_stop(conn, build.id, None, reason)
                         await self.transitions.nudge(conn, build.runner_id)
                 elif kind == "run":
                     # The configured limit, not the time the alarm fired at:

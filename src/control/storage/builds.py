@@ -64,10 +64,12 @@ _STEP = kwargs_row(_step)
 
 @dataclass(frozen=True)
 class DueAlarm:
-    """An alarm whose time came: the build's ``kind`` deadline."""
+    """An alarm whose time came: the build's ``kind`` deadline, due at
+    ``fire_at`` (later than that when no replica could fire it sooner)."""
 
     build_id: str
     kind: str
+    fire_at: datetime
 
 
 class BuildStore:
@@ -334,7 +336,7 @@ class BuildStore:
         """Lock and return due alarms; other replicas skip them."""
         cur = conn.cursor(row_factory=class_row(DueAlarm))
         await cur.execute(
-            "SELECT build_id::text, kind FROM alarms WHERE fire_at <= clock_timestamp()"
+            "SELECT build_id::text, kind, fire_at FROM alarms WHERE fire_at <= clock_timestamp()"
             " ORDER BY fire_at LIMIT %s FOR UPDATE SKIP LOCKED",
             (limit,),
         )
