@@ -20,6 +20,7 @@ from grpc_health.v1.health import SERVICE_NAME as HEALTH_SERVICE
 from prometheus_client import CollectorRegistry
 
 from common.retry import RetryPolicy
+from common.tasks import cancel_and_wait
 from control.api import reflection
 from control.api.build_manager_servicer import BuildManagerServicer
 from control.api.config_servicer import ConfigServicer
@@ -387,11 +388,7 @@ class ControlPlane:
         cancels them, queued commit statuses get a moment to reach their
         forges, and last the LISTEN connection and the pool close."""
         await self.health.enter_graceful_shutdown()
-        self._alarms.cancel()
-        try:
-            await self._alarms
-        except asyncio.CancelledError:
-            pass
+        await cancel_and_wait(self._alarms)
         await self.retention.stop()
         await self.scheduler.stop()
         await self.http_runner.cleanup()

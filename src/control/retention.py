@@ -23,6 +23,7 @@ from datetime import datetime, timedelta
 
 import psycopg
 
+from common.tasks import cancel_and_wait
 from control.config import RetentionSettings
 from control.metrics import RetentionMetrics
 from control.storage import retention as sql
@@ -57,11 +58,7 @@ class Retention:
     async def stop(self) -> None:
         if self._task is None:
             return
-        self._task.cancel()
-        try:
-            await self._task
-        except asyncio.CancelledError:
-            pass
+        await cancel_and_wait(self._task)
         self._task = None
 
     async def _loop(self) -> None:

@@ -280,3 +280,50 @@ def test_disk_sizes_take_units() -> None:
     ).disk
     assert (disk.min_free_bytes, disk.account_log_quota_bytes) == (512 * MiB, 2_000_000_000)
     assert Settings.from_env({}).disk == DiskSettings()
+
+
+class _SlowToStopProbe:
+    """Answers the first measurement at once; the next one waits until
+    cancelled, and its cleanup waits for ``release``."""
+
+    name = "slow"
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.measuring = asyncio.Event()
+        self.cancelled = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def free_bytes(self) -> int:
+        self.calls += 1
+        if self.calls == 1:
+            return 10 * MiB
+        self.measuring.set()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            self.cancelled.set()
+            await self.release.wait()
+        raise AssertionError("unreachable")
+
+
+async def test_stop_does_not_swallow_the_callers_own_cancellation() -> None:
+    probe = _SlowToStopProbe()
+    settings = DiskSettings(min_free_bytes=MiB, interval=0.01)
+    admission = LogAdmission(
+        LogStore(Database("postgresql:///unused")),
+        settings,
+        ControlMetrics(CollectorRegistry()).disk,
+        [probe],
+    )
+    await admission.start()
+    await asyncio.wait_for(probe.measuring.wait(), 5)
+    stopper = asyncio.create_task(admission.stop())
+    await asyncio.wait_for(probe.cancelled.wait(), 5)
+    # The caller of stop is itself cancelled while the loop cleans up.
+    stopper.cancel()
+    await asyncio.sleep(0)
+    assert not stopper.done()  # stop still waits for the loop to end
+    probe.release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await stopper

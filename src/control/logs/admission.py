@@ -31,6 +31,7 @@ import time
 from dataclasses import dataclass
 from typing import Protocol
 
+from common.tasks import cancel_and_wait
 from control.config import DiskSettings
 from control.errors import ResourceExhausted
 from control.metrics import DiskMetrics
@@ -178,11 +179,7 @@ class LogAdmission:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+            await cancel_and_wait(self._task)
 
     async def _loop(self) -> None:
         while True:

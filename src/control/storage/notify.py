@@ -15,6 +15,7 @@ from collections.abc import Callable
 import psycopg
 
 from common.retry import RetryPolicy
+from common.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -64,11 +65,10 @@ class Notifier:
 
     async def stop(self) -> None:
         if self._task:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+            await cancel_and_wait(self._task)
+            if not self._task.cancelled():
+                # An error the LISTEN loop ended with is the caller's to see.
+                self._task.result()
 
     async def _run(self) -> None:
         backoff = RECONNECT.backoff()
