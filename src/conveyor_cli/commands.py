@@ -10,6 +10,7 @@ from typing import Any
 
 import grpc
 
+from control.domain import project_fields
 from conveyor.v1 import build_manager_pb2 as bm
 from conveyor.v1 import build_manager_pb2_grpc as bm_grpc
 from conveyor.v1 import config_service_pb2 as cs
@@ -38,33 +39,17 @@ class Client:
 
 
 def projects_create(client: Client, args: argparse.Namespace) -> int:
-    reply = client.call(
-        client.config.CreateProject,
-        cs.CreateProjectRequest(
-            name=args.name,
-            repo_url=args.repo,
-            production_branch=args.production_branch,
-            build_command=args.build_command,
-            deploy_command=args.deploy_command,
-            preview_command=args.preview_command,
-            run_timeout_seconds=args.run_timeout,
-            cancel_in_progress=args.cancel_in_progress,
-            build_other_branches=not args.production_only,
-            root_directory=args.root_directory,
-            branch_include=_globs(args.branch_include),
-            branch_exclude=_globs(args.branch_exclude),
-            watch_include=_globs(args.watch_include),
-            watch_exclude=_globs(args.watch_exclude),
-            forge=args.forge,
-            forge_api_url=args.forge_api_url,
-            forge_repo=args.forge_repo,
-            network_isolated=args.no_network,
-            cache_disabled=args.no_cache,
-            cache_lockfiles=_comma_list(args.cache_lockfiles),
-            cache_paths=_comma_list(args.cache_paths),
-            fork_secrets=args.fork_secrets,
-        ),
-    )
+    """A request with every setting of ``project_fields.SETTINGS``: a bool's
+    switch turns it from its ``create_default``, a list flag left out is
+    the empty list."""
+    settings: dict[str, Any] = {}
+    for f in project_fields.SETTINGS:
+        given = getattr(args, f.create_dest)
+        if f.kind == "bool":
+            settings[f.name] = not f.create_default if given else bool(f.create_default)
+        else:
+            settings[f.name] = _field_value(f, given)
+    reply = client.call(client.config.CreateProject, cs.CreateProjectRequest(**settings))
     data = project_json(reply.project)
     if args.json:
         _print_json(data)
@@ -111,23 +96,6 @@ def projects_show(client: Client, args: argparse.Namespace) -> int:
     return 0
 
 
-UPDATE_FLAGS = {
-    "repo": "repo_url",
-    "production_branch": "production_branch",
-    "build_command": "build_command",
-    "deploy_command": "deploy_command",
-    "preview_command": "preview_command",
-    "run_timeout": "run_timeout_seconds",
-    "root_directory": "root_directory",
-    "name": "name",
-    "forge": "forge",
-    "forge_api_url": "forge_api_url",
-    "forge_repo": "forge_repo",
-}
-# Repeatable flags that replace a list; given once with '' they empty it.
-LIST_FLAGS = ("branch_include", "branch_exclude", "watch_include", "watch_exclude")
-
-
 def _globs(values: list[str] | None) -> list[str]:
     return [v for v in values or [] if v]
 
@@ -135,6 +103,16 @@ def _globs(values: list[str] | None) -> list[str]:
 def _comma_list(value: str | None) -> list[str]:
     """``a,b`` as a list; None or '' as the empty list (the defaults)."""
     return [item.strip() for item in (value or "").split(",") if item.strip()]
+
+
+def _field_value(field: project_fields.ProjectField, given: Any) -> Any:
+    """A flag's value as ``field``'s proto value: globs without the ''
+    that empties a list, a comma-separated list split."""
+    if field.kind == "globs":
+        return _globs(given)
+    if field.kind == "list":
+        return _comma_list(given)
+    return given
 
 
 def project_json(project: pb.Project) -> dict[str, Any]:
@@ -161,37 +139,18 @@ def project_json(project: pb.Project) -> dict[str, Any]:
 def projects_update(client: Client, args: argparse.Namespace) -> int:
     values = pb.Project()
     mask = []
-    for flag, field in UPDATE_FLAGS.items():
-        value = getattr(args, flag, None)
-        if value is not None:
-            setattr(values, field, value)
-            mask.append(field)
-    if args.cancel_in_progress is not None:
-        values.cancel_in_progress = args.cancel_in_progress == "on"
-        mask.append("cancel_in_progress")
-    if args.network is not None:
-        values.network_isolated = args.network == "off"
-        mask.append("network_isolated")
-    if args.other_branches is not None:
-        values.build_other_branches = args.other_branches == "on"
-        mask.append("build_other_branches")
-    if args.cache is not None:
-        values.cache_disabled = args.cache == "off"
-        mask.append("cache_disabled")
-    if args.fork_secrets is not None:
-        values.fork_secrets = args.fork_secrets == "on"
-        mask.append("fork_secrets")
-    # An empty list in the update puts the defaults back.
-    for field in ("cache_lockfiles", "cache_paths"):
-        given = getattr(args, field)
-        if given is not None:
-            getattr(values, field).extend(_comma_list(given))
-            mask.append(field)
-    for field in LIST_FLAGS:
-        given = getattr(args, field, None)
-        if given is not None:
-            getattr(values, field).extend(_globs(given))
-            mask.append(field)
+    for f in project_fields.SETTINGS:
+        given = getattr(args, f.dest)
+        if given is None:
+            continue
+        if f.kind == "bool":
+            setattr(values, f.name, (given == "on") != f.inverted)
+        elif f.kind in ("globs", "list"):
+            # An empty list in the update puts the defaults back.
+            getattr(values, f.name).extend(_field_value(f, given))
+        else:
+            setattr(values, f.name, given)
+        mask.append(f.name)
     reply = client.call(
         client.config.UpdateProject,
         cs.UpdateProjectRequest(project=args.project, values=values, update_mask=mask),

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable, Sequence
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 # gRPC core prints a notice at every fork (the runner forks builds); the
 # fork handlers are not needed because children exec at once.
@@ -22,6 +22,7 @@ os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 import grpc
 
+from control.domain import project_fields
 from conveyor_cli import backup, commands
 from conveyor_cli.target import TargetError, resolve
 from runner.config import RunnerSettings
@@ -149,69 +150,13 @@ def _parser() -> argparse.ArgumentParser:
 
     projects = _group(sub, "projects", "projects: a repository and the commands that build it")
     create = _cmd(projects, "create", "create a project (its webhook secret is shown once)")
-    create.add_argument("name", help="letters, digits, '-', '_', '.'; unique in the account")
-    create.add_argument("--repo", required=True, help="repository URL builds clone")
-    create.add_argument("--production-branch", default="main", help="the branch that deploys")
-    create.add_argument("--build-command", default="", help="run by bash in every build")
-    create.add_argument(
-        "--deploy-command", default="", help="run after the build on the production branch"
-    )
-    create.add_argument(
-        "--preview-command", default="", help="run after the build on other branches"
-    )
-    create.add_argument(
-        "--run-timeout", type=int, default=0, help="seconds a build may run (0: 1,200)"
-    )
-    create.add_argument(
-        "--root-directory", default="", help="where the commands run, relative to the repository"
-    )
-    create.add_argument(
-        "--cancel-in-progress", action="store_true",
-        help="a newer build of a branch cancels its running one",
-    )  # fmt: skip
-    create.add_argument(
-        "--no-network", action="store_true", help="run the project's builds without network"
-    )
-    create.add_argument(
-        "--production-only", action="store_true", help="build the production branch only"
-    )
-    create.add_argument("--no-cache", action="store_true", help="build without the build cache")
-    create.add_argument(
-        "--fork-secrets",
-        action="store_true",
-        help="give builds of pull requests from forks the project's secrets and preview step",
-    )
-    _cache_flags(create)
-    _forge_flags(create)
+    _project_flags(create, on_create=True)
     _cmd(projects, "list", "the account's projects")
     show = _cmd(projects, "show", "one project's settings")
     show.add_argument("project", help=PROJECT_HELP)
     update = _cmd(projects, "update", "change the settings given; the others stay")
     update.add_argument("project", help=PROJECT_HELP)
-    update.add_argument("--name", help="a new name")
-    update.add_argument("--repo", help="repository URL builds clone")
-    update.add_argument("--production-branch", help="the branch that deploys")
-    update.add_argument("--build-command", help="run by bash in every build")
-    update.add_argument("--deploy-command", help="run after the build on the production branch")
-    update.add_argument("--preview-command", help="run after the build on other branches")
-    update.add_argument("--run-timeout", type=int, help="seconds a build may run")
-    update.add_argument("--root-directory", help="where the commands run")
-    update.add_argument(
-        "--cancel-in-progress", choices=["on", "off"],
-        help="a newer build of a branch cancels its running one",
-    )  # fmt: skip
-    update.add_argument("--network", choices=["on", "off"], help="network access of builds")
-    update.add_argument(
-        "--other-branches", choices=["on", "off"], help="build branches besides production"
-    )
-    update.add_argument("--cache", choices=["on", "off"], help="the build cache of builds")
-    update.add_argument(
-        "--fork-secrets",
-        choices=["on", "off"],
-        help="secrets and the preview step for builds of pull requests from forks",
-    )
-    _cache_flags(update)
-    _forge_flags(update, defaults=None)
+    _project_flags(update, on_create=False)
     rotate_hook = _cmd(
         projects, "rotate-webhook-secret", "a new webhook secret (admin scope), shown once"
     )
@@ -307,37 +252,32 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _cache_flags(cmd: argparse.ArgumentParser) -> None:
-    """Comma-separated cache lists; an empty string means the defaults."""
-    cmd.add_argument(
-        "--cache-lockfiles",
-        metavar="LIST",
-        help="file-name globs in the root directory whose contents key the cache"
-        " ('' for the defaults)",
-    )
-    cmd.add_argument(
-        "--cache-paths",
-        metavar="LIST",
-        help="paths saved after a successful build, relative to the root directory"
-        " or starting with ~/ ('' for the defaults)",
-    )
-
-
-def _forge_flags(cmd: argparse.ArgumentParser, defaults: str | None = "") -> None:
-    """Branch rules, watch paths and forge coordinates. On update, a list
-    flag replaces the list (given once as '' it empties it)."""
-    for flag, what in (
-        ("--branch-include", "build only other branches matching GLOB"),
-        ("--branch-exclude", "never build branches matching GLOB (wins over include)"),
-        ("--watch-include", "build only when a changed file matches GLOB"),
-        ("--watch-exclude", "ignore changed files matching GLOB"),
-    ):
-        cmd.add_argument(flag, action="append", metavar="GLOB", default=None, help=what)
-    cmd.add_argument(
-        "--forge", choices=["github", "gitlab"], default=defaults, help="where commit statuses go"
-    )
-    cmd.add_argument("--forge-api-url", default=defaults, help="e.g. https://api.github.com")
-    cmd.add_argument("--forge-repo", default=defaults, help="owner/repo, or a GitLab project id")
+def _project_flags(cmd: argparse.ArgumentParser, *, on_create: bool) -> None:
+    """A flag per setting of ``project_fields.FIELDS``, in its order. On
+    create a flag left out gives the field its ``create_default``; on update
+    it leaves the field as it is (None), and a list flag replaces the list
+    (given once as '' it empties it, or puts the defaults back)."""
+    for f in project_fields.SETTINGS:
+        option = f.create_option if on_create else f.flag
+        kwargs: dict[str, Any] = {"help": (f.create_help if on_create else "") or f.help}
+        if f.kind == "bool" and on_create:
+            kwargs.update(action="store_true")
+        elif f.kind == "bool":
+            kwargs.update(choices=["on", "off"])
+        elif f.kind == "globs":
+            kwargs.update(action="append", metavar="GLOB", default=None)
+        elif f.kind == "list":
+            kwargs.update(metavar="LIST")
+        else:
+            if f.kind == "int":
+                kwargs.update(type=int)
+            if f.choices:
+                kwargs.update(choices=list(f.choices))
+            if on_create and option.startswith("--"):
+                kwargs.update(default=f.create_default or ("" if f.kind == "text" else 0))
+                if f.required:
+                    kwargs.update(required=True)
+        cmd.add_argument(option, **kwargs)
 
 
 CLIENT_COMMANDS: dict[tuple[str, str | None], Callable[..., int]] = {

@@ -44,11 +44,13 @@ async def test_every_field_has_a_column_in_the_migrations(database_url: str) -> 
 
 
 def _options(parser: argparse.ArgumentParser, *path: str) -> dict[str, argparse.Action]:
-    """The option strings of ``conveyor PATH...``."""
+    """The arguments of ``conveyor PATH...``: option strings, and the
+    destinations of positionals."""
     for name in path:
         sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
         parser = sub.choices[name]
-    return dict(parser._option_string_actions)
+    positionals = {a.dest: a for a in parser._actions if not a.option_strings}
+    return positionals | dict(parser._option_string_actions)
 
 
 def test_every_setting_has_its_cli_flags() -> None:
@@ -60,8 +62,20 @@ def test_every_setting_has_its_cli_flags() -> None:
             continue
         assert f.flag in update, f.name
         assert update[f.flag].dest == f.dest
+        assert update[f.flag].help == f.help
         if f.kind == "bool":
             assert update[f.flag].choices == ["on", "off"], f.name
-        if f.name != "name":  # positional on create
-            assert f.create_option in create, f.name
-            assert create[f.create_option].dest == f.create_dest
+        assert f.create_option in create, f.name
+        assert create[f.create_option].dest == f.create_dest
+        assert create[f.create_option].help == (f.create_help or f.help)
+        if f.create_option.startswith("--"):  # a positional is always required
+            assert create[f.create_option].required == f.required, f.name
+
+
+def test_the_cli_has_no_project_flag_outside_the_table() -> None:
+    """``project`` names the project to change; ``--json`` the output."""
+    update = {a.dest for a in _options(_parser(), "projects", "update").values()}
+    create = {a.dest for a in _options(_parser(), "projects", "create").values()}
+    settings = project_fields.SETTINGS
+    assert update - {f.dest for f in settings} == {"help", "json", "project"}
+    assert create - {f.create_dest for f in settings} == {"help", "json"}

@@ -23,10 +23,15 @@ class ProjectField:
     ``settable`` fields are the user's settings (``ProjectSettings``): given
     on create, changed by an update mask. ``flag`` is the CLI option of
     ``projects update`` (and of ``projects create``, unless ``create_flag``
-    names another): a bool's update flag takes ``on``/``off``, its create
-    flag is a switch, and ``inverted`` says the flag's "on" is the field's
-    False (``--network on`` is ``network_isolated=False``). ``globs`` lists
-    repeat their flag; ``list`` lists are comma-separated."""
+    names another, without ``--`` for a positional): a bool's update flag
+    takes ``on``/``off``, and ``inverted`` says the flag's "on" is the
+    field's False (``--network on`` is ``network_isolated=False``); its
+    create flag is a switch that turns the field from ``create_default``
+    to the opposite. ``globs`` lists repeat their flag; ``list`` lists are
+    comma-separated. ``create_default`` is what a create request carries
+    without the flag (None: the proto's zero value), ``required`` makes
+    ``projects create`` refuse to go without it, and ``create_help``
+    replaces ``help`` there."""
 
     name: str
     kind: Kind
@@ -35,10 +40,14 @@ class ProjectField:
     create_flag: str = ""
     inverted: bool = False
     help: str = ""
+    create_help: str = ""
+    create_default: str | bool | None = None
+    required: bool = False
+    choices: tuple[str, ...] = ()
 
     @property
     def create_option(self) -> str:
-        """The option of ``projects create`` ("" for the positional name)."""
+        """The option of ``projects create`` (a positional without ``--``)."""
         return self.create_flag or self.flag
 
     @property
@@ -55,10 +64,25 @@ class ProjectField:
 FIELDS: tuple[ProjectField, ...] = (
     ProjectField("id", "id"),
     ProjectField("account_id", "id"),
-    ProjectField("name", "text", True, "--name", help="a new name"),
-    ProjectField("repo_url", "text", True, "--repo", help="repository URL builds clone"),
     ProjectField(
-        "production_branch", "text", True, "--production-branch", help="the branch that deploys"
+        "name",
+        "text",
+        True,
+        "--name",
+        "name",
+        help="a new name",
+        create_help="letters, digits, '-', '_', '.'; unique in the account",
+    ),
+    ProjectField(
+        "repo_url", "text", True, "--repo", help="repository URL builds clone", required=True
+    ),
+    ProjectField(
+        "production_branch",
+        "text",
+        True,
+        "--production-branch",
+        help="the branch that deploys",
+        create_default="main",
     ),
     ProjectField(
         "build_command", "text", True, "--build-command", help="run by bash in every build"
@@ -80,7 +104,12 @@ FIELDS: tuple[ProjectField, ...] = (
     # Secret: answered only by create and rotation, never by a read.
     ProjectField("webhook_secret", "text"),
     ProjectField(
-        "run_timeout_seconds", "int", True, "--run-timeout", help="seconds a build may run"
+        "run_timeout_seconds",
+        "int",
+        True,
+        "--run-timeout",
+        help="seconds a build may run",
+        create_help="seconds a build may run (0: 1,200)",
     ),
     ProjectField(
         "cancel_in_progress",
@@ -96,8 +125,17 @@ FIELDS: tuple[ProjectField, ...] = (
         "--other-branches",
         "--production-only",
         help="build branches besides production",
+        create_help="build the production branch only",
+        create_default=True,
     ),
-    ProjectField("root_directory", "text", True, "--root-directory", help="where the commands run"),
+    ProjectField(
+        "root_directory",
+        "text",
+        True,
+        "--root-directory",
+        help="where the commands run",
+        create_help="where the commands run, relative to the repository",
+    ),
     ProjectField("created_at", "time"),
     ProjectField("updated_at", "time"),
     ProjectField(
@@ -124,7 +162,14 @@ FIELDS: tuple[ProjectField, ...] = (
     ProjectField(
         "watch_exclude", "globs", True, "--watch-exclude", help="ignore changed files matching GLOB"
     ),
-    ProjectField("forge", "text", True, "--forge", help="where commit statuses go"),
+    ProjectField(
+        "forge",
+        "text",
+        True,
+        "--forge",
+        help="where commit statuses go",
+        choices=("github", "gitlab"),
+    ),
     ProjectField(
         "forge_api_url", "text", True, "--forge-api-url", help="e.g. https://api.github.com"
     ),
@@ -139,6 +184,7 @@ FIELDS: tuple[ProjectField, ...] = (
         "--no-network",
         inverted=True,
         help="network access of builds",
+        create_help="run the project's builds without network",
     ),
     ProjectField(
         "cache_disabled",
@@ -148,6 +194,7 @@ FIELDS: tuple[ProjectField, ...] = (
         "--no-cache",
         inverted=True,
         help="the build cache of builds",
+        create_help="build without the build cache",
     ),
     ProjectField(
         "cache_lockfiles",
@@ -173,10 +220,14 @@ FIELDS: tuple[ProjectField, ...] = (
         True,
         "--fork-secrets",
         help="secrets and the preview step for builds of pull requests from forks",
+        create_help="give builds of pull requests from forks the project's secrets and"
+        " preview step",
     ),
 )
 
 BY_NAME = {f.name: f for f in FIELDS}
+# The user's settings, in the table's order: the CLI's flags, in its help.
+SETTINGS = tuple(f for f in FIELDS if f.settable)
 # What an update mask may name.
 UPDATABLE = frozenset(f.name for f in FIELDS if f.settable)
 # The ``projects`` columns a project is read from, in the table's order.
