@@ -15,17 +15,18 @@ hundred Mbit/s at the least; plenty for fetching dependencies).
 
 slirp4netns runs outside the sandbox, never as root, whatever the mode
 of /dev/net/tun: for a root runner, as the build's uid, with a tun device
-node of its own (``_TUN_SHIM``: a private /dev/net holding a node the build
-uid owns), so it works alike where the device is 0600 and where it is open
-to all (udev's 0666). It joins the user namespace that owns the sandbox's
-network namespace to configure the device, then sandboxes itself (its own
-mount namespace with /etc and /run read-only, no capabilities, a seccomp
-filter): it parses the build's packets. slirp4netns 1.2 sandboxes itself,
-when not root, as root of the user namespace of the process it is pointed
-at, which must map root: bubblewrap's namespaces map the build's uid alone
-and allow no more nested ones (``--disable-userns``), so the runner points
-it at an anchor (``_anchor``), a process in the build's network namespace
-and in a user namespace of the build uid's own that maps root to it.
+node of its own (``runner/scripts/tun-shim.sh``: a private /dev/net holding
+a node the build uid owns), so it works alike where the device is 0600 and
+where it is open to all (udev's 0666). It joins the user namespace that
+owns the sandbox's network namespace to configure the device, then
+sandboxes itself (its own mount namespace with /etc and /run read-only, no
+capabilities, a seccomp filter): it parses the build's packets.
+slirp4netns 1.2 sandboxes itself, when not root, as root of the user
+namespace of the process it is pointed at, which must map root:
+bubblewrap's namespaces map the build's uid alone and allow no more nested
+ones (``--disable-userns``), so the runner points it at an anchor
+(``_anchor``), a process in the build's network namespace and in a user
+namespace of the build uid's own that maps root to it.
 An unprivileged runner can make no such anchor (entering the build's
 network namespace from outside takes root): there slirp4netns runs as the
 runner's uid with its seccomp filter but not its own sandbox, and needs
@@ -48,6 +49,7 @@ import os
 import shutil
 import socket
 from dataclasses import dataclass
+from importlib import resources
 
 import psutil
 
@@ -65,19 +67,12 @@ _START_TIMEOUT = 10.0
 _NS_GET_USERNS = 0xB701  # ioctl_ns(2)
 TUN = "/dev/net/tun"
 
-# As root, in a mount namespace of slirp4netns's own: a /dev/net holding a
-# tun device node (numbers $3 $4) that the build uid ($1:$2) owns, so the
-# host device's own mode does not matter; then the rest of the command
-# line (setpriv first: root ends here).
-_TUN_SHIM = """
-uid=$1 gid=$2 major=$3 minor=$4; shift 4
-mount -t tmpfs -o size=16k,mode=0755,nosuid,noexec conveyor-tun /dev/net \\
-  && mknod -m 0600 /dev/net/tun c "$major" "$minor" && chown "$uid:$gid" /dev/net/tun \\
-  || { echo "conveyor: could not make a tun device for slirp4netns" >&2; exit 125; }
-exec "$@"
-"""
+# As root, in a mount namespace of slirp4netns's own: a /dev/net with a tun
+# node the build uid owns, then the rest of the command line.
+_TUN_SHIM = resources.files("runner").joinpath("scripts/tun-shim.sh").read_text()
 # The anchor, once in its user namespace: say so, then wait for its stdin
-# to close (the runner's word, or the runner's death).
+# to close (the runner's word, or the runner's death). One command line,
+# not a script: nothing in it for shellcheck to read.
 _ANCHOR = "printf up; exec cat"
 
 
