@@ -17,6 +17,7 @@ import logging
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
 from typing import Any
 
 import grpc
@@ -106,7 +107,6 @@ class Authenticator:
         self.accounts = accounts
         self.internal_token = internal_token
         self._cache: dict[str, tuple[float, Principal | None]] = {}
-        self._builds: dict[str, tuple[float, bool]] = {}
 
     async def resolve(self, token: str) -> Principal | None:
         if token and secrets.compare_digest(token, self.internal_token):
@@ -120,18 +120,11 @@ class Authenticator:
         self._cache[token] = (time.monotonic() + _CACHE_SECONDS, found)
         return found
 
-    async def build_token_live(self, token: str) -> bool:
-        """Whether ``token`` belongs to some build that has not ended (not
-        which build: the handler checks that against the request). Cached
-        like ``resolve``; raises ``Unavailable`` when the database is down."""
-        hit = self._builds.get(token)
-        if hit and hit[0] > time.monotonic():
-            return hit[1]
-        live = await build_tokens.is_live(self.accounts.db, token)
-        if len(self._builds) > 10_000:
-            self._builds.clear()
-        self._builds[token] = (time.monotonic() + _CACHE_SECONDS, live)
-        return live
+    async def build_of(self, token: str) -> str | None:
+        """The build whose live token ``token`` is, or None. Not cached: a
+        build's token dies with the build, and the lookup replaces the
+        handler's own. Raises ``Unavailable`` when the database is down."""
+        return await build_tokens.build_of(self.accounts.db, token)
 
 
 def _check(method: str, who: Principal | None, token: str) -> Principal:
@@ -186,12 +179,14 @@ class EdgeInterceptor(aio.ServerInterceptor):  # type: ignore[type-arg]  # grpc-
         error tree's ``Unauthenticated`` or ``PermissionDenied`` (or
         ``Unavailable`` when the database is down)."""
         if token.startswith("cvb_"):
-            # A build token names no principal; its build is checked by the
-            # handler. Here only: is it some live build's, so that a made-up
-            # one never gets a log batch read.
-            if ACCESS.get(method) == "build" and not await self.auth.build_token_live(token):
+            # A build token names its build; the handler checks that the
+            # request names the same one. Looked up here, before the request
+            # is read, so that a made-up token never gets a log batch read.
+            caller = _check(method, None, token)
+            build_id = await self.auth.build_of(token)
+            if build_id is None:
                 raise Unauthenticated("the build token is not valid (or its build ended)")
-            return _check(method, None, token)
+            return replace(caller, build_id=build_id)
         who = await self.auth.resolve(token) if token else None
         return _check(method, who, token)
 

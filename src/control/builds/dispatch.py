@@ -14,7 +14,6 @@ from control.config import LifecycleSettings
 from control.domain.build import Build
 from control.domain.env import FORGE_TOKEN
 from control.domain.project import Project, without_fork_privileges
-from control.errors import PermissionDenied
 from control.storage.assignments import notify
 from control.storage.env import EnvStore, EnvVar
 from control.storage.projects import ProjectStore
@@ -144,9 +143,3 @@ class Dispatch:
             await notify(conn, "conveyor_queue", build_id)
             self.transitions.record(conn, QueueChanged())
         log.info("runner handed build back: %s", reason, extra={"build_id": build_id})
-
-    async def check_build_token(self, build_id: str, token: str) -> None:
-        """Raise ``PermissionDenied`` unless ``token`` is this build's live token."""
-        async with self.db.connection() as conn:
-            if not await self.assignments.token_matches(conn, build_id, token):
-                raise PermissionDenied("the build token is not valid for this build (or it ended)")

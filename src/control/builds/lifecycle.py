@@ -72,7 +72,6 @@ class Lifecycle:
         self.start_many = self.placement.place
         self.dispatch = self.dispatcher.take
         self.refused = self.dispatcher.refused
-        self.check_build_token = self.dispatcher.check_build_token
         self.report = self.transitions.report
         self.warn = self.transitions.warn
         self.cancel = self.transitions.cancel

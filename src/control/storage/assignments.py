@@ -8,7 +8,6 @@ rows. Methods that lock say so.
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
@@ -153,14 +152,6 @@ class AssignmentStore:
             " AND (%s::uuid IS NULL OR runner_id = %s::uuid)",
             (build_id, runner_id, runner_id),
         )
-
-    async def token_matches(self, conn: Conn, build_id: str, token: str) -> bool:
-        """Whether ``token`` is the build's live token (compared in constant
-        time; False for an unknown or ended build)."""
-        cur = conn.cursor(row_factory=scalar_row)
-        await cur.execute("SELECT token_hash FROM builds WHERE id = %s", (build_id,))
-        stored: bytes | None = await cur.fetchone()
-        return stored is not None and secrets.compare_digest(bytes(stored), hash_token(token))
 
     async def request_stop(
         self, conn: Conn, build_id: str, status: BuildStatus | None, reason: str

@@ -2,8 +2,7 @@
 
 The edge asks before it reads a request (``control.api.edge``), so a caller
 holding no live build token never makes the server buffer a log batch; the
-handler then checks the token against the build the request names
-(``Lifecycle.check_build_token``).
+handler then checks that the request names that build.
 """
 
 from __future__ import annotations
@@ -12,13 +11,13 @@ from control.storage.accounts import hash_token
 from control.storage.db import Database, fetch_value
 
 
-async def is_live(db: Database, token: str) -> bool:
-    """True when ``token`` is the token of a build that has not ended (a
+async def build_of(db: Database, token: str) -> str | None:
+    """The id of the build whose live token ``token`` is, or None (a
     build's token hash is cleared when it ends or is handed back). One
     index lookup (``builds_live_token``). Raises ``Unavailable`` when the
     database is down."""
     async with db.connection() as conn:
-        live: bool = await fetch_value(
-            conn, "SELECT EXISTS (SELECT 1 FROM builds WHERE token_hash = %s)", (hash_token(token),)
+        build_id: str | None = await fetch_value(
+            conn, "SELECT id::text FROM builds WHERE token_hash = %s", (hash_token(token),)
         )
-    return live
+    return build_id
