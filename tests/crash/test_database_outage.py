@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -41,6 +42,20 @@ def own_postgres() -> Iterator[EmbeddedPostgres]:
     finally:
         server.stop()
         shutil.rmtree(base, ignore_errors=True)
+
+
+async def in_own_process(server: EmbeddedPostgres, call: str) -> None:
+    """Run ``server.<call>`` in a fresh Python process: pg_ctl runs as the
+    server's user, and forking for that from this process, whose gRPC
+    threads are busy with the test's traffic, now and then killed the child
+    with SIGSEGV before it could exec."""
+    code = (
+        "from pathlib import Path\n"
+        "from control.storage.embedded import EmbeddedPostgres\n"
+        f"EmbeddedPostgres(Path({str(server.data_dir)!r}), port={server.port}).{call}\n"
+    )
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-c", code)
+    assert await asyncio.wait_for(proc.wait(), 90) == 0, f"{call} failed"
 
 
 @dataclass(frozen=True)
@@ -125,10 +140,10 @@ async def test_webhooks_and_grpc_fail_fast_while_the_database_is_away_and_resume
         assert {s.outcome for s in traffic.hooks} == {"202"}, traffic.hooks
         assert {s.outcome for s in traffic.calls} == {"OK"}, traffic.calls
 
-        await asyncio.to_thread(own_postgres.stop, "immediate")
+        await in_own_process(own_postgres, 'stop("immediate")')
         down_at = time.monotonic()
         await asyncio.sleep(OUTAGE)
-        await asyncio.to_thread(own_postgres.start)
+        await in_own_process(own_postgres, "start()")
         up_at = time.monotonic()
 
         # Wait until both sides answer again, with samples begun after the start.
