@@ -27,7 +27,7 @@ from common.logging_setup import bind
 from control.api.errors import status_of
 from control.errors import ConveyorError, PermissionDenied, Unauthenticated
 from control.metrics import ControlMetrics
-from control.services.access import IMPLIED
+from control.services.access import granted
 from control.storage import build_tokens
 from control.storage.accounts import AccountStore, Principal
 from control.storage.builds import is_uuid
@@ -149,8 +149,7 @@ def _check(method: str, who: Principal | None, token: str) -> Principal:
         return who
     if who.kind != "user":
         raise PermissionDenied("this call needs a user token")
-    granted = set().union(*(IMPLIED.get(s, frozenset()) for s in who.scopes))
-    if need not in granted:
+    if need not in granted(who):
         raise PermissionDenied(f"this call needs the {need!r} scope")
     return who
 

@@ -203,22 +203,21 @@ class Transitions:
             await self.builds.disarm(conn, build.id, ["startup", "run", "kill"])
         await notify(conn, "conveyor_build", f"{build.id}:{status.value}")
 
-    async def stop(self, conn: Conn, build: Build, status: BuildStatus, reason: str) -> bool:
+    async def stop(self, conn: Conn, build: Build, status: BuildStatus, reason: str) -> None:
         """Stop ``build`` (locked by the caller and read in this transaction,
         so its ``dispatched_at`` is current), ending in ``status``: at
-        once when no runner was sent it (returns True), else by asking its
-        runner, with a kill alarm for a stop it never confirms. A final
-        build is left alone (returns False)."""
+        once when no runner was sent it, else by asking its runner, with a
+        kill alarm for a stop it never confirms. A final build is left
+        alone."""
         if build.status.final:
-            return False
+            return
         if build.dispatched_at is None:
             await self.move(conn, build, status, reason, now())
-            return True
+            return
         await self.assignments.request_stop(conn, build.id, status, reason)
         confirm = self.settings.kill_grace + self.settings.stop_confirm
         await self.builds.arm(conn, build.id, "kill", now() + timedelta(seconds=confirm))
         await self.nudge(conn, build.runner_id)
-        return False
 
     async def nudge(self, conn: Conn, runner_id: str | None) -> None:
         """Wake the stream of ``runner_id`` (on any replica) after commit."""
