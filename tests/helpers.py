@@ -13,13 +13,16 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import grpc
+import pytest
 from grpc import aio
 
 from control.config import LifecycleSettings, RepositorySettings, Settings
@@ -420,3 +423,25 @@ class ProtocolRunner:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
         await self.channel.close(None)
+
+
+@contextlib.contextmanager
+def mounted_tmpfs(size: str, prefix: str) -> Iterator[Path]:
+    """A tmpfs of ``size`` (``32m``) mounted on a new directory, unmounted
+    and removed afterwards; skips the test where mounting is not allowed
+    (it needs root)."""
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(path)],
+            check=True,
+            capture_output=True,
+        )
+    except (OSError, subprocess.CalledProcessError) as exc:
+        path.rmdir()
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {exc}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+        path.rmdir()

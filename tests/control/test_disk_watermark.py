@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import subprocess
-import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -29,7 +27,14 @@ from control.metrics import ControlMetrics
 from control.storage.db import Database
 from control.storage.logs import LogStore
 from conveyor.v1 import types_pb2 as pb
-from tests.helpers import Api, ControlHandle, ProtocolRunner, RunnerProcess, make_repo
+from tests.helpers import (
+    Api,
+    ControlHandle,
+    ProtocolRunner,
+    RunnerProcess,
+    make_repo,
+    mounted_tmpfs,
+)
 from tests.observability.scrape import get_json, scrape
 
 MiB = 1024 * 1024
@@ -59,21 +64,8 @@ class SmallDisk:
 
 @pytest.fixture
 def small_disk() -> Iterator[SmallDisk]:
-    path = Path(tempfile.mkdtemp(prefix="conveyor-disk-"))
-    try:
-        subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", "size=32m,mode=0755", "tmpfs", str(path)],
-            check=True,
-            capture_output=True,
-        )
-    except (OSError, subprocess.CalledProcessError) as exc:
-        path.rmdir()
-        pytest.skip(f"cannot mount a tmpfs here (needs root): {exc}")
-    try:
+    with mounted_tmpfs("32m", "conveyor-disk-") as path:
         yield SmallDisk(path)
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
-        path.rmdir()
 
 
 def _disk_control(database_url: str, disk: DiskSettings) -> ControlHandle:

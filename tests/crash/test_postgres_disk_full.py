@@ -10,8 +10,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,27 +22,15 @@ from prometheus_client import CollectorRegistry
 from common.retry import RetryPolicy
 from control.storage.embedded import EmbeddedPostgres
 from conveyor_cli.supervisor import PostgresSupervisor, SupervisorMetrics
+from tests.helpers import mounted_tmpfs
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
 
 @pytest.fixture
 def small_disk() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="conveyor-pgdisk-"))
-    try:
-        subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", "size=160m,mode=0755", "tmpfs", str(path)],
-            check=True,
-            capture_output=True,
-        )
-    except (OSError, subprocess.CalledProcessError) as exc:
-        path.rmdir()
-        pytest.skip(f"cannot mount a tmpfs here (needs root): {exc}")
-    try:
+    with mounted_tmpfs("160m", "conveyor-pgdisk-") as path:
         yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
-        path.rmdir()
 
 
 def _fill(disk: Path) -> Path:
